@@ -1,0 +1,172 @@
+//! The TOML file as written: serde structs that reject unknown keys and carry no meaning yet.
+//! `config::validate` turns them into a [`super::Snapshot`]. Every key is documented in
+//! `config/sluice.example.toml`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listener: ListenerFile,
+    #[serde(default)]
+    pub upstream: UpstreamFile,
+    #[serde(default)]
+    pub dns: DnsFile,
+    #[serde(default)]
+    pub egress: EgressFile,
+    #[serde(default, rename = "connector")]
+    pub connectors: Vec<ConnectorFile>,
+    #[serde(default, rename = "org")]
+    pub orgs: Vec<OrgFile>,
+    #[serde(default, rename = "workspace")]
+    pub workspaces: Vec<WorkspaceFile>,
+    #[serde(default, rename = "caller")]
+    pub callers: Vec<CallerFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerFile {
+    pub address: String,
+    #[serde(default)]
+    pub dev_mode_unauthenticated: bool,
+    pub threads: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamFile {
+    pub extra_ca_file: Option<PathBuf>,
+    pub connect_timeout_ms: u64,
+    pub tls_handshake_timeout_ms: u64,
+    pub read_timeout_ms: u64,
+    pub write_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub pool_size: usize,
+}
+
+impl Default for UpstreamFile {
+    fn default() -> Self {
+        Self {
+            extra_ca_file: None,
+            connect_timeout_ms: 5_000,
+            tls_handshake_timeout_ms: 10_000,
+            read_timeout_ms: 60_000,
+            write_timeout_ms: 60_000,
+            idle_timeout_ms: 60_000,
+            pool_size: 128,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsFile {
+    pub nameservers: Vec<String>,
+    pub timeout_ms: u64,
+    pub attempts: usize,
+    pub static_only: bool,
+    pub static_hosts: BTreeMap<String, Vec<String>>,
+}
+
+impl Default for DnsFile {
+    fn default() -> Self {
+        Self {
+            nameservers: Vec::new(),
+            timeout_ms: 2_000,
+            attempts: 2,
+            static_only: false,
+            static_hosts: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EgressFile {
+    pub exception_cidrs: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectorFile {
+    pub connector_id: String,
+    pub display_name: String,
+    pub auth_type: String,
+    #[serde(default)]
+    pub auth_schema: AuthSchemaFile,
+    #[serde(default)]
+    pub actions: Vec<ActionFile>,
+    pub allowed_domains: Vec<String>,
+    pub allowed_ports: Option<Vec<u16>>,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSchemaFile {
+    #[serde(default)]
+    pub fields: Vec<AuthFieldFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthFieldFile {
+    pub name: String,
+    pub label: String,
+    #[serde(rename = "type", default = "text")]
+    pub field_type: String,
+    #[serde(default)]
+    pub required: bool,
+}
+
+fn text() -> String {
+    "text".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionFile {
+    pub action_id: String,
+    pub http_method: String,
+    pub url_template: String,
+    #[serde(default)]
+    pub body_schema: Vec<BodyFieldFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BodyFieldFile {
+    pub name: String,
+    pub label: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrgFile {
+    pub org_id: String,
+    pub allowed_domains: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkspaceFile {
+    pub workspace_id: String,
+    pub org: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallerFile {
+    pub name: String,
+    pub token_sha256: String,
+    pub workspaces: Vec<String>,
+}

@@ -1,0 +1,616 @@
+//! Configuration: `sluice.toml` → [`file::FileConfig`] (strict serde) → [`Snapshot`] (validated,
+//! typed, immutable).
+//!
+//! A snapshot is built completely off the hot path and then published whole; a request holds the
+//! `Arc<Snapshot>` it started with. Validation collects every problem it finds, each naming the
+//! key it is about, so `sluice check-config` can print them all at once. Relative paths in the
+//! file are resolved against the directory the file is in.
+
+pub mod file;
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnetwork::IpNetwork;
+
+use crate::caller::{Caller, Callers, WorkspaceScope};
+use crate::policy::domain::{DomainList, DomainPattern, Host, parse_host};
+use crate::policy::resolver::{Resolver, ResolverSettings};
+use file::FileConfig;
+
+/// How a connector authenticates to its upstream. Injection arrives with the credential vault;
+/// for now the type is parsed and validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthType {
+    None,
+    ApiKey,
+    Basic,
+    Bearer,
+    OAuth2,
+}
+
+impl AuthType {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "none" => AuthType::None,
+            "api_key" => AuthType::ApiKey,
+            "basic" => AuthType::Basic,
+            "bearer" => AuthType::Bearer,
+            "oauth2" => AuthType::OAuth2,
+            _ => return None,
+        })
+    }
+}
+
+/// One field of the credential form a workspace fills in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthField {
+    pub name: String,
+    pub label: String,
+    pub field_type: String,
+    pub required: bool,
+}
+
+/// An action org admins can pick (the spec's `actions[]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Action {
+    pub action_id: String,
+    pub http_method: http::Method,
+    pub url_template: String,
+    pub body_schema: Vec<(String, String)>,
+}
+
+/// A connector definition.
+#[derive(Debug, Clone)]
+pub struct Connector {
+    pub id: String,
+    pub display_name: String,
+    pub auth_type: AuthType,
+    pub auth_fields: Vec<AuthField>,
+    pub actions: Vec<Action>,
+    pub allowed_domains: DomainList,
+    pub allowed_ports: Vec<u16>,
+    pub enabled: bool,
+}
+
+/// An org and its optional allowlist (`None`: the org adds no restriction).
+#[derive(Debug, Clone)]
+pub struct Org {
+    pub id: String,
+    pub allowlist: Option<DomainList>,
+}
+
+/// A workspace (tenant) and the org it belongs to.
+#[derive(Debug, Clone)]
+pub struct Workspace {
+    pub id: String,
+    pub org: String,
+}
+
+/// `[listener]`.
+#[derive(Debug, Clone)]
+pub struct Listener {
+    pub address: SocketAddr,
+    pub dev_mode_unauthenticated: bool,
+    pub threads: usize,
+}
+
+/// `[upstream]`: how sluice talks to SaaS APIs.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub extra_ca_file: Option<PathBuf>,
+    pub connect_timeout: Duration,
+    pub tls_handshake_timeout: Duration,
+    pub read_timeout: Duration,
+    pub write_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub pool_size: usize,
+}
+
+/// A validated, immutable configuration. Requests share it through an `Arc`.
+pub struct Snapshot {
+    /// The file this came from (for messages).
+    pub source: PathBuf,
+    pub listener: Listener,
+    pub upstream: Upstream,
+    /// Operator exceptions to the special-purpose address policy.
+    pub exception_cidrs: Vec<IpNetwork>,
+    pub connectors: HashMap<String, Connector>,
+    pub orgs: HashMap<String, Org>,
+    pub workspaces: HashMap<String, Workspace>,
+    pub callers: Callers,
+    pub resolver: Resolver,
+}
+
+/// One validation problem: which key, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+/// Every problem found in one file.
+#[derive(Debug, Clone)]
+pub struct ConfigErrors {
+    pub file: PathBuf,
+    pub errors: Vec<ConfigError>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.errors.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}: {}: {}", self.file.display(), e.key, e.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Identifiers (connector, workspace, org, caller names, `X-Connector`/`X-Workspace` values):
+/// 1–128 bytes of ASCII letters, digits, `_`, `-`, `.`, starting with a letter or digit.
+pub fn is_identifier(s: &[u8]) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s[0].is_ascii_alphanumeric()
+        && s.iter()
+            .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+impl Snapshot {
+    /// Read, parse and validate a config file.
+    pub fn load(path: &Path) -> Result<Snapshot, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+            file: path.to_path_buf(),
+            errors: vec![ConfigError {
+                key: "(file)".into(),
+                message: format!("cannot read: {e}"),
+            }],
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Parse and validate TOML text that came from `path` (relative paths resolve against its
+    /// directory).
+    pub fn from_toml(text: &str, path: &Path) -> Result<Snapshot, ConfigErrors> {
+        let fail = |errors| ConfigErrors {
+            file: path.to_path_buf(),
+            errors,
+        };
+        let raw: FileConfig = toml::from_str(text).map_err(|e| {
+            fail(vec![ConfigError {
+                key: parse_error_key(&e, text),
+                message: e.message().to_string(),
+            }])
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        validate(raw, path, base).map_err(fail)
+    }
+
+    /// The address classes the operator has let through, for the startup warning.
+    pub fn exception_warnings(&self) -> impl Iterator<Item = &IpNetwork> {
+        self.exception_cidrs.iter()
+    }
+}
+
+/// Name the place a parse error points at: `line N, column M` (serde errors from unknown keys
+/// name the key in the message itself).
+fn parse_error_key(e: &toml::de::Error, text: &str) -> String {
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {col}")
+        }
+        None => "(parse)".into(),
+    }
+}
+
+struct Errors(Vec<ConfigError>);
+
+impl Errors {
+    fn push(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigError {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+}
+
+fn duration_ms(errors: &mut Errors, key: &str, ms: u64) -> Duration {
+    if ms == 0 {
+        errors.push(key, "must be greater than 0");
+    }
+    Duration::from_millis(ms)
+}
+
+fn domain_list(errors: &mut Errors, key: &str, raw: &[String]) -> DomainList {
+    if raw.is_empty() {
+        errors.push(
+            key,
+            "must list at least one domain (an empty list would refuse every request)",
+        );
+    }
+    let mut patterns = Vec::with_capacity(raw.len());
+    for (i, p) in raw.iter().enumerate() {
+        match DomainPattern::parse(p) {
+            Ok(p) => patterns.push(p),
+            Err(e) => errors.push(format!("{key}[{i}]"), e),
+        }
+    }
+    DomainList::new(patterns)
+}
+
+fn resolve_path(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+fn validate(raw: FileConfig, source: &Path, base: &Path) -> Result<Snapshot, Vec<ConfigError>> {
+    let mut errors = Errors(Vec::new());
+
+    // [listener]
+    let address = match raw.listener.address.parse::<SocketAddr>() {
+        Ok(a) => a,
+        Err(_) => {
+            errors.push(
+                "listener.address",
+                format!("{:?} is not an IP:port address", raw.listener.address),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        }
+    };
+    if raw.listener.dev_mode_unauthenticated && !address.ip().is_loopback() {
+        errors.push(
+            "listener.dev_mode_unauthenticated",
+            format!(
+                "only allowed when listener.address is a loopback address, not {}",
+                address.ip()
+            ),
+        );
+    }
+    let threads = raw.listener.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    if threads == 0 {
+        errors.push("listener.threads", "must be at least 1");
+    }
+    let listener = Listener {
+        address,
+        dev_mode_unauthenticated: raw.listener.dev_mode_unauthenticated,
+        threads,
+    };
+
+    // [upstream]
+    let u = &raw.upstream;
+    let extra_ca_file = u.extra_ca_file.as_ref().map(|p| resolve_path(base, p));
+    if let Some(path) = &extra_ca_file {
+        if let Err(e) = crate::upstream::read_ca_file(path) {
+            errors.push("upstream.extra_ca_file", e);
+        }
+    }
+    let upstream = Upstream {
+        extra_ca_file,
+        connect_timeout: duration_ms(&mut errors, "upstream.connect_timeout_ms", u.connect_timeout_ms),
+        tls_handshake_timeout: duration_ms(
+            &mut errors,
+            "upstream.tls_handshake_timeout_ms",
+            u.tls_handshake_timeout_ms,
+        ),
+        read_timeout: duration_ms(&mut errors, "upstream.read_timeout_ms", u.read_timeout_ms),
+        write_timeout: duration_ms(&mut errors, "upstream.write_timeout_ms", u.write_timeout_ms),
+        idle_timeout: duration_ms(&mut errors, "upstream.idle_timeout_ms", u.idle_timeout_ms),
+        pool_size: u.pool_size,
+    };
+
+    // [egress]
+    let mut exception_cidrs = Vec::new();
+    for (i, c) in raw.egress.exception_cidrs.iter().enumerate() {
+        match c.parse::<IpNetwork>() {
+            Ok(net) if net.prefix() == 0 => errors.push(
+                format!("egress.exception_cidrs[{i}]"),
+                format!("{c:?} would switch the address policy off entirely"),
+            ),
+            Ok(net) => exception_cidrs.push(net),
+            Err(e) => errors.push(format!("egress.exception_cidrs[{i}]"), format!("{c:?}: {e}")),
+        }
+    }
+
+    // [dns]
+    let d = &raw.dns;
+    let mut nameservers = Vec::new();
+    for (i, ns) in d.nameservers.iter().enumerate() {
+        let parsed = ns
+            .parse::<SocketAddr>()
+            .or_else(|_| ns.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)));
+        match parsed {
+            Ok(a) => nameservers.push(a),
+            Err(_) => errors.push(
+                format!("dns.nameservers[{i}]"),
+                format!("{ns:?} is not an IP or IP:port"),
+            ),
+        }
+    }
+    let mut static_hosts = HashMap::new();
+    for (name, ips) in &d.static_hosts {
+        let key = format!("dns.static_hosts.{name:?}");
+        let host = match parse_host(name) {
+            Ok(Host::Name(n)) => n,
+            Ok(_) => {
+                errors.push(&key, "must be a host name, not an IP literal");
+                continue;
+            }
+            Err(e) => {
+                errors.push(&key, e);
+                continue;
+            }
+        };
+        if ips.is_empty() {
+            errors.push(&key, "must map to at least one address");
+        }
+        let mut addrs = Vec::new();
+        for (i, ip) in ips.iter().enumerate() {
+            match ip.parse::<IpAddr>() {
+                Ok(ip) => addrs.push(ip),
+                Err(_) => errors.push(format!("{key}[{i}]"), format!("{ip:?} is not an IP address")),
+            }
+        }
+        static_hosts.insert(host, addrs);
+    }
+    let dns_timeout = duration_ms(&mut errors, "dns.timeout_ms", d.timeout_ms);
+    if d.attempts == 0 {
+        errors.push("dns.attempts", "must be at least 1");
+    }
+
+    // [[connector]]
+    let mut connectors = HashMap::new();
+    for (i, c) in raw.connectors.into_iter().enumerate() {
+        let key = if is_identifier(c.connector_id.as_bytes()) {
+            format!("connector[{}]", c.connector_id)
+        } else {
+            errors.push(
+                format!("connector[{i}].connector_id"),
+                format!("{:?} is not an identifier (letters, digits, '_', '-', '.')", c.connector_id),
+            );
+            format!("connector[{i}]")
+        };
+        if c.display_name.trim().is_empty() {
+            errors.push(format!("{key}.display_name"), "must not be empty");
+        }
+        let auth_type = AuthType::parse(&c.auth_type).unwrap_or_else(|| {
+            errors.push(
+                format!("{key}.auth_type"),
+                format!(
+                    "{:?} is not one of none, api_key, basic, bearer, oauth2",
+                    c.auth_type
+                ),
+            );
+            AuthType::None
+        });
+        let mut field_names = HashSet::new();
+        let mut auth_fields = Vec::new();
+        for (j, f) in c.auth_schema.fields.into_iter().enumerate() {
+            let fkey = format!("{key}.auth_schema.fields[{j}]");
+            if !is_identifier(f.name.as_bytes()) {
+                errors.push(format!("{fkey}.name"), format!("{:?} is not an identifier", f.name));
+            } else if !field_names.insert(f.name.clone()) {
+                errors.push(format!("{fkey}.name"), format!("duplicate field {:?}", f.name));
+            }
+            if !matches!(f.field_type.as_str(), "text" | "password" | "url" | "email" | "number") {
+                errors.push(
+                    format!("{fkey}.type"),
+                    format!("{:?} is not one of text, password, url, email, number", f.field_type),
+                );
+            }
+            auth_fields.push(AuthField {
+                name: f.name,
+                label: f.label,
+                field_type: f.field_type,
+                required: f.required,
+            });
+        }
+        let allowed_domains = domain_list(&mut errors, &format!("{key}.allowed_domains"), &c.allowed_domains);
+        let allowed_ports = c.allowed_ports.unwrap_or_else(|| vec![443]);
+        if allowed_ports.is_empty() {
+            errors.push(format!("{key}.allowed_ports"), "must list at least one port");
+        }
+        if allowed_ports.contains(&0) {
+            errors.push(format!("{key}.allowed_ports"), "0 is not a port");
+        }
+        let mut action_ids = HashSet::new();
+        let mut actions = Vec::new();
+        for (j, a) in c.actions.into_iter().enumerate() {
+            let akey = format!("{key}.actions[{j}]");
+            if !is_identifier(a.action_id.as_bytes()) {
+                errors.push(format!("{akey}.action_id"), format!("{:?} is not an identifier", a.action_id));
+            } else if !action_ids.insert(a.action_id.clone()) {
+                errors.push(format!("{akey}.action_id"), format!("duplicate action {:?}", a.action_id));
+            }
+            let method = match http::Method::from_bytes(a.http_method.as_bytes()) {
+                Ok(m) if a.http_method.bytes().all(|b| b.is_ascii_uppercase()) => m,
+                _ => {
+                    errors.push(
+                        format!("{akey}.http_method"),
+                        format!("{:?} is not an upper-case HTTP method", a.http_method),
+                    );
+                    http::Method::GET
+                }
+            };
+            check_url_template(&mut errors, &format!("{akey}.url_template"), &a.url_template, &allowed_domains);
+            actions.push(Action {
+                action_id: a.action_id,
+                http_method: method,
+                url_template: a.url_template,
+                body_schema: a.body_schema.into_iter().map(|b| (b.name, b.label)).collect(),
+            });
+        }
+        let connector = Connector {
+            id: c.connector_id.clone(),
+            display_name: c.display_name,
+            auth_type,
+            auth_fields,
+            actions,
+            allowed_domains,
+            allowed_ports,
+            enabled: c.enabled,
+        };
+        if connectors.insert(c.connector_id.clone(), connector).is_some() {
+            errors.push(format!("{key}.connector_id"), "duplicate connector_id");
+        }
+    }
+
+    // [[org]]
+    let mut orgs = HashMap::new();
+    for (i, o) in raw.orgs.into_iter().enumerate() {
+        let key = format!("org[{i}]");
+        if !is_identifier(o.org_id.as_bytes()) {
+            errors.push(format!("{key}.org_id"), format!("{:?} is not an identifier", o.org_id));
+        }
+        let allowlist = o
+            .allowed_domains
+            .as_ref()
+            .map(|d| domain_list(&mut errors, &format!("org[{}].allowed_domains", o.org_id), d));
+        let org = Org {
+            id: o.org_id.clone(),
+            allowlist,
+        };
+        if orgs.insert(o.org_id.clone(), org).is_some() {
+            errors.push(format!("{key}.org_id"), format!("duplicate org_id {:?}", o.org_id));
+        }
+    }
+
+    // [[workspace]]
+    let mut workspaces = HashMap::new();
+    for (i, w) in raw.workspaces.into_iter().enumerate() {
+        let key = format!("workspace[{i}]");
+        if !is_identifier(w.workspace_id.as_bytes()) {
+            errors.push(
+                format!("{key}.workspace_id"),
+                format!("{:?} is not an identifier", w.workspace_id),
+            );
+        }
+        if !orgs.contains_key(&w.org) {
+            errors.push(format!("{key}.org"), format!("no [[org]] with org_id {:?}", w.org));
+        }
+        let ws = Workspace {
+            id: w.workspace_id.clone(),
+            org: w.org,
+        };
+        if workspaces.insert(w.workspace_id.clone(), ws).is_some() {
+            errors.push(
+                format!("{key}.workspace_id"),
+                format!("duplicate workspace_id {:?}", w.workspace_id),
+            );
+        }
+    }
+
+    // [[caller]]
+    let mut by_hash = HashMap::new();
+    let mut caller_names = HashSet::new();
+    for (i, c) in raw.callers.into_iter().enumerate() {
+        let key = format!("caller[{i}]");
+        if !is_identifier(c.name.as_bytes()) {
+            errors.push(format!("{key}.name"), format!("{:?} is not an identifier", c.name));
+        } else if !caller_names.insert(c.name.clone()) {
+            errors.push(format!("{key}.name"), format!("duplicate caller {:?}", c.name));
+        }
+        let hash = match hex::decode(&c.token_sha256) {
+            Ok(bytes) if bytes.len() == 32 => {
+                let mut h = [0u8; 32];
+                h.copy_from_slice(&bytes);
+                Some(h)
+            }
+            _ => {
+                errors.push(
+                    format!("{key}.token_sha256"),
+                    "must be 64 hex digits: the SHA-256 of the token (see `sluice caller-token`)",
+                );
+                None
+            }
+        };
+        let scope = if c.workspaces == ["*"] {
+            WorkspaceScope::All
+        } else {
+            if c.workspaces.is_empty() {
+                errors.push(format!("{key}.workspaces"), "must list workspaces, or [\"*\"] for all");
+            }
+            for w in &c.workspaces {
+                if w == "*" {
+                    errors.push(format!("{key}.workspaces"), "\"*\" must be the only entry");
+                } else if !workspaces.contains_key(w) {
+                    errors.push(format!("{key}.workspaces"), format!("no [[workspace]] {w:?}"));
+                }
+            }
+            WorkspaceScope::Only(c.workspaces.iter().cloned().collect())
+        };
+        if let Some(hash) = hash {
+            let caller = Arc::new(Caller {
+                name: c.name,
+                scope,
+            });
+            if by_hash.insert(hash, caller).is_some() {
+                errors.push(format!("{key}.token_sha256"), "two callers share one token");
+            }
+        }
+    }
+
+    // The resolver is only built for an otherwise valid file: it may read system files.
+    if !errors.0.is_empty() {
+        return Err(errors.0);
+    }
+    let resolver = Resolver::new(ResolverSettings {
+        nameservers,
+        timeout: dns_timeout,
+        attempts: d.attempts,
+        static_only: d.static_only,
+        static_hosts,
+    })
+    .map_err(|e| {
+        vec![ConfigError {
+            key: "dns".into(),
+            message: e,
+        }]
+    })?;
+
+    Ok(Snapshot {
+        source: source.to_path_buf(),
+        callers: Callers::new(by_hash, listener.dev_mode_unauthenticated),
+        listener,
+        upstream,
+        exception_cidrs,
+        connectors,
+        orgs,
+        workspaces,
+        resolver,
+    })
+}
+
+/// An action's URL must be HTTPS, and when its host is literal (no `{placeholder}`), the host
+/// must be one the connector allows: a definition that contradicts itself is caught at load.
+fn check_url_template(errors: &mut Errors, key: &str, url: &str, allowed: &DomainList) {
+    let Some(rest) = url.strip_prefix("https://") else {
+        errors.push(key, format!("{url:?} must start with https://"));
+        return;
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.contains('{') {
+        return;
+    }
+    let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+    match parse_host(host) {
+        Ok(h) if allowed.matching(&h).is_some() => {}
+        Ok(h) => errors.push(key, format!("host {h} is not in the connector's allowed_domains")),
+        Err(e) => errors.push(key, e),
+    }
+}

@@ -1,0 +1,37 @@
+//! The per-request context (pingora's `CTX`): everything one request accumulates on its way
+//! through the phases. Later steps (credential, pacing, retries) add their state here.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::caller::Caller;
+use crate::config::Snapshot;
+use crate::error::Refusal;
+use crate::policy::Vetted;
+
+pub struct RequestCtx {
+    /// The config this request was admitted under, for its whole life (a reload does not
+    /// change a request in flight).
+    pub snapshot: Arc<Snapshot>,
+    /// Accepted from a well-formed `X-Request-Id`, or generated; returned to the app.
+    pub request_id: String,
+    pub started: Instant,
+    pub caller: Option<Arc<Caller>>,
+    /// Set when every policy check passed; the only source of the upstream peer.
+    pub vetted: Option<Vetted>,
+    /// Set when sluice answered the request itself.
+    pub refusal: Option<Refusal>,
+}
+
+impl RequestCtx {
+    pub fn new(snapshot: Arc<Snapshot>) -> Self {
+        Self {
+            snapshot,
+            request_id: String::new(),
+            started: Instant::now(),
+            caller: None,
+            vetted: None,
+            refusal: None,
+        }
+    }
+}

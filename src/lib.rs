@@ -1,0 +1,31 @@
+//! sluice: an egress gateway for SaaS APIs, on pingora.
+//!
+//! # Layout
+//!
+//! The modules follow a request through the gateway (DESIGN.md §2):
+//!
+//! | module         | owns                                                                  |
+//! |----------------|-----------------------------------------------------------------------|
+//! | [`request`]    | 1. parse: request target, `Host`, routing headers, framing, stripping |
+//! | [`caller`]     | 2. caller authentication and workspace scope                         |
+//! | [`policy`]     | 3–4. connector, workspace, ports, allowlists, DNS, address classes    |
+//! | [`upstream`]   | 7. the pinned, verified TLS peer                                      |
+//! | [`proxy`]      | pingora phase wiring                                                  |
+//! | [`ctx`]        | the per-request context                                               |
+//! | [`error`]      | error codes → statuses and JSON bodies                                |
+//! | [`config`]     | TOML → validated snapshot                                             |
+//! | [`explain`]    | `sluice explain`: the policy decision for a URL, without sending      |
+//! | [`server`]     | starting it: pingora `Server`, or a caller-bound listener             |
+
+#![forbid(unsafe_code)]
+
+pub mod caller;
+pub mod config;
+pub mod ctx;
+pub mod error;
+pub mod explain;
+pub mod policy;
+pub mod proxy;
+pub mod request;
+pub mod server;
+pub mod upstream;

@@ -1,0 +1,372 @@
+//! Host names and domain allowlists.
+//!
+//! One strict grammar serves request hosts and allowlist patterns alike, so a pattern can only
+//! be written in a form a request host can take:
+//!
+//! * ASCII letters, digits and `-`; labels of 1–63 bytes that neither start nor end with `-`;
+//!   253 bytes at most. Internationalised names must arrive as punycode A-labels. No `_`.
+//! * Case-insensitive (stored lowercased); one trailing dot is ignored.
+//! * A host whose last label is numeric (`10`, `0x7f`) is an IPv4 literal and must be canonical
+//!   dotted-quad (`127.0.0.1`): decimal, octal, hex and short forms (`2130706433`, `0177.1`,
+//!   `127.1`) are refused, because resolvers and libraries disagree about what they mean.
+//! * IPv6 literals only in brackets (`[2001:db8::1]`), no zone identifiers.
+//!
+//! Patterns: `api.example.com` matches exactly that host. `*.example.com` matches every name
+//! *below* `example.com` at any depth (`a.example.com`, `a.b.example.com`) but **not** the apex
+//! `example.com`: list the apex separately when it is wanted. A wildcard needs at least two
+//! labels after it (`*.com` is refused), and `*` may only be the whole leftmost label.
+
+use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+const MAX_NAME_LEN: usize = 253;
+const MAX_LABEL_LEN: usize = 63;
+
+/// A request host after strict parsing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Host {
+    /// A DNS name, lowercased, without a trailing dot.
+    Name(String),
+    /// A canonical dotted-quad IPv4 literal.
+    V4(Ipv4Addr),
+    /// A bracketed IPv6 literal.
+    V6(Ipv6Addr),
+}
+
+impl Host {
+    /// The name as sent in SNI and `Host` (IPv6 in brackets).
+    pub fn as_name(&self) -> Option<&str> {
+        match self {
+            Host::Name(n) => Some(n),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Host {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Host::Name(n) => f.write_str(n),
+            Host::V4(ip) => write!(f, "{ip}"),
+            Host::V6(ip) => write!(f, "[{ip}]"),
+        }
+    }
+}
+
+/// Parse a host as it appears in an authority (`Host` header or absolute-form target).
+pub fn parse_host(raw: &str) -> Result<Host, String> {
+    if let Some(inner) = raw.strip_prefix('[') {
+        let inner = inner
+            .strip_suffix(']')
+            .ok_or_else(|| "unterminated IPv6 literal".to_string())?;
+        return inner
+            .parse::<Ipv6Addr>()
+            .map(Host::V6)
+            .map_err(|_| "invalid IPv6 literal".to_string());
+    }
+    let name = parse_name(raw)?;
+    if is_numeric_label(name.rsplit('.').next().unwrap_or_default()) {
+        return canonical_ipv4(&name)
+            .map(Host::V4)
+            .ok_or_else(|| format!("numeric host {raw:?} is not a canonical dotted-quad IPv4"));
+    }
+    Ok(Host::Name(name))
+}
+
+/// Validate and normalise a DNS name (lowercase, no trailing dot). Does not judge numeric forms.
+fn parse_name(raw: &str) -> Result<String, String> {
+    let trimmed = raw.strip_suffix('.').unwrap_or(raw);
+    if trimmed.is_empty() {
+        return Err("empty host".into());
+    }
+    if trimmed.len() > MAX_NAME_LEN {
+        return Err(format!("host longer than {MAX_NAME_LEN} bytes"));
+    }
+    for label in trimmed.split('.') {
+        if label.is_empty() {
+            return Err(format!("empty label in {raw:?}"));
+        }
+        if label.len() > MAX_LABEL_LEN {
+            return Err(format!("label longer than {MAX_LABEL_LEN} bytes in host"));
+        }
+        if !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            return Err(format!(
+                "host {raw:?} has a character outside letters, digits and '-'"
+            ));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(format!("label {label:?} starts or ends with '-'"));
+        }
+    }
+    Ok(trimmed.to_ascii_lowercase())
+}
+
+/// A label a URL parser would read as a number: all digits, or `0x` followed by hex digits.
+fn is_numeric_label(label: &str) -> bool {
+    let l = label.as_bytes();
+    if l.len() >= 2 && l[0] == b'0' && (l[1] | 0x20) == b'x' {
+        return l[2..].iter().all(u8::is_ascii_hexdigit);
+    }
+    !l.is_empty() && l.iter().all(u8::is_ascii_digit)
+}
+
+/// Exactly four decimal octets, 0–255, no leading zeros.
+fn canonical_ipv4(name: &str) -> Option<Ipv4Addr> {
+    let mut octets = [0u8; 4];
+    let mut parts = name.split('.');
+    for octet in &mut octets {
+        let part = parts.next()?;
+        if part.is_empty()
+            || part.len() > 3
+            || (part.len() > 1 && part.starts_with('0'))
+            || !part.bytes().all(|b| b.is_ascii_digit())
+        {
+            return None;
+        }
+        *octet = part.parse().ok()?;
+    }
+    parts.next().is_none().then(|| Ipv4Addr::from(octets))
+}
+
+/// One allowlist entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DomainPattern {
+    /// Matches this host only.
+    Exact(String),
+    /// `*.suffix`: matches names strictly below `suffix`, at any depth.
+    Wildcard(String),
+}
+
+impl DomainPattern {
+    /// Parse and validate a pattern written in config.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let (wildcard, rest) = match raw.strip_prefix("*.") {
+            Some(rest) => (true, rest),
+            None => (false, raw),
+        };
+        if rest.contains('*') || (!wildcard && raw.contains('*')) {
+            return Err(format!(
+                "{raw:?}: '*' is only allowed as the whole leftmost label, as in \"*.example.com\""
+            ));
+        }
+        if rest.starts_with('[') || rest.parse::<std::net::IpAddr>().is_ok() {
+            return Err(format!("{raw:?}: IP literals are not allowed in allowlists"));
+        }
+        let name = parse_name(rest).map_err(|e| format!("{raw:?}: {e}"))?;
+        if is_numeric_label(name.rsplit('.').next().unwrap_or_default()) {
+            return Err(format!("{raw:?}: IP literals are not allowed in allowlists"));
+        }
+        if wildcard {
+            if !name.contains('.') {
+                return Err(format!(
+                    "{raw:?}: a wildcard needs at least two labels after '*.' (it would match a whole top-level domain)"
+                ));
+            }
+            Ok(DomainPattern::Wildcard(name))
+        } else {
+            Ok(DomainPattern::Exact(name))
+        }
+    }
+
+    /// Does this pattern match `host` (already normalised by [`parse_host`])?
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            DomainPattern::Exact(name) => host == name,
+            DomainPattern::Wildcard(suffix) => {
+                host.len() > suffix.len() + 1
+                    && host.ends_with(suffix.as_str())
+                    && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
+            }
+        }
+    }
+}
+
+impl fmt::Display for DomainPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DomainPattern::Exact(n) => f.write_str(n),
+            DomainPattern::Wildcard(s) => write!(f, "*.{s}"),
+        }
+    }
+}
+
+/// A validated allowlist. A host matches when any pattern matches it; IP literals never match.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DomainList {
+    patterns: Vec<DomainPattern>,
+}
+
+impl DomainList {
+    pub fn new(patterns: Vec<DomainPattern>) -> Self {
+        Self { patterns }
+    }
+
+    /// The first pattern matching `host`, if any (explain prints it).
+    pub fn matching(&self, host: &Host) -> Option<&DomainPattern> {
+        let name = host.as_name()?;
+        self.patterns.iter().find(|p| p.matches(name))
+    }
+
+    pub fn patterns(&self) -> &[DomainPattern] {
+        &self.patterns
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn list(patterns: &[&str]) -> DomainList {
+        DomainList::new(
+            patterns
+                .iter()
+                .map(|p| DomainPattern::parse(p).unwrap())
+                .collect(),
+        )
+    }
+
+    fn allowed(patterns: &[&str], host: &str) -> bool {
+        let host = parse_host(host).unwrap();
+        list(patterns).matching(&host).is_some()
+    }
+
+    #[test]
+    fn patterns_rejected_at_load() {
+        for bad in [
+            "*",
+            "*.",
+            "*foo.com",
+            "a.*.foo.com",
+            "foo.*",
+            "*.*.foo.com",
+            "**.foo.com",
+            "",
+            ".",
+            "a..b.com",
+            ".foo.com",
+            "foo.com..",
+            "10.0.0.1",
+            "[::1]",
+            "::1",
+            "127.1",
+            "0x7f.0.0.1",
+            "*.com",
+            "*.10",
+            "-a.com",
+            "a-.com",
+            "a_b.com",
+            "ex ample.com",
+            "exämple.com",
+        ] {
+            assert!(DomainPattern::parse(bad).is_err(), "{bad:?} should be refused");
+        }
+        let long_label = format!("{}.com", "a".repeat(64));
+        assert!(DomainPattern::parse(&long_label).is_err());
+    }
+
+    #[test]
+    fn patterns_accepted_and_normalised() {
+        assert_eq!(
+            DomainPattern::parse("API.HubSpot.com.").unwrap(),
+            DomainPattern::Exact("api.hubspot.com".into())
+        );
+        assert_eq!(
+            DomainPattern::parse("*.Example.co.uk").unwrap(),
+            DomainPattern::Wildcard("example.co.uk".into())
+        );
+        assert!(DomainPattern::parse("xn--bcher-kva.example").is_ok());
+    }
+
+    #[test]
+    fn wildcard_semantics() {
+        let p = ["*.salesforce.com"];
+        assert!(allowed(&p, "api.salesforce.com"));
+        assert!(allowed(&p, "a.b.salesforce.com"), "any depth");
+        assert!(!allowed(&p, "salesforce.com"), "apex is not matched");
+        assert!(allowed(&["*.salesforce.com", "salesforce.com"], "salesforce.com"));
+    }
+
+    #[test]
+    fn case_and_trailing_dot() {
+        let p = ["api.hubspot.com"];
+        assert!(allowed(&p, "API.HUBSPOT.COM"));
+        assert!(allowed(&p, "api.hubspot.com."));
+        assert!(parse_host("api.hubspot.com..").is_err());
+        assert!(allowed(&["*.hubspot.com"], "Api.HubSpot.Com."));
+    }
+
+    #[test]
+    fn look_alikes_do_not_match() {
+        let p = ["*.hubspot.com", "api.stripe.com"];
+        for host in [
+            "evilhubspot.com",
+            "hubspot.com.evil.com",
+            "api.hubspot.com.evil.com",
+            "api.hubspot.co",
+            "hubspot.com-evil.com",
+            "api-stripe.com",
+            "api.stripe.com.evil",
+            "xapi.stripe.com",
+            "a.api.stripe.com",
+        ] {
+            assert!(!allowed(&p, host), "{host} must not match");
+        }
+    }
+
+    #[test]
+    fn ip_literals_never_match_allowlists() {
+        let host = parse_host("93.184.216.34").unwrap();
+        assert_eq!(host, Host::V4(Ipv4Addr::new(93, 184, 216, 34)));
+        assert!(list(&["*.example.com"]).matching(&host).is_none());
+    }
+
+    #[test]
+    fn numeric_hosts_must_be_canonical() {
+        for bad in [
+            "2130706433",
+            "0x7f000001",
+            "0x7f.0.0.1",
+            "0177.0.0.1",
+            "127.1",
+            "127.0.1",
+            "127.000.000.001",
+            "1.2.3.4.5",
+            "256.0.0.1",
+            "1.2.3.0x4",
+            "example.0x10",
+            "example.123",
+            "01.2.3.4",
+        ] {
+            assert!(parse_host(bad).is_err(), "{bad:?} should be refused");
+        }
+        assert_eq!(
+            parse_host("127.0.0.1").unwrap(),
+            Host::V4(Ipv4Addr::LOCALHOST)
+        );
+        assert_eq!(parse_host("0.0.0.0").unwrap(), Host::V4(Ipv4Addr::UNSPECIFIED));
+        assert!(matches!(parse_host("123.example.com"), Ok(Host::Name(_))));
+        assert!(matches!(parse_host("0x7f.example.com"), Ok(Host::Name(_))));
+    }
+
+    #[test]
+    fn ipv6_literals() {
+        assert_eq!(
+            parse_host("[::1]").unwrap(),
+            Host::V6(Ipv6Addr::LOCALHOST)
+        );
+        assert!(parse_host("[fe80::1%25eth0]").is_err());
+        assert!(parse_host("[::1").is_err());
+        assert!(parse_host("::1").is_err());
+    }
+
+    #[test]
+    fn length_limits() {
+        let label63 = "a".repeat(63);
+        let ok = format!("{label63}.{label63}.{label63}.{}", "b".repeat(61));
+        assert_eq!(ok.len(), 253);
+        assert!(parse_host(&ok).is_ok());
+        assert!(parse_host(&format!("{ok}.")).is_ok(), "trailing dot not counted");
+        assert!(parse_host(&format!("a{ok}")).is_err());
+        assert!(parse_host(&format!("{}.com", "a".repeat(64))).is_err());
+    }
+}

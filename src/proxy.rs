@@ -1,0 +1,299 @@
+//! The pingora `ProxyHttp` implementation: phase wiring only. Each phase calls into the module
+//! that owns that step of the request path (DESIGN.md §2).
+//!
+//! | phase                     | step                                                   |
+//! |---------------------------|--------------------------------------------------------|
+//! | `new_ctx`                 | take one config snapshot for the request's whole life  |
+//! | `request_filter`          | 1–4: parse, caller, connector, policy (incl. DNS)      |
+//! | `upstream_peer`           | 7: the vetted address, TLS, SNI = host name            |
+//! | `upstream_request_filter` | 7: origin-form, `Host`, internal/hop-by-hop stripped   |
+//! | `response_filter`         | strip sluice's error header from upstream responses    |
+//! | `fail_to_proxy`           | map upstream failures to error codes                   |
+//! | `logging`                 | 9: the access line                                     |
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::header;
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::{ErrorSource, ErrorType};
+use tracing::{info, warn};
+
+use crate::config::{Snapshot, is_identifier};
+use crate::ctx::RequestCtx;
+use crate::error::{ERROR_HEADER, ErrorCode, Refusal};
+use crate::policy::{self, Vetted};
+use crate::request::{
+    STRIPPED_REQUEST_HEADERS, X_CONNECTOR, X_WORKSPACE, check_framing, check_header_values,
+    connection_listed,
+};
+use crate::upstream;
+
+const REQUEST_ID: &str = "x-request-id";
+
+/// The gateway. Cheap to share: the config lives behind an `ArcSwap`.
+pub struct Sluice {
+    config: Arc<ArcSwap<Snapshot>>,
+}
+
+impl Sluice {
+    pub fn new(config: Arc<ArcSwap<Snapshot>>) -> Self {
+        Self { config }
+    }
+
+    /// Steps 1–4. Returns the vetted destination or the first refusal.
+    async fn admit(&self, session: &Session, ctx: &mut RequestCtx) -> Result<Vetted, Refusal> {
+        let req = session.req_header();
+        if req.method == http::Method::CONNECT {
+            return Err(Refusal::new(
+                ErrorCode::ConnectNotSupported,
+                "CONNECT tunnels are not supported: send plain http:// URLs through the proxy and sluice speaks TLS upstream",
+            ));
+        }
+        check_header_values(&req.headers)?;
+        // The raw head is only needed (and only copied) when Transfer-Encoding is present.
+        let raw_head = req
+            .headers
+            .contains_key(header::TRANSFER_ENCODING)
+            .then(|| {
+                session
+                    .as_downstream()
+                    .as_http1()
+                    .map(|h1| h1.get_headers_raw_bytes())
+            })
+            .flatten();
+        check_framing(&req.headers, raw_head.as_deref())?;
+
+        let auth = req
+            .headers
+            .get(header::PROXY_AUTHORIZATION)
+            .map(|v| v.as_bytes());
+        let caller = ctx.snapshot.callers.authenticate(auth)?;
+        ctx.caller = Some(caller.clone());
+
+        policy::evaluate(
+            &ctx.snapshot,
+            Some(&caller),
+            req.raw_path(),
+            &req.headers,
+            &mut (),
+        )
+        .await
+    }
+}
+
+/// The request id: the app's `X-Request-Id` when it is a sane identifier, else a fresh one.
+fn request_id(session: &Session) -> String {
+    match session.req_header().headers.get(REQUEST_ID) {
+        Some(v) if is_identifier(v.as_bytes()) => {
+            String::from_utf8_lossy(v.as_bytes()).into_owned()
+        }
+        _ => format!("{:032x}", rand::random::<u128>()),
+    }
+}
+
+/// Write sluice's own JSON error response.
+async fn respond(session: &mut Session, ctx: &RequestCtx, refusal: &Refusal) -> Result<()> {
+    let body: Bytes = refusal.body(&ctx.request_id);
+    let mut resp = ResponseHeader::build(refusal.code.status(), Some(6))?;
+    resp.insert_header(header::CONTENT_TYPE, "application/json")?;
+    resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+    resp.insert_header(ERROR_HEADER, refusal.code.as_str())?;
+    resp.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
+    if refusal.code == ErrorCode::ProxyAuthRequired {
+        resp.append_header(header::PROXY_AUTHENTICATE, "Bearer realm=\"sluice\"")?;
+        resp.append_header(header::PROXY_AUTHENTICATE, "Basic realm=\"sluice\"")?;
+    }
+    // After a malformed request the connection's state cannot be trusted; after any refusal
+    // with an unread body, reusing it would need draining that body. Close in both cases.
+    if refusal.code.status() == http::StatusCode::BAD_REQUEST
+        || refusal.code == ErrorCode::ConnectNotSupported
+        || !session.is_body_empty()
+    {
+        session.set_keepalive(None);
+    }
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(body), true).await
+}
+
+/// Map a pingora failure to sluice's error model. `None`: the client is gone, answer nothing.
+fn refusal_for(e: &Error, ctx: &RequestCtx) -> Option<Refusal> {
+    use ErrorType::*;
+    let host = ctx.vetted.as_ref().map_or("upstream", |v| v.sni.as_str());
+    if e.esource() == &ErrorSource::Downstream {
+        return match e.etype() {
+            InvalidHTTPHeader | H1Error => Some(Refusal::new(
+                ErrorCode::MalformedRequest,
+                "the request body is not valid HTTP/1.1 framing",
+            )),
+            _ => None,
+        };
+    }
+    let (code, what) = match e.etype() {
+        ConnectTimedout => (ErrorCode::UpstreamConnectFailed, "connect timed out"),
+        ConnectRefused | ConnectNoRoute | ConnectError | BindError | SocketError
+        | ConnectProxyFailure => (ErrorCode::UpstreamConnectFailed, "connect failed"),
+        TLSHandshakeFailure | TLSHandshakeTimedout | InvalidCert | HandshakeError
+        | TLSWantX509Lookup => (
+            ErrorCode::UpstreamTlsFailed,
+            "TLS handshake or certificate verification failed",
+        ),
+        ReadTimedout | WriteTimedout => (ErrorCode::UpstreamTimeout, "upstream timed out"),
+        InvalidHTTPHeader | H1Error | H2Error | InvalidH2 | H2Downgrade | ReadError
+        | WriteError | ConnectionClosed => (
+            ErrorCode::UpstreamProtocolError,
+            "upstream broke the HTTP exchange",
+        ),
+        _ => (ErrorCode::Internal, "internal error"),
+    };
+    Some(Refusal::new(
+        code,
+        format!("{what} ({}) talking to {host}", e.etype().as_str()),
+    ))
+}
+
+#[async_trait]
+impl ProxyHttp for Sluice {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::new(self.config.load_full())
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        ctx.request_id = request_id(session);
+        match self.admit(session, ctx).await {
+            Ok(vetted) => {
+                ctx.vetted = Some(vetted);
+                Ok(false)
+            }
+            Err(refusal) => {
+                let sent = respond(session, ctx, &refusal).await;
+                ctx.refusal = Some(refusal);
+                sent.map(|()| true)
+            }
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        let vetted = ctx.vetted.as_ref().ok_or_else(|| {
+            Error::explain(ErrorType::InternalError, "no vetted destination for request")
+        })?;
+        Ok(Box::new(upstream::peer(vetted, &ctx.snapshot.upstream)))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let vetted = ctx.vetted.as_ref().ok_or_else(|| {
+            Error::explain(ErrorType::InternalError, "no vetted destination for request")
+        })?;
+        upstream_request.set_raw_path(vetted.target.origin_form.as_bytes())?;
+        upstream_request.insert_header(header::HOST, vetted.host_header.as_str())?;
+        for name in connection_listed(&upstream_request.headers) {
+            upstream_request.remove_header(&name);
+        }
+        for name in STRIPPED_REQUEST_HEADERS {
+            upstream_request.remove_header(*name);
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // Only sluice may name an error code: an upstream cannot forge one.
+        upstream_response.remove_header(ERROR_HEADER);
+        upstream_response.remove_header(&header::PROXY_AUTHENTICATE);
+        upstream_response.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
+        Ok(())
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let Some(refusal) = refusal_for(e, ctx) else {
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        };
+        let status = refusal.code.status().as_u16();
+        if session.response_written().is_none() {
+            if let Err(write_err) = respond(session, ctx, &refusal).await {
+                warn!(request_id = %ctx.request_id, error = %write_err, "could not send error response");
+            }
+        }
+        ctx.refusal = Some(refusal);
+        FailToProxy {
+            error_code: status,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        let req = session.req_header();
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let code = ctx.refusal.as_ref().map_or("ok", |r| r.code.as_str());
+        // Routing headers are logged only when they are identifiers (no log forging).
+        let routed = |name: &str| {
+            req.headers
+                .get(name)
+                .map(|v| v.as_bytes())
+                .filter(|v| is_identifier(v))
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default()
+        };
+        let (connector, workspace, host, path, upstream) = match &ctx.vetted {
+            Some(v) => (
+                v.connector.clone(),
+                v.workspace.clone(),
+                v.sni.as_str(),
+                v.target.path(),
+                v.addr.to_string(),
+            ),
+            None => (
+                routed(X_CONNECTOR),
+                routed(X_WORKSPACE),
+                "",
+                "",
+                String::new(),
+            ),
+        };
+        info!(
+            target: "sluice::access",
+            request_id = %ctx.request_id,
+            connector = %connector,
+            workspace = %workspace,
+            caller = ctx.caller.as_ref().map_or("", |c| c.name.as_str()),
+            method = %req.method,
+            host = host,
+            path = path,
+            status = status,
+            outcome = code,
+            upstream = %upstream,
+            duration_ms = ctx.started.elapsed().as_millis() as u64,
+        );
+        if let Some(r) = &ctx.refusal {
+            info!(target: "sluice::audit", request_id = %ctx.request_id, decision = "refused", code = r.code.as_str(), reason = %r.message);
+        } else if ctx.vetted.is_some() {
+            info!(target: "sluice::audit", request_id = %ctx.request_id, decision = "allowed", host = host, upstream = %upstream);
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! Starting the gateway: under pingora's `Server` for `sluice run` (signals, graceful shutdown,
+//! zero-downtime upgrade), or on a listener the caller already bound for tests and embedding
+//! (`serve`), the way mini-redis's `server::run` does.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use pingora::apps::{HttpServerOptions, ServerApp};
+use pingora::protocols::l4::stream::Stream as L4Stream;
+use pingora::proxy::{HttpProxy, http_proxy};
+use pingora::server::configuration::ServerConf;
+use pingora::services::listening::Service;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::config::Snapshot;
+use crate::proxy::Sluice;
+use crate::upstream::CaBundle;
+
+/// Announce what an operator must know before traffic flows.
+pub fn startup_warnings(snap: &Snapshot) {
+    if snap.listener.dev_mode_unauthenticated {
+        warn!(
+            listener = %snap.listener.address,
+            "DEVELOPMENT MODE: callers are NOT authenticated; any local process may use every workspace's connectors. Never run this in production."
+        );
+    }
+    for net in snap.exception_warnings() {
+        warn!(
+            cidr = %net,
+            "operator exception: destinations in {net} are allowed although special-purpose"
+        );
+    }
+}
+
+fn server_conf(snap: &Snapshot, bundle: Option<&CaBundle>) -> ServerConf {
+    ServerConf {
+        threads: snap.listener.threads,
+        ca_file: bundle.map(|b| b.path().to_string_lossy().into_owned()),
+        upstream_keepalive_pool_size: snap.upstream.pool_size,
+        // Retries and their policy arrive with traffic shaping; until then a failed connect
+        // is reported, not retried.
+        max_retries: 0,
+        ..ServerConf::default()
+    }
+}
+
+/// Build the pingora proxy app for a snapshot. The CA bundle (if any) is read here and may be
+/// deleted once this returns.
+fn build_proxy(
+    config: Arc<ArcSwap<Snapshot>>,
+    conf: &Arc<ServerConf>,
+) -> HttpProxy<Sluice> {
+    let mut proxy = http_proxy(conf, Sluice::new(config));
+    proxy.server_options = Some(server_options());
+    proxy
+}
+
+fn server_options() -> HttpServerOptions {
+    // Let CONNECT reach request_filter, which refuses it with sluice's own JSON error
+    // (pingora's default is a bare 405).
+    let mut options = HttpServerOptions::default();
+    options.allow_connect_method_proxying = true;
+    options
+}
+
+/// `sluice run`: serve forever under pingora's server.
+pub fn run(snapshot: Snapshot) -> Result<(), String> {
+    startup_warnings(&snapshot);
+    let bundle = snapshot
+        .upstream
+        .extra_ca_file
+        .as_deref()
+        .map(CaBundle::build)
+        .transpose()?;
+    let conf = server_conf(&snapshot, bundle.as_ref());
+    let address = snapshot.listener.address;
+    let config = Arc::new(ArcSwap::from_pointee(snapshot));
+
+    let mut server = pingora::server::Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let proxy = build_proxy(config, &server.configuration);
+    drop(bundle);
+    let mut service = Service::new("sluice".to_string(), proxy);
+    service.add_tcp(&address.to_string());
+    server.add_service(service);
+    info!(listener = %address, "sluice listening");
+    server.run_forever()
+}
+
+/// A running in-process gateway (tests, embedding). Dropping it stops accepting connections.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub config: Arc<ArcSwap<Snapshot>>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+    }
+}
+
+/// Serve on a listener the caller bound (e.g. `127.0.0.1:0`). The snapshot's
+/// `listener.address` is replaced by the real bound address, so the self-connection check
+/// sees the port actually in use.
+pub async fn serve(listener: TcpListener, mut snapshot: Snapshot) -> Result<Running, String> {
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    snapshot.listener.address = addr;
+    startup_warnings(&snapshot);
+    let bundle = snapshot
+        .upstream
+        .extra_ca_file
+        .as_deref()
+        .map(CaBundle::build)
+        .transpose()?;
+    let conf = Arc::new(server_conf(&snapshot, bundle.as_ref()));
+    let config = Arc::new(ArcSwap::from_pointee(snapshot));
+    let app = Arc::new(build_proxy(config.clone(), &conf));
+    drop(bundle);
+
+    let (tx, rx) = watch::channel(false);
+    let mut stop = rx.clone();
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = stop.changed() => break,
+            };
+            let (tcp, _) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    continue;
+                }
+            };
+            let app = app.clone();
+            let shutdown = rx.clone();
+            tokio::spawn(async move {
+                let stream: pingora::protocols::Stream = Box::new(L4Stream::from(tcp));
+                let mut next = app.process_new(stream, &shutdown).await;
+                while let Some(stream) = next {
+                    next = app.process_new(stream, &shutdown).await;
+                }
+            });
+        }
+    });
+    Ok(Running {
+        addr,
+        config,
+        shutdown: tx,
+    })
+}
