@@ -155,7 +155,9 @@ mod tests {
             "billing"
         );
         assert_eq!(
-            c.authenticate(Some(&basic("", "s3cret-token"))).unwrap().name,
+            c.authenticate(Some(&basic("", "s3cret-token")))
+                .unwrap()
+                .name,
             "billing"
         );
     }

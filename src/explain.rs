@@ -37,7 +37,10 @@ pub async fn explain(
         Some(name) => match snap.callers.by_name(name) {
             Some(c) => Some(c),
             None => {
-                let _ = writeln!(printer.out, "  FAIL  caller                     no caller named {name:?}");
+                let _ = writeln!(
+                    printer.out,
+                    "  FAIL  caller                     no caller named {name:?}"
+                );
                 return (printer.out, false);
             }
         },
@@ -49,7 +52,10 @@ pub async fn explain(
                 headers.insert(name, v);
             }
             Err(_) => {
-                let _ = writeln!(printer.out, "  FAIL  routing headers            {name} is not a valid header value");
+                let _ = writeln!(
+                    printer.out,
+                    "  FAIL  routing headers            {name} is not a valid header value"
+                );
                 return (printer.out, false);
             }
         }

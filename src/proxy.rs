@@ -184,7 +184,10 @@ impl ProxyHttp for Sluice {
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
         let vetted = ctx.vetted.as_ref().ok_or_else(|| {
-            Error::explain(ErrorType::InternalError, "no vetted destination for request")
+            Error::explain(
+                ErrorType::InternalError,
+                "no vetted destination for request",
+            )
         })?;
         Ok(Box::new(upstream::peer(vetted, &ctx.snapshot.upstream)))
     }
@@ -196,7 +199,10 @@ impl ProxyHttp for Sluice {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let vetted = ctx.vetted.as_ref().ok_or_else(|| {
-            Error::explain(ErrorType::InternalError, "no vetted destination for request")
+            Error::explain(
+                ErrorType::InternalError,
+                "no vetted destination for request",
+            )
         })?;
         upstream_request.set_raw_path(vetted.target.origin_form.as_bytes())?;
         upstream_request.insert_header(header::HOST, vetted.host_header.as_str())?;

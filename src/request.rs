@@ -57,18 +57,20 @@ pub fn parse_target(raw_target: &[u8], headers: &HeaderMap) -> Result<Target, Re
     let mut hosts = headers.get_all(header::HOST).iter();
     let host_header = hosts.next();
     if hosts.next().is_some() {
-        return Err(Refusal::new(ErrorCode::HostMismatch, "more than one Host header"));
+        return Err(Refusal::new(
+            ErrorCode::HostMismatch,
+            "more than one Host header",
+        ));
     }
     let host_header = host_header
-        .map(|h| {
-            std::str::from_utf8(h.as_bytes())
-                .map_err(|_| invalid("Host header is not ASCII"))
-        })
+        .map(|h| std::str::from_utf8(h.as_bytes()).map_err(|_| invalid("Host header is not ASCII")))
         .transpose()?;
     let target =
         std::str::from_utf8(raw_target).map_err(|_| invalid("request target is not ASCII"))?;
     if target.is_empty() || !target.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(invalid("request target has a control, space or non-ASCII byte"));
+        return Err(invalid(
+            "request target has a control, space or non-ASCII byte",
+        ));
     }
     if target.contains('#') {
         return Err(invalid("request target has a fragment"));
@@ -102,7 +104,9 @@ pub fn parse_target(raw_target: &[u8], headers: &HeaderMap) -> Result<Target, Re
         };
         (authority, origin_form)
     } else {
-        return Err(invalid("request target is neither absolute-form nor origin-form"));
+        return Err(invalid(
+            "request target is neither absolute-form nor origin-form",
+        ));
     };
 
     let (host, url_port) = parse_authority(authority)?;
@@ -196,7 +200,11 @@ fn single_identifier<'h>(
 /// covers anything that slipped through obs-fold handling).
 pub fn check_header_values(headers: &HeaderMap) -> Result<(), Refusal> {
     for (name, value) in headers {
-        if value.as_bytes().iter().any(|&b| matches!(b, b'\r' | b'\n' | 0)) {
+        if value
+            .as_bytes()
+            .iter()
+            .any(|&b| matches!(b, b'\r' | b'\n' | 0))
+        {
             return Err(Refusal::new(
                 ErrorCode::MalformedRequest,
                 format!("header {name} has a CR, LF or NUL byte"),
@@ -315,12 +323,37 @@ mod tests {
 
     #[test]
     fn ports() {
-        assert_eq!(target("http://h.example.com:80/", None).unwrap().upstream_port(), 443);
-        assert_eq!(target("http://h.example.com:443/", None).unwrap().upstream_port(), 443);
-        assert_eq!(target("http://h.example.com:8443/", None).unwrap().upstream_port(), 8443);
-        assert_eq!(target("http://h.example.com", None).unwrap().origin_form, "/");
-        assert_eq!(target("http://h.example.com?a=b", None).unwrap().origin_form, "/?a=b");
-        for bad in ["0", "65536", "99999", "", "08443", "+443", "44 3", "0x1bb", "443a"] {
+        assert_eq!(
+            target("http://h.example.com:80/", None)
+                .unwrap()
+                .upstream_port(),
+            443
+        );
+        assert_eq!(
+            target("http://h.example.com:443/", None)
+                .unwrap()
+                .upstream_port(),
+            443
+        );
+        assert_eq!(
+            target("http://h.example.com:8443/", None)
+                .unwrap()
+                .upstream_port(),
+            8443
+        );
+        assert_eq!(
+            target("http://h.example.com", None).unwrap().origin_form,
+            "/"
+        );
+        assert_eq!(
+            target("http://h.example.com?a=b", None)
+                .unwrap()
+                .origin_form,
+            "/?a=b"
+        );
+        for bad in [
+            "0", "65536", "99999", "", "08443", "+443", "44 3", "0x1bb", "443a",
+        ] {
             let err = target(&format!("http://h.example.com:{bad}/"), None).unwrap_err();
             assert_eq!(err.code, ErrorCode::InvalidTarget, "port {bad:?}");
         }
@@ -333,17 +366,32 @@ mod tests {
             Host::V4(Ipv4Addr::new(93, 184, 216, 34))
         );
         let v6 = target("http://[2606:4700::1]:8443/", None).unwrap();
-        assert_eq!(v6.host, Host::V6("2606:4700::1".parse::<Ipv6Addr>().unwrap()));
+        assert_eq!(
+            v6.host,
+            Host::V6("2606:4700::1".parse::<Ipv6Addr>().unwrap())
+        );
         assert_eq!(v6.url_port, Some(8443));
     }
 
     #[test]
     fn refusals() {
         let cases: &[(&str, Option<&str>, ErrorCode)] = &[
-            ("https://api.example.com/", None, ErrorCode::UnsupportedScheme),
+            (
+                "https://api.example.com/",
+                None,
+                ErrorCode::UnsupportedScheme,
+            ),
             ("ftp://api.example.com/", None, ErrorCode::UnsupportedScheme),
-            ("http://user:pw@api.example.com/", None, ErrorCode::InvalidTarget),
-            ("http://api.example.com/", Some("other.example.com"), ErrorCode::HostMismatch),
+            (
+                "http://user:pw@api.example.com/",
+                None,
+                ErrorCode::InvalidTarget,
+            ),
+            (
+                "http://api.example.com/",
+                Some("other.example.com"),
+                ErrorCode::HostMismatch,
+            ),
             ("/x", None, ErrorCode::InvalidTarget),
             ("*", Some("api.example.com"), ErrorCode::InvalidTarget),
             ("api.example.com:443", None, ErrorCode::InvalidTarget),
@@ -354,7 +402,11 @@ mod tests {
             ("http://a..example.com/", None, ErrorCode::InvalidTarget),
             ("http://[::1/", None, ErrorCode::InvalidTarget),
             ("http:///x", None, ErrorCode::InvalidTarget),
-            ("http://api.example.com/#frag", None, ErrorCode::InvalidTarget),
+            (
+                "http://api.example.com/#frag",
+                None,
+                ErrorCode::InvalidTarget,
+            ),
             ("/x", Some("api.example.com:"), ErrorCode::InvalidTarget),
             ("/x", Some("user@api.example.com"), ErrorCode::InvalidTarget),
         ];
@@ -363,7 +415,10 @@ mod tests {
             assert_eq!(err.code, *code, "{raw} (Host {host:?}): {err}");
         }
         let long = format!("http://{}.com/", "a".repeat(64));
-        assert_eq!(target(&long, None).unwrap_err().code, ErrorCode::InvalidTarget);
+        assert_eq!(
+            target(&long, None).unwrap_err().code,
+            ErrorCode::InvalidTarget
+        );
         let two_hosts = headers(&[("host", "a.example.com"), ("host", "b.example.com")]);
         assert_eq!(
             parse_target(b"/x", &two_hosts).unwrap_err().code,
@@ -379,15 +434,32 @@ mod tests {
             (&[("x-workspace", "ws_42")], ErrorCode::MissingConnector),
             (&[("x-connector", "hubspot")], ErrorCode::MissingWorkspace),
             (
-                &[("x-connector", "a"), ("x-connector", "b"), ("x-workspace", "w")],
+                &[
+                    ("x-connector", "a"),
+                    ("x-connector", "b"),
+                    ("x-workspace", "w"),
+                ],
                 ErrorCode::InvalidRoutingHeader,
             ),
-            (&[("x-connector", "a,b"), ("x-workspace", "w")], ErrorCode::InvalidRoutingHeader),
-            (&[("x-connector", "a"), ("x-workspace", "w 1")], ErrorCode::InvalidRoutingHeader),
-            (&[("x-connector", ""), ("x-workspace", "w")], ErrorCode::InvalidRoutingHeader),
+            (
+                &[("x-connector", "a,b"), ("x-workspace", "w")],
+                ErrorCode::InvalidRoutingHeader,
+            ),
+            (
+                &[("x-connector", "a"), ("x-workspace", "w 1")],
+                ErrorCode::InvalidRoutingHeader,
+            ),
+            (
+                &[("x-connector", ""), ("x-workspace", "w")],
+                ErrorCode::InvalidRoutingHeader,
+            ),
         ];
         for (h, code) in cases {
-            assert_eq!(routing_headers(&headers(h)).unwrap_err().code, *code, "{h:?}");
+            assert_eq!(
+                routing_headers(&headers(h)).unwrap_err().code,
+                *code,
+                "{h:?}"
+            );
         }
     }
 
@@ -408,8 +480,14 @@ mod tests {
 
     #[test]
     fn connection_listed_headers_except_framing() {
-        let h = headers(&[("connection", "close, X-Secret-Hop, content-length"), ("connection", "te")]);
-        let names: Vec<_> = connection_listed(&h).iter().map(|n| n.to_string()).collect();
+        let h = headers(&[
+            ("connection", "close, X-Secret-Hop, content-length"),
+            ("connection", "te"),
+        ]);
+        let names: Vec<_> = connection_listed(&h)
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
         assert_eq!(names, ["close", "x-secret-hop", "te"]);
     }
 }

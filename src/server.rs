@@ -40,19 +40,17 @@ fn server_conf(snap: &Snapshot, bundle: Option<&CaBundle>) -> ServerConf {
         threads: snap.listener.threads,
         ca_file: bundle.map(|b| b.path().to_string_lossy().into_owned()),
         upstream_keepalive_pool_size: snap.upstream.pool_size,
-        // Retries and their policy arrive with traffic shaping; until then a failed connect
-        // is reported, not retried.
-        max_retries: 0,
+        // pingora's `max_retries` is the number of attempts, not of retries: 1 means one try.
+        // Retries and their policy arrive with traffic shaping; until then a failure is
+        // reported, not retried.
+        max_retries: 1,
         ..ServerConf::default()
     }
 }
 
 /// Build the pingora proxy app for a snapshot. The CA bundle (if any) is read here and may be
 /// deleted once this returns.
-fn build_proxy(
-    config: Arc<ArcSwap<Snapshot>>,
-    conf: &Arc<ServerConf>,
-) -> HttpProxy<Sluice> {
+fn build_proxy(config: Arc<ArcSwap<Snapshot>>, conf: &Arc<ServerConf>) -> HttpProxy<Sluice> {
     let mut proxy = http_proxy(conf, Sluice::new(config));
     proxy.server_options = Some(server_options());
     proxy

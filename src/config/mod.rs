@@ -302,7 +302,11 @@ fn validate(raw: FileConfig, source: &Path, base: &Path) -> Result<Snapshot, Vec
     }
     let upstream = Upstream {
         extra_ca_file,
-        connect_timeout: duration_ms(&mut errors, "upstream.connect_timeout_ms", u.connect_timeout_ms),
+        connect_timeout: duration_ms(
+            &mut errors,
+            "upstream.connect_timeout_ms",
+            u.connect_timeout_ms,
+        ),
         tls_handshake_timeout: duration_ms(
             &mut errors,
             "upstream.tls_handshake_timeout_ms",
@@ -323,7 +327,10 @@ fn validate(raw: FileConfig, source: &Path, base: &Path) -> Result<Snapshot, Vec
                 format!("{c:?} would switch the address policy off entirely"),
             ),
             Ok(net) => exception_cidrs.push(net),
-            Err(e) => errors.push(format!("egress.exception_cidrs[{i}]"), format!("{c:?}: {e}")),
+            Err(e) => errors.push(
+                format!("egress.exception_cidrs[{i}]"),
+                format!("{c:?}: {e}"),
+            ),
         }
     }
 
@@ -363,7 +370,10 @@ fn validate(raw: FileConfig, source: &Path, base: &Path) -> Result<Snapshot, Vec
         for (i, ip) in ips.iter().enumerate() {
             match ip.parse::<IpAddr>() {
                 Ok(ip) => addrs.push(ip),
-                Err(_) => errors.push(format!("{key}[{i}]"), format!("{ip:?} is not an IP address")),
+                Err(_) => errors.push(
+                    format!("{key}[{i}]"),
+                    format!("{ip:?} is not an IP address"),
+                ),
             }
         }
         static_hosts.insert(host, addrs);
@@ -381,7 +391,10 @@ fn validate(raw: FileConfig, source: &Path, base: &Path) -> Result<Snapshot, Vec
         } else {
             errors.push(
                 format!("connector[{i}].connector_id"),
-                format!("{:?} is not an identifier (letters, digits, '_', '-', '.')", c.connector_id),
+                format!(
+                    "{:?} is not an identifier (letters, digits, '_', '-', '.')",
+                    c.connector_id
+                ),
             );
             format!("connector[{i}]")
         };
@@ -403,14 +416,26 @@ fn validate(raw: FileConfig, source: &Path, base: &Path) -> Result<Snapshot, Vec
         for (j, f) in c.auth_schema.fields.into_iter().enumerate() {
             let fkey = format!("{key}.auth_schema.fields[{j}]");
             if !is_identifier(f.name.as_bytes()) {
-                errors.push(format!("{fkey}.name"), format!("{:?} is not an identifier", f.name));
+                errors.push(
+                    format!("{fkey}.name"),
+                    format!("{:?} is not an identifier", f.name),
+                );
             } else if !field_names.insert(f.name.clone()) {
-                errors.push(format!("{fkey}.name"), format!("duplicate field {:?}", f.name));
+                errors.push(
+                    format!("{fkey}.name"),
+                    format!("duplicate field {:?}", f.name),
+                );
             }
-            if !matches!(f.field_type.as_str(), "text" | "password" | "url" | "email" | "number") {
+            if !matches!(
+                f.field_type.as_str(),
+                "text" | "password" | "url" | "email" | "number"
+            ) {
                 errors.push(
                     format!("{fkey}.type"),
-                    format!("{:?} is not one of text, password, url, email, number", f.field_type),
+                    format!(
+                        "{:?} is not one of text, password, url, email, number",
+                        f.field_type
+                    ),
                 );
             }
             auth_fields.push(AuthField {
@@ -420,10 +445,17 @@ fn validate(raw: FileConfig, source: &Path, base: &Path) -> Result<Snapshot, Vec
                 required: f.required,
             });
         }
-        let allowed_domains = domain_list(&mut errors, &format!("{key}.allowed_domains"), &c.allowed_domains);
+        let allowed_domains = domain_list(
+            &mut errors,
+            &format!("{key}.allowed_domains"),
+            &c.allowed_domains,
+        );
         let allowed_ports = c.allowed_ports.unwrap_or_else(|| vec![443]);
         if allowed_ports.is_empty() {
-            errors.push(format!("{key}.allowed_ports"), "must list at least one port");
+            errors.push(
+                format!("{key}.allowed_ports"),
+                "must list at least one port",
+            );
         }
         if allowed_ports.contains(&0) {
             errors.push(format!("{key}.allowed_ports"), "0 is not a port");
@@ -433,9 +465,15 @@ fn validate(raw: FileConfig, source: &Path, base: &Path) -> Result<Snapshot, Vec
         for (j, a) in c.actions.into_iter().enumerate() {
             let akey = format!("{key}.actions[{j}]");
             if !is_identifier(a.action_id.as_bytes()) {
-                errors.push(format!("{akey}.action_id"), format!("{:?} is not an identifier", a.action_id));
+                errors.push(
+                    format!("{akey}.action_id"),
+                    format!("{:?} is not an identifier", a.action_id),
+                );
             } else if !action_ids.insert(a.action_id.clone()) {
-                errors.push(format!("{akey}.action_id"), format!("duplicate action {:?}", a.action_id));
+                errors.push(
+                    format!("{akey}.action_id"),
+                    format!("duplicate action {:?}", a.action_id),
+                );
             }
             let method = match http::Method::from_bytes(a.http_method.as_bytes()) {
                 Ok(m) if a.http_method.bytes().all(|b| b.is_ascii_uppercase()) => m,
@@ -447,12 +485,21 @@ fn validate(raw: FileConfig, source: &Path, base: &Path) -> Result<Snapshot, Vec
                     http::Method::GET
                 }
             };
-            check_url_template(&mut errors, &format!("{akey}.url_template"), &a.url_template, &allowed_domains);
+            check_url_template(
+                &mut errors,
+                &format!("{akey}.url_template"),
+                &a.url_template,
+                &allowed_domains,
+            );
             actions.push(Action {
                 action_id: a.action_id,
                 http_method: method,
                 url_template: a.url_template,
-                body_schema: a.body_schema.into_iter().map(|b| (b.name, b.label)).collect(),
+                body_schema: a
+                    .body_schema
+                    .into_iter()
+                    .map(|b| (b.name, b.label))
+                    .collect(),
             });
         }
         let connector = Connector {
@@ -465,7 +512,10 @@ fn validate(raw: FileConfig, source: &Path, base: &Path) -> Result<Snapshot, Vec
             allowed_ports,
             enabled: c.enabled,
         };
-        if connectors.insert(c.connector_id.clone(), connector).is_some() {
+        if connectors
+            .insert(c.connector_id.clone(), connector)
+            .is_some()
+        {
             errors.push(format!("{key}.connector_id"), "duplicate connector_id");
         }
     }
@@ -475,18 +525,27 @@ fn validate(raw: FileConfig, source: &Path, base: &Path) -> Result<Snapshot, Vec
     for (i, o) in raw.orgs.into_iter().enumerate() {
         let key = format!("org[{i}]");
         if !is_identifier(o.org_id.as_bytes()) {
-            errors.push(format!("{key}.org_id"), format!("{:?} is not an identifier", o.org_id));
+            errors.push(
+                format!("{key}.org_id"),
+                format!("{:?} is not an identifier", o.org_id),
+            );
         }
-        let allowlist = o
-            .allowed_domains
-            .as_ref()
-            .map(|d| domain_list(&mut errors, &format!("org[{}].allowed_domains", o.org_id), d));
+        let allowlist = o.allowed_domains.as_ref().map(|d| {
+            domain_list(
+                &mut errors,
+                &format!("org[{}].allowed_domains", o.org_id),
+                d,
+            )
+        });
         let org = Org {
             id: o.org_id.clone(),
             allowlist,
         };
         if orgs.insert(o.org_id.clone(), org).is_some() {
-            errors.push(format!("{key}.org_id"), format!("duplicate org_id {:?}", o.org_id));
+            errors.push(
+                format!("{key}.org_id"),
+                format!("duplicate org_id {:?}", o.org_id),
+            );
         }
     }
 
@@ -501,7 +560,10 @@ fn validate(raw: FileConfig, source: &Path, base: &Path) -> Result<Snapshot, Vec
             );
         }
         if !orgs.contains_key(&w.org) {
-            errors.push(format!("{key}.org"), format!("no [[org]] with org_id {:?}", w.org));
+            errors.push(
+                format!("{key}.org"),
+                format!("no [[org]] with org_id {:?}", w.org),
+            );
         }
         let ws = Workspace {
             id: w.workspace_id.clone(),
@@ -521,9 +583,15 @@ fn validate(raw: FileConfig, source: &Path, base: &Path) -> Result<Snapshot, Vec
     for (i, c) in raw.callers.into_iter().enumerate() {
         let key = format!("caller[{i}]");
         if !is_identifier(c.name.as_bytes()) {
-            errors.push(format!("{key}.name"), format!("{:?} is not an identifier", c.name));
+            errors.push(
+                format!("{key}.name"),
+                format!("{:?} is not an identifier", c.name),
+            );
         } else if !caller_names.insert(c.name.clone()) {
-            errors.push(format!("{key}.name"), format!("duplicate caller {:?}", c.name));
+            errors.push(
+                format!("{key}.name"),
+                format!("duplicate caller {:?}", c.name),
+            );
         }
         let hash = match hex::decode(&c.token_sha256) {
             Ok(bytes) if bytes.len() == 32 => {
@@ -543,13 +611,19 @@ fn validate(raw: FileConfig, source: &Path, base: &Path) -> Result<Snapshot, Vec
             WorkspaceScope::All
         } else {
             if c.workspaces.is_empty() {
-                errors.push(format!("{key}.workspaces"), "must list workspaces, or [\"*\"] for all");
+                errors.push(
+                    format!("{key}.workspaces"),
+                    "must list workspaces, or [\"*\"] for all",
+                );
             }
             for w in &c.workspaces {
                 if w == "*" {
                     errors.push(format!("{key}.workspaces"), "\"*\" must be the only entry");
                 } else if !workspaces.contains_key(w) {
-                    errors.push(format!("{key}.workspaces"), format!("no [[workspace]] {w:?}"));
+                    errors.push(
+                        format!("{key}.workspaces"),
+                        format!("no [[workspace]] {w:?}"),
+                    );
                 }
             }
             WorkspaceScope::Only(c.workspaces.iter().cloned().collect())
@@ -610,7 +684,10 @@ fn check_url_template(errors: &mut Errors, key: &str, url: &str, allowed: &Domai
     let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
     match parse_host(host) {
         Ok(h) if allowed.matching(&h).is_some() => {}
-        Ok(h) => errors.push(key, format!("host {h} is not in the connector's allowed_domains")),
+        Ok(h) => errors.push(
+            key,
+            format!("host {h} is not in the connector's allowed_domains"),
+        ),
         Err(e) => errors.push(key, e),
     }
 }

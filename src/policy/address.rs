@@ -85,25 +85,25 @@ impl fmt::Display for AddrClass {
 
 /// IPv4 special-purpose blocks: (network, prefix length, class). Specific before general.
 pub const V4_BLOCKS: &[(u32, u8, AddrClass)] = &[
-    (0x0000_0000, 8, AddrClass::ThisNetwork),         // 0.0.0.0/8
-    (0x0a00_0000, 8, AddrClass::Private),             // 10.0.0.0/8
+    (0x0000_0000, 8, AddrClass::ThisNetwork), // 0.0.0.0/8
+    (0x0a00_0000, 8, AddrClass::Private),     // 10.0.0.0/8
     (0x6440_0000, 10, AddrClass::SharedAddressSpace), // 100.64.0.0/10
-    (0x7f00_0000, 8, AddrClass::Loopback),            // 127.0.0.0/8
-    (0xa9fe_0000, 16, AddrClass::LinkLocal),          // 169.254.0.0/16
-    (0xac10_0000, 12, AddrClass::Private),            // 172.16.0.0/12
-    (0xc000_0000, 24, AddrClass::IetfProtocol),       // 192.0.0.0/24
-    (0xc000_0200, 24, AddrClass::Documentation),      // 192.0.2.0/24
-    (0xc01f_c400, 24, AddrClass::As112),              // 192.31.196.0/24
-    (0xc034_c100, 24, AddrClass::Amt),                // 192.52.193.0/24
-    (0xc058_6300, 24, AddrClass::Relay6to4),          // 192.88.99.0/24
-    (0xc0a8_0000, 16, AddrClass::Private),            // 192.168.0.0/16
-    (0xc0af_3000, 24, AddrClass::As112),              // 192.175.48.0/24
-    (0xc612_0000, 15, AddrClass::Benchmarking),       // 198.18.0.0/15
-    (0xc633_6400, 24, AddrClass::Documentation),      // 198.51.100.0/24
-    (0xcb00_7100, 24, AddrClass::Documentation),      // 203.0.113.0/24
-    (0xe000_0000, 4, AddrClass::Multicast),           // 224.0.0.0/4
-    (0xffff_ffff, 32, AddrClass::Broadcast),          // 255.255.255.255/32 (inside 240/4)
-    (0xf000_0000, 4, AddrClass::Reserved),            // 240.0.0.0/4
+    (0x7f00_0000, 8, AddrClass::Loopback),    // 127.0.0.0/8
+    (0xa9fe_0000, 16, AddrClass::LinkLocal),  // 169.254.0.0/16
+    (0xac10_0000, 12, AddrClass::Private),    // 172.16.0.0/12
+    (0xc000_0000, 24, AddrClass::IetfProtocol), // 192.0.0.0/24
+    (0xc000_0200, 24, AddrClass::Documentation), // 192.0.2.0/24
+    (0xc01f_c400, 24, AddrClass::As112),      // 192.31.196.0/24
+    (0xc034_c100, 24, AddrClass::Amt),        // 192.52.193.0/24
+    (0xc058_6300, 24, AddrClass::Relay6to4),  // 192.88.99.0/24
+    (0xc0a8_0000, 16, AddrClass::Private),    // 192.168.0.0/16
+    (0xc0af_3000, 24, AddrClass::As112),      // 192.175.48.0/24
+    (0xc612_0000, 15, AddrClass::Benchmarking), // 198.18.0.0/15
+    (0xc633_6400, 24, AddrClass::Documentation), // 198.51.100.0/24
+    (0xcb00_7100, 24, AddrClass::Documentation), // 203.0.113.0/24
+    (0xe000_0000, 4, AddrClass::Multicast),   // 224.0.0.0/4
+    (0xffff_ffff, 32, AddrClass::Broadcast),  // 255.255.255.255/32 (inside 240/4)
+    (0xf000_0000, 4, AddrClass::Reserved),    // 240.0.0.0/4
 ];
 
 /// What an IPv6 block means: a class, or "judge the IPv4 address in the low 32 bits".
@@ -120,11 +120,23 @@ pub const V6_BLOCKS: &[(u128, u8, V6Rule)] = &[
     (0xffff_0000_0000, 96, V6Rule::EmbedsIpv4),      // ::ffff:0:0/96
     (0, 96, V6Rule::Class(AddrClass::Ipv4Compatible)), // ::/96
     (0x0064_ff9b << 96, 96, V6Rule::EmbedsIpv4),     // 64:ff9b::/96
-    (0x0064_ff9b_0001 << 80, 48, V6Rule::Class(AddrClass::Nat64LocalUse)), // 64:ff9b:1::/48
+    (
+        0x0064_ff9b_0001 << 80,
+        48,
+        V6Rule::Class(AddrClass::Nat64LocalUse),
+    ), // 64:ff9b:1::/48
     (0x0100 << 112, 64, V6Rule::Class(AddrClass::DiscardOnly)), // 100::/64
-    (0x0100_0000_0000_0001 << 64, 64, V6Rule::Class(AddrClass::DummyPrefix)), // 100:0:0:1::/64
+    (
+        0x0100_0000_0000_0001 << 64,
+        64,
+        V6Rule::Class(AddrClass::DummyPrefix),
+    ), // 100:0:0:1::/64
     (0x2001 << 112, 23, V6Rule::Class(AddrClass::IetfProtocol)), // 2001::/23
-    (0x2001_0db8 << 96, 32, V6Rule::Class(AddrClass::Documentation)), // 2001:db8::/32
+    (
+        0x2001_0db8 << 96,
+        32,
+        V6Rule::Class(AddrClass::Documentation),
+    ), // 2001:db8::/32
     (0x2002 << 112, 16, V6Rule::Class(AddrClass::SixToFour)), // 2002::/16
     (0x3fff << 112, 20, V6Rule::Class(AddrClass::Documentation)), // 3fff::/20
     (0x5f00 << 112, 16, V6Rule::Class(AddrClass::Srv6Sid)), // 5f00::/16
@@ -150,7 +162,11 @@ pub fn classify_v4(ip: Ipv4Addr) -> AddrClass {
 pub fn classify_v6(ip: Ipv6Addr) -> AddrClass {
     let bits = u128::from(ip);
     for &(net, len, rule) in V6_BLOCKS {
-        let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+        let mask = if len == 0 {
+            0
+        } else {
+            u128::MAX << (128 - len)
+        };
         if bits & mask == net {
             return match rule {
                 V6Rule::Class(class) => class,
@@ -231,12 +247,20 @@ mod tests {
         match ip {
             IpAddr::V4(v) => {
                 let b = u32::from(v);
-                let n = if up { b.checked_add(1)? } else { b.checked_sub(1)? };
+                let n = if up {
+                    b.checked_add(1)?
+                } else {
+                    b.checked_sub(1)?
+                };
                 Some(IpAddr::V4(n.into()))
             }
             IpAddr::V6(v) => {
                 let b = u128::from(v);
-                let n = if up { b.checked_add(1)? } else { b.checked_sub(1)? };
+                let n = if up {
+                    b.checked_add(1)?
+                } else {
+                    b.checked_sub(1)?
+                };
                 Some(IpAddr::V6(n.into()))
             }
         }
@@ -268,7 +292,11 @@ mod tests {
             let net: IpNetwork = cidr.parse().unwrap();
             let (first, last) = (net.network(), net.broadcast());
             let beyond = [step(first, false), step(last, true)];
-            for ip in [Some(first), Some(last)].into_iter().chain(beyond).flatten() {
+            for ip in [Some(first), Some(last)]
+                .into_iter()
+                .chain(beyond)
+                .flatten()
+            {
                 assert_eq!(
                     classify(ip).as_str(),
                     reference_label(ip),
@@ -326,7 +354,10 @@ mod tests {
             ("64:ff9b::a9fe:a9fe", AddrClass::LinkLocal),
             ("::127.0.0.1", AddrClass::Ipv4Compatible),
             ("2002:7f00:1::1", AddrClass::SixToFour),
-            ("2001:0:4136:e378:8000:63bf:3fff:fdd2", AddrClass::IetfProtocol),
+            (
+                "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+                AddrClass::IetfProtocol,
+            ),
             ("fd00:ec2::254", AddrClass::UniqueLocal),
         ] {
             assert_eq!(classify(ip.parse().unwrap()), class, "{ip}");
@@ -335,7 +366,12 @@ mod tests {
 
     #[test]
     fn metadata_endpoints_are_refused() {
-        for ip in ["169.254.169.254", "169.254.170.2", "100.100.100.200", "fd00:ec2::254"] {
+        for ip in [
+            "169.254.169.254",
+            "169.254.170.2",
+            "100.100.100.200",
+            "fd00:ec2::254",
+        ] {
             assert!(!classify(ip.parse().unwrap()).is_public(), "{ip}");
         }
     }

@@ -89,7 +89,10 @@ fn parse_name(raw: &str) -> Result<String, String> {
         if label.len() > MAX_LABEL_LEN {
             return Err(format!("label longer than {MAX_LABEL_LEN} bytes in host"));
         }
-        if !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
             return Err(format!(
                 "host {raw:?} has a character outside letters, digits and '-'"
             ));
@@ -150,11 +153,15 @@ impl DomainPattern {
             ));
         }
         if rest.starts_with('[') || rest.parse::<std::net::IpAddr>().is_ok() {
-            return Err(format!("{raw:?}: IP literals are not allowed in allowlists"));
+            return Err(format!(
+                "{raw:?}: IP literals are not allowed in allowlists"
+            ));
         }
         let name = parse_name(rest).map_err(|e| format!("{raw:?}: {e}"))?;
         if is_numeric_label(name.rsplit('.').next().unwrap_or_default()) {
-            return Err(format!("{raw:?}: IP literals are not allowed in allowlists"));
+            return Err(format!(
+                "{raw:?}: IP literals are not allowed in allowlists"
+            ));
         }
         if wildcard {
             if !name.contains('.') {
@@ -258,7 +265,10 @@ mod tests {
             "ex ample.com",
             "exämple.com",
         ] {
-            assert!(DomainPattern::parse(bad).is_err(), "{bad:?} should be refused");
+            assert!(
+                DomainPattern::parse(bad).is_err(),
+                "{bad:?} should be refused"
+            );
         }
         let long_label = format!("{}.com", "a".repeat(64));
         assert!(DomainPattern::parse(&long_label).is_err());
@@ -283,7 +293,10 @@ mod tests {
         assert!(allowed(&p, "api.salesforce.com"));
         assert!(allowed(&p, "a.b.salesforce.com"), "any depth");
         assert!(!allowed(&p, "salesforce.com"), "apex is not matched");
-        assert!(allowed(&["*.salesforce.com", "salesforce.com"], "salesforce.com"));
+        assert!(allowed(
+            &["*.salesforce.com", "salesforce.com"],
+            "salesforce.com"
+        ));
     }
 
     #[test]
@@ -343,17 +356,17 @@ mod tests {
             parse_host("127.0.0.1").unwrap(),
             Host::V4(Ipv4Addr::LOCALHOST)
         );
-        assert_eq!(parse_host("0.0.0.0").unwrap(), Host::V4(Ipv4Addr::UNSPECIFIED));
+        assert_eq!(
+            parse_host("0.0.0.0").unwrap(),
+            Host::V4(Ipv4Addr::UNSPECIFIED)
+        );
         assert!(matches!(parse_host("123.example.com"), Ok(Host::Name(_))));
         assert!(matches!(parse_host("0x7f.example.com"), Ok(Host::Name(_))));
     }
 
     #[test]
     fn ipv6_literals() {
-        assert_eq!(
-            parse_host("[::1]").unwrap(),
-            Host::V6(Ipv6Addr::LOCALHOST)
-        );
+        assert_eq!(parse_host("[::1]").unwrap(), Host::V6(Ipv6Addr::LOCALHOST));
         assert!(parse_host("[fe80::1%25eth0]").is_err());
         assert!(parse_host("[::1").is_err());
         assert!(parse_host("::1").is_err());
@@ -365,7 +378,10 @@ mod tests {
         let ok = format!("{label63}.{label63}.{label63}.{}", "b".repeat(61));
         assert_eq!(ok.len(), 253);
         assert!(parse_host(&ok).is_ok());
-        assert!(parse_host(&format!("{ok}.")).is_ok(), "trailing dot not counted");
+        assert!(
+            parse_host(&format!("{ok}.")).is_ok(),
+            "trailing dot not counted"
+        );
         assert!(parse_host(&format!("a{ok}")).is_err());
         assert!(parse_host(&format!("{}.com", "a".repeat(64))).is_err());
     }

@@ -123,7 +123,10 @@ pub async fn evaluate<O: Observer>(
         Some(c) if !c.scope.permits(workspace_id) => {
             return Err(Refusal::new(
                 ErrorCode::WorkspaceNotPermitted,
-                format!("caller {:?} may not act for workspace {workspace_id:?}", c.name),
+                format!(
+                    "caller {:?} may not act for workspace {workspace_id:?}",
+                    c.name
+                ),
             ));
         }
         Some(c) => obs.passed(Check::Caller, || {
@@ -172,7 +175,9 @@ pub async fn evaluate<O: Observer>(
                 format!("host {name} is not in connector {connector_id:?}'s allowed_domains"),
             )
         })?;
-    obs.passed(Check::ConnectorDomains, || format!("{name} matches {pattern}"));
+    obs.passed(Check::ConnectorDomains, || {
+        format!("{name} matches {pattern}")
+    });
 
     let org = snap.orgs.get(&workspace.org);
     match org.and_then(|o| o.allowlist.as_ref()) {
@@ -191,10 +196,9 @@ pub async fn evaluate<O: Observer>(
     }
 
     let addrs = snap.resolver.resolve(name).await.map_err(|e| match e {
-        DnsError::Timeout(_) => Refusal::new(
-            ErrorCode::DnsTimeout,
-            format!("resolving {name} timed out"),
-        ),
+        DnsError::Timeout(_) => {
+            Refusal::new(ErrorCode::DnsTimeout, format!("resolving {name} timed out"))
+        }
         other => Refusal::new(
             ErrorCode::DnsFailure,
             format!("resolving {name} failed: {other}"),
@@ -232,8 +236,12 @@ pub async fn evaluate<O: Observer>(
             format!("{name}:{port} is sluice's own listener"),
         ));
     }
-    obs.passed(Check::SelfAddress, || format!("{addr} is not sluice's listener"));
-    obs.passed(Check::Pinned, || format!("connect to {addr}, SNI and certificate name {name}"));
+    obs.passed(Check::SelfAddress, || {
+        format!("{addr} is not sluice's listener")
+    });
+    obs.passed(Check::Pinned, || {
+        format!("connect to {addr}, SNI and certificate name {name}")
+    });
 
     let host_header = if port == 443 {
         name.clone()

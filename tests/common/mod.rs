@@ -1,0 +1,461 @@
+//! Test harness: real parts on ephemeral loopback ports.
+//!
+//! * [`TestCa`]: a CA made at test time with rcgen, issuing server certificates.
+//! * [`Upstream`]: a real TLS HTTP/1.1 server playing the SaaS API. It counts accepted TCP
+//!   connections and records every request exactly as received.
+//! * [`Env`]: one CA, one upstream, and sluice itself started in-process on `127.0.0.1:0` with a
+//!   config that routes `*.saas.test` to the upstream through the static DNS map.
+//!
+//! `Env::new().await.start().await` reads like what it does.
+
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use sluice::config::Snapshot;
+use sluice::server::{Running, serve};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+/// The caller token the default config accepts for caller `app` (scoped to ws_42 and ws_7).
+pub const APP_TOKEN: &str = "slc_test-app-token-0123456789abcdef";
+/// A token for caller `ops`, allowed every workspace.
+pub const OPS_TOKEN: &str = "slc_test-ops-token-fedcba9876543210";
+
+pub fn sha256_hex(s: &str) -> String {
+    hex::encode(sluice::caller::token_hash(s.as_bytes()))
+}
+
+pub struct TestCa {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> Self {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let key = KeyPair::generate().unwrap();
+        Self {
+            issuer: CertifiedIssuer::self_signed(params, key).unwrap(),
+        }
+    }
+
+    pub fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A server certificate for `names`, signed by this CA.
+    pub fn issue(&self, names: &[&str]) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let params =
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (
+            vec![cert.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+    }
+}
+
+/// One request as the upstream received it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    /// The request target exactly as on the request line.
+    pub target: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub sni: Option<String>,
+}
+
+impl Recorded {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn has_header(&self, name: &str) -> bool {
+        self.header(name).is_some()
+    }
+}
+
+/// A TLS upstream playing the SaaS API.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    requests: Arc<Mutex<Vec<Recorded>>>,
+}
+
+impl Upstream {
+    pub async fn start(ca: &TestCa, names: &[&str]) -> Self {
+        let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+        let (certs, key) = ca.issue(names);
+        let config = ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        let acceptor = TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let (conns, reqs) = (connections.clone(), requests.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                conns.fetch_add(1, Ordering::SeqCst);
+                let acceptor = acceptor.clone();
+                let reqs = reqs.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let sni = tls.get_ref().1.server_name().map(str::to_string);
+                    let service = service_fn(move |req| {
+                        let reqs = reqs.clone();
+                        let sni = sni.clone();
+                        async move { Ok::<_, Infallible>(respond(req, sni, reqs).await) }
+                    });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        Self {
+            addr,
+            connections,
+            requests,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+/// The scripted API: `/redirect` answers 302, `/forge` tries to forge sluice's error header,
+/// everything else answers 200 with a small JSON body.
+async fn respond(
+    req: Request<Incoming>,
+    sni: Option<String>,
+    reqs: Arc<Mutex<Vec<Recorded>>>,
+) -> Response<Full<Bytes>> {
+    let method = req.method().to_string();
+    let target = req.uri().to_string();
+    let path = req.uri().path().to_string();
+    let headers = req
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes().to_vec())
+        .unwrap_or_default();
+    reqs.lock().unwrap().push(Recorded {
+        method,
+        target,
+        headers,
+        body,
+        sni,
+    });
+    let builder = Response::builder().header("content-type", "application/json");
+    match path.as_str() {
+        "/redirect" => builder
+            .status(302)
+            .header("location", "https://elsewhere.example/landing")
+            .body(Full::new(Bytes::new())),
+        "/forge" => builder
+            .status(200)
+            .header("x-sluice-error", "forged_by_upstream")
+            .body(Full::new(Bytes::from_static(b"{\"forged\":true}"))),
+        _ => builder
+            .status(200)
+            .body(Full::new(Bytes::from_static(b"{\"ok\":true}"))),
+    }
+    .unwrap()
+}
+
+/// Everything one test needs.
+pub struct Env {
+    pub ca: TestCa,
+    pub upstream: Upstream,
+    pub dir: tempfile::TempDir,
+    pub ca_file: PathBuf,
+}
+
+impl Env {
+    pub async fn new() -> Self {
+        // Logs go to the test's captured output; SLUICE_LOG=debug shows pingora's too.
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            )
+            .try_init();
+        let ca = TestCa::new("sluice test CA");
+        let upstream = Upstream::start(&ca, &["api.saas.test", "other.saas.test"]).await;
+        let dir = tempfile::tempdir().unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca.pem()).unwrap();
+        Self {
+            ca,
+            upstream,
+            dir,
+            ca_file,
+        }
+    }
+
+    /// The default config: `gateway_port` is where sluice will listen, `extra` is appended.
+    pub fn config(&self, gateway_port: u16, listener_extra: &str, extra: &str) -> String {
+        let port = self.upstream.port();
+        format!(
+            r#"
+[listener]
+address = "127.0.0.1:{gateway_port}"
+threads = 1
+{listener_extra}
+
+[upstream]
+extra_ca_file = "{ca}"
+connect_timeout_ms = 2000
+read_timeout_ms = 5000
+
+[dns]
+static_only = true
+
+[dns.static_hosts]
+"api.saas.test" = ["127.0.0.1"]
+"other.saas.test" = ["127.0.0.1"]
+"wrongname.saas.test" = ["127.0.0.1"]
+"self.saas.test" = ["127.0.0.1"]
+"private.saas.test" = ["10.1.2.3"]
+"metadata.saas.test" = ["169.254.169.254"]
+"mixed.saas.test" = ["127.0.0.1", "192.168.1.10"]
+"mapped.saas.test" = ["::ffff:10.0.0.1"]
+"untrusted.saas.test" = ["127.0.0.1"]
+
+[egress]
+exception_cidrs = ["127.0.0.1/32"]
+
+[[connector]]
+connector_id = "saas"
+display_name = "The SaaS"
+auth_type = "none"
+allowed_domains = ["*.saas.test"]
+allowed_ports = [443, {port}, {gateway_port}]
+
+[[connector]]
+connector_id = "narrow"
+display_name = "Narrow"
+auth_type = "api_key"
+allowed_domains = ["other.saas.test"]
+allowed_ports = [{port}]
+
+[[connector]]
+connector_id = "off"
+display_name = "Switched off"
+auth_type = "none"
+allowed_domains = ["api.saas.test"]
+allowed_ports = [{port}]
+enabled = false
+
+[[org]]
+org_id = "acme"
+allowed_domains = ["api.saas.test", "wrongname.saas.test", "self.saas.test", "*.untrusted.test"]
+
+[[org]]
+org_id = "open"
+
+[[workspace]]
+workspace_id = "ws_42"
+org = "acme"
+
+[[workspace]]
+workspace_id = "ws_7"
+org = "open"
+
+[[workspace]]
+workspace_id = "ws_other"
+org = "open"
+
+[[caller]]
+name = "app"
+token_sha256 = "{app}"
+workspaces = ["ws_42", "ws_7"]
+
+[[caller]]
+name = "ops"
+token_sha256 = "{ops}"
+workspaces = ["*"]
+
+{extra}
+"#,
+            ca = self.ca_file.display(),
+            app = sha256_hex(APP_TOKEN),
+            ops = sha256_hex(OPS_TOKEN),
+        )
+    }
+
+    /// Start sluice with the default config plus `extra` (appended) and `listener_extra`
+    /// (inside `[listener]`).
+    pub async fn start_with(&self, listener_extra: &str, extra: &str) -> Running {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let text = self.config(port, listener_extra, extra);
+        let path = self.dir.path().join("sluice.toml");
+        std::fs::write(&path, &text).unwrap();
+        let snapshot = Snapshot::load(&path).unwrap_or_else(|e| panic!("test config: {e}"));
+        serve(listener, snapshot).await.unwrap()
+    }
+
+    pub async fn start(&self) -> Running {
+        self.start_with("", "").await
+    }
+
+    /// `http://<host>:<upstream port><path>`: the URL an app sends through the proxy.
+    pub fn url(&self, host: &str, path: &str) -> String {
+        format!("http://{host}:{}{path}", self.upstream.port())
+    }
+}
+
+/// A reqwest client that uses the gateway as its HTTP proxy, authenticated as `user`.
+pub fn client(gateway: &Running, user: Option<(&str, &str)>) -> reqwest::Client {
+    let mut proxy = reqwest::Proxy::http(format!("http://{}", gateway.addr)).unwrap();
+    if let Some((name, token)) = user {
+        proxy = proxy.basic_auth(name, token);
+    }
+    reqwest::Client::builder()
+        .proxy(proxy)
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+/// A parsed raw HTTP response.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub head: String,
+    pub body: String,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+    }
+
+    /// The `error.code` of sluice's JSON body.
+    pub fn code(&self) -> Option<String> {
+        let v: serde_json::Value = serde_json::from_str(&self.body).ok()?;
+        v["error"]["code"].as_str().map(str::to_string)
+    }
+}
+
+/// Send raw bytes to the gateway and read the response until the connection closes.
+pub async fn raw(gateway: &Running, request: &[u8]) -> RawResponse {
+    let mut tcp = TcpStream::connect(gateway.addr).await.unwrap();
+    tcp.write_all(request).await.unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match tcp.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    buf.extend_from_slice(&chunk[..n]);
+                    if response_complete(&buf) {
+                        break;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "gateway did not answer in time");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    RawResponse {
+        status,
+        head: head.to_string(),
+        body: body.to_string(),
+    }
+}
+
+/// A response with a Content-Length is complete once that many body bytes arrived.
+fn response_complete(buf: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(buf);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        return false;
+    };
+    head.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<usize>().ok())
+                .flatten()
+        })
+        .is_some_and(|n| body.len() >= n)
+}
+
+/// Basic credentials for the `Proxy-Authorization` header.
+pub fn basic(name: &str, token: &str) -> String {
+    use base64::Engine;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{name}:{token}"))
+    )
+}
