@@ -156,6 +156,15 @@ mod tests {
     }
 
     #[test]
+    fn readme_table_lists_every_code_with_its_status() {
+        let readme = include_str!("../README.md");
+        for code in ErrorCode::ALL {
+            let row = format!("| {} | `{}` |", code.status().as_u16(), code.as_str());
+            assert!(readme.contains(&row), "README error table lacks {row}");
+        }
+    }
+
+    #[test]
     fn body_is_the_documented_shape() {
         let r = Refusal::new(ErrorCode::DomainNotAllowed, "host \"x\" not allowed");
         let v: serde_json::Value = serde_json::from_slice(&r.body("req-1")).unwrap();

@@ -253,6 +253,21 @@ impl ProxyHttp for Sluice {
         }
     }
 
+    /// What pingora's own error log lines say about a request: never the query string (it
+    /// may carry credentials or personal data), never a header value.
+    fn request_summary(&self, session: &Session, ctx: &RequestCtx) -> String {
+        let method = &session.req_header().method;
+        match &ctx.vetted {
+            Some(v) => format!(
+                "{method} {}{} request_id={}",
+                v.host_header,
+                v.target.path(),
+                ctx.request_id
+            ),
+            None => format!("{method} request_id={}", ctx.request_id),
+        }
+    }
+
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         let req = session.req_header();
         let status = session.response_written().map_or(0, |r| r.status.as_u16());

@@ -1,0 +1,303 @@
+//! The `sluice` binary: check-config, explain, and `run` as a real process.
+
+mod common;
+
+use std::io::Read;
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const SLUICE: &str = env!("CARGO_BIN_EXE_sluice");
+
+fn repo(path: &str) -> String {
+    format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn check_config_accepts_the_example() {
+    let out = Command::new(SLUICE)
+        .args(["check-config", &repo("config/sluice.example.toml")])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn check_config_prints_every_error_and_fails() {
+    let out = Command::new(SLUICE)
+        .args(["check-config", &repo("tests/fixtures/broken.toml")])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for key in [
+        "listener.dev_mode_unauthenticated",
+        "egress.exception_cidrs[0]",
+        "egress.exception_cidrs[1]",
+        "dns.nameservers[0]",
+        "dns.static_hosts.\"10.0.0.1\"",
+        "connector[0].connector_id",
+        "connector[0].display_name",
+        "connector[0].auth_type",
+        "connector[0].allowed_domains[0]",
+        "connector[0].allowed_domains[1]",
+        "connector[0].allowed_domains[2]",
+        "connector[0].allowed_domains[3]",
+        "connector[0].allowed_domains[4]",
+        "connector[0].allowed_domains[5]",
+        "connector[0].allowed_domains[6]",
+        "connector[dup].actions[0].http_method",
+        "connector[dup].actions[0].url_template",
+        "connector[dup].actions[1].url_template",
+        "connector[dup].connector_id",
+        "org[o].allowed_domains",
+        "workspace[0].org",
+        "caller[0].token_sha256",
+        "caller[0].workspaces",
+    ] {
+        assert!(
+            stderr.contains(&format!("broken.toml: {key}: ")),
+            "missing error for {key} in:\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn check_config_names_file_and_unknown_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("typo.toml");
+    std::fs::write(
+        &path,
+        "[listener]\naddress = \"127.0.0.1:8080\"\ncolour = \"red\"\n",
+    )
+    .unwrap();
+    let out = Command::new(SLUICE)
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("typo.toml"), "{stderr}");
+    assert!(stderr.contains("unknown field `colour`"), "{stderr}");
+    assert!(stderr.contains("line 3"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_prints_each_check_and_the_verdict_without_sending() {
+    let env = Env::new().await;
+    let path = env.dir.path().join("explain.toml");
+    std::fs::write(&path, env.config(18080, "", "")).unwrap();
+    let port = env.upstream.port();
+    let run = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || Command::new(SLUICE).args(args).output().unwrap())
+    };
+    let base = |connector: &str, workspace: &str, url: String| {
+        vec![
+            "explain".into(),
+            "--config".into(),
+            path.display().to_string(),
+            "--connector".into(),
+            connector.into(),
+            "--workspace".into(),
+            workspace.into(),
+            "--caller".into(),
+            "app".into(),
+            url,
+        ]
+    };
+
+    let out = run(base(
+        "saas",
+        "ws_42",
+        format!("http://API.saas.test:{port}/v1/x?secret=1"),
+    ))
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    for line in [
+        "connector allowed_domains  api.saas.test matches *.saas.test",
+        "org allowlist              api.saas.test matches api.saas.test",
+        "resolve                    api.saas.test → 127.0.0.1",
+        "127.0.0.1 is loopback, allowed by operator exception 127.0.0.1/32",
+        "app may act for ws_42",
+    ] {
+        assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
+    }
+    assert!(
+        stdout.contains(&format!("verdict: ALLOW  connect 127.0.0.1:{port}")),
+        "{stdout}"
+    );
+
+    let out = run(base(
+        "saas",
+        "ws_42",
+        format!("http://other.saas.test:{port}/"),
+    ))
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{stdout}");
+    assert!(stdout.contains("connector allowed_domains  other.saas.test matches *.saas.test"));
+    assert!(
+        stdout.contains("verdict: REFUSE 403 org_domain_not_allowed"),
+        "{stdout}"
+    );
+
+    let out = run(base(
+        "saas",
+        "ws_7",
+        format!("http://private.saas.test:{port}/"),
+    ))
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("verdict: REFUSE 403 address_not_allowed"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("10.1.2.3, a private address"), "{stdout}");
+
+    assert_eq!(
+        env.upstream.connections(),
+        0,
+        "explain sends nothing upstream"
+    );
+}
+
+/// Poll until the port accepts connections (the process is starting; there is no other signal).
+fn wait_listening(port: u16, child: &mut std::process::Child) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("sluice exited early: {status}");
+        }
+        assert!(Instant::now() < deadline, "sluice did not start listening");
+        std::thread::yield_now();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_serves_and_never_logs_a_secret() {
+    const CANARY: &str = "CANARY-s3cr3t-9f8e7d";
+    let env = Env::new().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let path = env.dir.path().join("run.toml");
+    let extra = format!(
+        "[[connector]]\nconnector_id = \"closed\"\ndisplay_name = \"Closed\"\nauth_type = \"none\"\nallowed_domains = [\"api.saas.test\"]\nallowed_ports = [{closed}]\n"
+    );
+    std::fs::write(&path, env.config(port, "", &extra)).unwrap();
+    let mut child = Command::new(SLUICE)
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("SLUICE_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = tokio::task::spawn_blocking(move || {
+        wait_listening(port, &mut child);
+        child
+    })
+    .await
+    .unwrap();
+
+    let proxy = format!("http://127.0.0.1:{port}");
+    let good = reqwest::Client::builder()
+        .proxy(
+            reqwest::Proxy::http(&proxy)
+                .unwrap()
+                .basic_auth("app", APP_TOKEN),
+        )
+        .build()
+        .unwrap();
+    let canary_auth = reqwest::Client::builder()
+        .proxy(
+            reqwest::Proxy::http(&proxy)
+                .unwrap()
+                .basic_auth("app", CANARY),
+        )
+        .build()
+        .unwrap();
+    let send = |c: &reqwest::Client, url: String, connector: &str, workspace: &str| {
+        c.get(url)
+            .header("X-Connector", connector.to_string())
+            .header("X-Workspace", workspace.to_string())
+            .header("X-Custom", CANARY)
+            .send()
+    };
+
+    let ok = send(
+        &good,
+        env.url("api.saas.test", &format!("/v1/x?api_key={CANARY}")),
+        "saas",
+        "ws_42",
+    )
+    .await
+    .unwrap();
+    assert_eq!(ok.status(), 200);
+    let denied = send(&canary_auth, env.url("api.saas.test", "/"), "saas", "ws_42")
+        .await
+        .unwrap();
+    assert_eq!(denied.status(), 407);
+    assert!(!denied.text().await.unwrap().contains(CANARY));
+    let failed = send(
+        &good,
+        format!("http://api.saas.test:{closed}/x?token={CANARY}"),
+        "closed",
+        "ws_7",
+    )
+    .await
+    .unwrap();
+    assert_eq!(failed.status(), 502);
+    assert!(!failed.text().await.unwrap().contains(CANARY));
+    let refused = send(
+        &good,
+        env.url("other.saas.test", &format!("/?k={CANARY}")),
+        "saas",
+        "ws_42",
+    )
+    .await
+    .unwrap();
+    assert_eq!(refused.status(), 403);
+    assert!(!refused.text().await.unwrap().contains(CANARY));
+
+    child.kill().unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    child.wait().unwrap();
+    assert!(
+        stderr.contains("sluice::access"),
+        "access lines are logged:\n{stderr}"
+    );
+    assert!(stderr.contains("/v1/x"), "the path is logged:\n{stderr}");
+    assert!(
+        !stderr.contains(CANARY),
+        "a secret reached the log:\n{stderr}"
+    );
+    assert!(
+        !stderr.contains(APP_TOKEN),
+        "a caller token reached the log:\n{stderr}"
+    );
+}
