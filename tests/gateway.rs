@@ -268,12 +268,14 @@ async fn every_refusal_has_its_code_and_the_upstream_sees_no_connection() {
     let port = env.upstream.port();
     let gw_port = gw.addr.port();
     let auth = basic("app", APP_TOKEN);
-    let raw_req = |line: &str, extra_headers: &str| {
+    // A raw request: `head` (request line, maybe Host), then the routing and credential headers
+    // every case shares, then `tail` (more headers, the blank line, any body).
+    let with_routing = |head: String, tail: String| {
         Send::Raw(format!(
-            "{line}\r\nHost: api.saas.test:{port}\r\nX-Connector: saas\r\nX-Workspace: ws_42\r\nProxy-Authorization: {auth}\r\n{extra_headers}Connection: close\r\n\r\n"
+            "{head}\r\nX-Connector: saas\r\nX-Workspace: ws_42\r\nProxy-Authorization: {auth}\r\n{tail}"
         ))
     };
-    let raw_full = |text: String| Send::Raw(text);
+    let raw_full = Send::Raw;
 
     // (name, request, status, code). `None` as code: pingora's HTTP/1 parser refuses the request
     // before sluice sees it, with a bare 400 (see README, "Errors").
@@ -335,9 +337,9 @@ async fn every_refusal_has_its_code_and_the_upstream_sees_no_connection() {
         ),
         (
             "duplicate X-Connector",
-            raw_req(
-                &format!("GET http://api.saas.test:{port}/ HTTP/1.1"),
-                "X-Connector: saas\r\n",
+            with_routing(
+                format!("GET http://api.saas.test:{port}/ HTTP/1.1\r\nHost: api.saas.test:{port}"),
+                "X-Connector: saas\r\nConnection: close\r\n\r\n".into(),
             ),
             400,
             Some("invalid_routing_header"),
@@ -454,49 +456,37 @@ async fn every_refusal_has_its_code_and_the_upstream_sees_no_connection() {
         ),
         (
             "https scheme",
-            raw_full(format!(
-                "GET https://api.saas.test:{port}/ HTTP/1.1\r\nHost: api.saas.test:{port}\r\nX-Connector: saas\r\nX-Workspace: ws_42\r\nProxy-Authorization: {auth}\r\nConnection: close\r\n\r\n"
-            )),
+            with_routing(format!("GET https://api.saas.test:{port}/ HTTP/1.1\r\nHost: api.saas.test:{port}"), "Connection: close\r\n\r\n".into()),
             400,
             Some("unsupported_scheme"),
         ),
         (
             "ftp scheme",
-            raw_full(format!(
-                "GET ftp://api.saas.test:{port}/ HTTP/1.1\r\nHost: api.saas.test:{port}\r\nX-Connector: saas\r\nX-Workspace: ws_42\r\nProxy-Authorization: {auth}\r\nConnection: close\r\n\r\n"
-            )),
+            with_routing(format!("GET ftp://api.saas.test:{port}/ HTTP/1.1\r\nHost: api.saas.test:{port}"), "Connection: close\r\n\r\n".into()),
             400,
             Some("unsupported_scheme"),
         ),
         (
             "decimal IPv4 host",
-            raw_full(format!(
-                "GET http://2130706433:{port}/ HTTP/1.1\r\nHost: 2130706433:{port}\r\nX-Connector: saas\r\nX-Workspace: ws_42\r\nProxy-Authorization: {auth}\r\nConnection: close\r\n\r\n"
-            )),
+            with_routing(format!("GET http://2130706433:{port}/ HTTP/1.1\r\nHost: 2130706433:{port}"), "Connection: close\r\n\r\n".into()),
             400,
             Some("invalid_target"),
         ),
         (
             "hex IPv4 host",
-            raw_full(format!(
-                "GET http://0x7f.0.0.1:{port}/ HTTP/1.1\r\nHost: 0x7f.0.0.1:{port}\r\nX-Connector: saas\r\nX-Workspace: ws_42\r\nProxy-Authorization: {auth}\r\nConnection: close\r\n\r\n"
-            )),
+            with_routing(format!("GET http://0x7f.0.0.1:{port}/ HTTP/1.1\r\nHost: 0x7f.0.0.1:{port}"), "Connection: close\r\n\r\n".into()),
             400,
             Some("invalid_target"),
         ),
         (
             "octal IPv4 host",
-            raw_full(format!(
-                "GET http://0177.0.0.1:{port}/ HTTP/1.1\r\nHost: 0177.0.0.1:{port}\r\nX-Connector: saas\r\nX-Workspace: ws_42\r\nProxy-Authorization: {auth}\r\nConnection: close\r\n\r\n"
-            )),
+            with_routing(format!("GET http://0177.0.0.1:{port}/ HTTP/1.1\r\nHost: 0177.0.0.1:{port}"), "Connection: close\r\n\r\n".into()),
             400,
             Some("invalid_target"),
         ),
         (
             "short IPv4 host",
-            raw_full(format!(
-                "GET http://127.1:{port}/ HTTP/1.1\r\nHost: 127.1:{port}\r\nX-Connector: saas\r\nX-Workspace: ws_42\r\nProxy-Authorization: {auth}\r\nConnection: close\r\n\r\n"
-            )),
+            with_routing(format!("GET http://127.1:{port}/ HTTP/1.1\r\nHost: 127.1:{port}"), "Connection: close\r\n\r\n".into()),
             400,
             Some("invalid_target"),
         ),
@@ -511,89 +501,67 @@ async fn every_refusal_has_its_code_and_the_upstream_sees_no_connection() {
         ),
         (
             "port out of range",
-            raw_full(format!(
-                "GET http://api.saas.test:99999/ HTTP/1.1\r\nHost: api.saas.test:99999\r\nX-Connector: saas\r\nX-Workspace: ws_42\r\nProxy-Authorization: {auth}\r\nConnection: close\r\n\r\n"
-            )),
+            with_routing("GET http://api.saas.test:99999/ HTTP/1.1\r\nHost: api.saas.test:99999".to_string(), "Connection: close\r\n\r\n".into()),
             400,
             None,
         ),
         (
             "port zero",
-            raw_full(format!(
-                "GET http://api.saas.test:0/ HTTP/1.1\r\nHost: api.saas.test:0\r\nX-Connector: saas\r\nX-Workspace: ws_42\r\nProxy-Authorization: {auth}\r\nConnection: close\r\n\r\n"
-            )),
+            with_routing("GET http://api.saas.test:0/ HTTP/1.1\r\nHost: api.saas.test:0".to_string(), "Connection: close\r\n\r\n".into()),
             400,
             Some("invalid_target"),
         ),
         (
             "Host differs from authority",
-            raw_full(format!(
-                "GET http://api.saas.test:{port}/ HTTP/1.1\r\nHost: other.saas.test:{port}\r\nX-Connector: saas\r\nX-Workspace: ws_42\r\nProxy-Authorization: {auth}\r\nConnection: close\r\n\r\n"
-            )),
+            with_routing(format!("GET http://api.saas.test:{port}/ HTTP/1.1\r\nHost: other.saas.test:{port}"), "Connection: close\r\n\r\n".into()),
             400,
             None,
         ),
         (
             "duplicate Host",
-            raw_full(format!(
-                "GET /x HTTP/1.1\r\nHost: api.saas.test:{port}\r\nHost: other.saas.test:{port}\r\nX-Connector: saas\r\nX-Workspace: ws_42\r\nProxy-Authorization: {auth}\r\nConnection: close\r\n\r\n"
-            )),
+            with_routing(format!("GET /x HTTP/1.1\r\nHost: api.saas.test:{port}\r\nHost: other.saas.test:{port}"), "Connection: close\r\n\r\n".into()),
             400,
             None,
         ),
         (
             "userinfo in authority",
-            raw_full(format!(
-                "GET http://u:p@api.saas.test:{port}/ HTTP/1.1\r\nX-Connector: saas\r\nX-Workspace: ws_42\r\nProxy-Authorization: {auth}\r\nConnection: close\r\n\r\n"
-            )),
+            with_routing(format!("GET http://u:p@api.saas.test:{port}/ HTTP/1.1"), "Connection: close\r\n\r\n".into()),
             400,
             None,
         ),
         (
             "origin-form without Host",
-            raw_full(format!(
-                "GET /x HTTP/1.0\r\nX-Connector: saas\r\nX-Workspace: ws_42\r\nProxy-Authorization: {auth}\r\n\r\n"
-            )),
+            with_routing("GET /x HTTP/1.0".to_string(), "\r\n".into()),
             400,
             Some("invalid_target"),
         ),
         (
             "Content-Length with Transfer-Encoding",
-            raw_full(format!(
-                "POST http://api.saas.test:{port}/ HTTP/1.1\r\nHost: api.saas.test:{port}\r\nX-Connector: saas\r\nX-Workspace: ws_42\r\nProxy-Authorization: {auth}\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\n"
-            )),
+            with_routing(format!("POST http://api.saas.test:{port}/ HTTP/1.1\r\nHost: api.saas.test:{port}"), "Content-Length: 5\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\n".into()),
             400,
             Some("ambiguous_framing"),
         ),
         (
             "conflicting Content-Length",
-            raw_full(format!(
-                "POST http://api.saas.test:{port}/ HTTP/1.1\r\nHost: api.saas.test:{port}\r\nX-Connector: saas\r\nX-Workspace: ws_42\r\nProxy-Authorization: {auth}\r\nContent-Length: 5\r\nContent-Length: 6\r\nConnection: close\r\n\r\nhello"
-            )),
+            with_routing(format!("POST http://api.saas.test:{port}/ HTTP/1.1\r\nHost: api.saas.test:{port}"), "Content-Length: 5\r\nContent-Length: 6\r\nConnection: close\r\n\r\nhello".into()),
             400,
             None,
         ),
         (
             "NUL in a header value",
-            raw_full(format!(
-                "GET http://api.saas.test:{port}/ HTTP/1.1\r\nHost: api.saas.test:{port}\r\nX-Connector: saas\r\nX-Workspace: ws_42\r\nProxy-Authorization: {auth}\r\nX-Bad: a\0b\r\nConnection: close\r\n\r\n"
-            )),
+            with_routing(format!("GET http://api.saas.test:{port}/ HTTP/1.1\r\nHost: api.saas.test:{port}"), "X-Bad: a\0b\r\nConnection: close\r\n\r\n".into()),
             400,
             None,
         ),
         (
             "bare CR in a header value",
-            raw_full(format!(
-                "GET http://api.saas.test:{port}/ HTTP/1.1\r\nHost: api.saas.test:{port}\r\nX-Connector: saas\r\nX-Workspace: ws_42\r\nProxy-Authorization: {auth}\r\nX-Bad: a\rInjected: b\r\nConnection: close\r\n\r\n"
-            )),
+            with_routing(format!("GET http://api.saas.test:{port}/ HTTP/1.1\r\nHost: api.saas.test:{port}"), "X-Bad: a\rInjected: b\r\nConnection: close\r\n\r\n".into()),
             400,
             None,
         ),
         (
             "CONNECT",
-            raw_full(format!(
-                "CONNECT api.saas.test:443 HTTP/1.1\r\nHost: api.saas.test:443\r\nX-Connector: saas\r\nX-Workspace: ws_42\r\nProxy-Authorization: {auth}\r\n\r\n"
-            )),
+            with_routing("CONNECT api.saas.test:443 HTTP/1.1\r\nHost: api.saas.test:443".to_string(), "\r\n".into()),
             405,
             Some("connect_not_supported"),
         ),
@@ -815,4 +783,56 @@ async fn caller_scope_all_and_dev_mode() {
         407,
         "presented credentials are still checked in dev mode"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_nameserver_is_a_dns_timeout_not_a_fallback() {
+    // A real UDP socket that receives queries and never answers: hickory, not the static map,
+    // handles this name, and sluice must refuse rather than try anything else.
+    let silent = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let ns = silent.local_addr().unwrap();
+    let queries = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = queries.clone();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        while silent.recv_from(&mut buf).await.is_ok() {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let env = Env::new().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let config = env
+        .config(listener.local_addr().unwrap().port(), "", "")
+        .replace(
+            "[dns]\nstatic_only = true",
+            &format!("[dns]\nstatic_only = false\nnameservers = [\"{ns}\"]\ntimeout_ms = 300\nattempts = 1"),
+        );
+    let path = env.dir.path().join("dns.toml");
+    std::fs::write(&path, config).unwrap();
+    let snapshot = sluice::config::Snapshot::load(&path).unwrap();
+    let gw = sluice::server::serve(listener, snapshot).await.unwrap();
+
+    let client = client(&gw, Some(("ops", OPS_TOKEN)));
+    let resp = routed(
+        client.get(env.url("unmapped.saas.test", "/")),
+        "saas",
+        "ws_7",
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 502);
+    assert_eq!(resp.headers()["x-sluice-error"], "dns_timeout");
+    assert!(
+        queries.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "the query went to the configured nameserver"
+    );
+    assert_eq!(env.upstream.connections(), 0);
+
+    // Names in the static map are still answered from it, without a query.
+    let resp = routed(client.get(env.url("api.saas.test", "/")), "saas", "ws_7")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
 }

@@ -73,6 +73,10 @@ impl Resolver {
         match tokio::time::timeout(self.timeout, dns.lookup_ip(fqdn.as_str())).await {
             Err(_) => Err(DnsError::Timeout(self.timeout)),
             Ok(Err(e)) if e.is_no_records_found() => Err(DnsError::NoRecords),
+            // hickory's own per-query timeout can fire before ours: same outcome either way.
+            Ok(Err(hickory_resolver::net::NetError::Timeout)) => {
+                Err(DnsError::Timeout(self.timeout))
+            }
             Ok(Err(e)) => Err(DnsError::Failed(e.to_string())),
             Ok(Ok(answer)) => {
                 let addrs: Vec<IpAddr> = answer.iter().collect();
