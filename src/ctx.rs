@@ -8,6 +8,7 @@ use crate::caller::Caller;
 use crate::config::Snapshot;
 use crate::error::Refusal;
 use crate::policy::Vetted;
+use crate::request::Target;
 
 pub struct RequestCtx {
     /// The config this request was admitted under, for its whole life (a reload does not
@@ -17,6 +18,8 @@ pub struct RequestCtx {
     pub request_id: String,
     pub started: Instant,
     pub caller: Option<Arc<Caller>>,
+    /// Where the app asked to go, once the target parsed (also for refused requests).
+    pub target: Option<Target>,
     /// Set when every policy check passed; the only source of the upstream peer.
     pub vetted: Option<Vetted>,
     /// Set when sluice answered the request itself.
@@ -30,6 +33,7 @@ impl RequestCtx {
             request_id: String::new(),
             started: Instant::now(),
             caller: None,
+            target: None,
             vetted: None,
             refusal: None,
         }

@@ -60,21 +60,24 @@ pub async fn explain(
             }
         }
     }
+    let mut target = None;
     let verdict = evaluate(
         snap,
         caller.as_deref(),
         url.as_bytes(),
         &headers,
+        &mut target,
         &mut printer,
     )
     .await;
     let allowed = verdict.is_ok();
     match verdict {
         Ok(v) => {
+            let origin_form = target.as_ref().map_or("/", |t| t.origin_form.as_str());
             let _ = writeln!(
                 printer.out,
-                "verdict: ALLOW  connect {} (TLS, SNI {}), send {} {}",
-                v.addr, v.sni, v.host_header, v.target.origin_form
+                "verdict: ALLOW  connect {} (TLS, SNI {}), send Host {} {origin_form}",
+                v.addr, v.sni, v.host_header
             );
         }
         Err(r) => {

@@ -79,6 +79,7 @@ impl Sluice {
             Some(&caller),
             req.raw_path(),
             &req.headers,
+            &mut ctx.target,
             &mut (),
         )
         .await
@@ -198,13 +199,13 @@ impl ProxyHttp for Sluice {
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let vetted = ctx.vetted.as_ref().ok_or_else(|| {
-            Error::explain(
+        let (Some(vetted), Some(target)) = (&ctx.vetted, &ctx.target) else {
+            return Error::e_explain(
                 ErrorType::InternalError,
                 "no vetted destination for request",
-            )
-        })?;
-        upstream_request.set_raw_path(vetted.target.origin_form.as_bytes())?;
+            );
+        };
+        upstream_request.set_raw_path(target.origin_form.as_bytes())?;
         upstream_request.insert_header(header::HOST, vetted.host_header.as_str())?;
         for name in connection_listed(&upstream_request.headers) {
             upstream_request.remove_header(&name);
@@ -257,11 +258,11 @@ impl ProxyHttp for Sluice {
     /// may carry credentials or personal data), never a header value.
     fn request_summary(&self, session: &Session, ctx: &RequestCtx) -> String {
         let method = &session.req_header().method;
-        match &ctx.vetted {
-            Some(v) => format!(
+        match &ctx.target {
+            Some(t) => format!(
                 "{method} {}{} request_id={}",
-                v.host_header,
-                v.target.path(),
+                t.host,
+                t.path(),
                 ctx.request_id
             ),
             None => format!("{method} request_id={}", ctx.request_id),
@@ -281,21 +282,13 @@ impl ProxyHttp for Sluice {
                 .map(|v| String::from_utf8_lossy(v).into_owned())
                 .unwrap_or_default()
         };
-        let (connector, workspace, host, path, upstream) = match &ctx.vetted {
-            Some(v) => (
-                v.connector.clone(),
-                v.workspace.clone(),
-                v.sni.as_str(),
-                v.target.path(),
-                v.addr.to_string(),
-            ),
-            None => (
-                routed(X_CONNECTOR),
-                routed(X_WORKSPACE),
-                "",
-                "",
-                String::new(),
-            ),
+        let (connector, workspace, upstream) = match &ctx.vetted {
+            Some(v) => (v.connector.clone(), v.workspace.clone(), v.addr.to_string()),
+            None => (routed(X_CONNECTOR), routed(X_WORKSPACE), String::new()),
+        };
+        let (host, path) = match &ctx.target {
+            Some(t) => (t.host.to_string(), t.path()),
+            None => (String::new(), ""),
         };
         info!(
             target: "sluice::access",
@@ -304,7 +297,7 @@ impl ProxyHttp for Sluice {
             workspace = %workspace,
             caller = ctx.caller.as_ref().map_or("", |c| c.name.as_str()),
             method = %req.method,
-            host = host,
+            host = %host,
             path = path,
             status = status,
             outcome = code,
@@ -312,9 +305,9 @@ impl ProxyHttp for Sluice {
             duration_ms = ctx.started.elapsed().as_millis() as u64,
         );
         if let Some(r) = &ctx.refusal {
-            info!(target: "sluice::audit", request_id = %ctx.request_id, decision = "refused", code = r.code.as_str(), reason = %r.message);
+            info!(target: "sluice::audit", request_id = %ctx.request_id, decision = "refused", host = %host, code = r.code.as_str(), reason = %r.message);
         } else if ctx.vetted.is_some() {
-            info!(target: "sluice::audit", request_id = %ctx.request_id, decision = "allowed", host = host, upstream = %upstream);
+            info!(target: "sluice::audit", request_id = %ctx.request_id, decision = "allowed", host = %host, upstream = %upstream);
         }
     }
 }

@@ -293,6 +293,13 @@ async fn run_serves_and_never_logs_a_secret() {
     );
     assert!(stderr.contains("/v1/x"), "the path is logged:\n{stderr}");
     assert!(
+        stderr.lines().any(|l| l.contains("sluice::audit")
+            && l.contains("refused")
+            && l.contains("other.saas.test")
+            && l.contains("org_domain_not_allowed")),
+        "a refused destination is audited with its host:\n{stderr}"
+    );
+    assert!(
         !stderr.contains(CANARY),
         "a secret reached the log:\n{stderr}"
     );

@@ -28,7 +28,6 @@ pub struct Vetted {
     pub connector: String,
     pub workspace: String,
     pub org: String,
-    pub target: Target,
     /// The address to connect to: one of the resolved addresses, all of which were vetted.
     pub addr: SocketAddr,
     /// The host name sent as SNI and verified against the certificate. Never empty.
@@ -84,12 +83,15 @@ impl Observer for () {
     fn passed(&mut self, _: Check, _: impl FnOnce() -> String) {}
 }
 
-/// Decide. `caller` is `None` only for `sluice explain` without `--caller`.
+/// Decide. `caller` is `None` only for `sluice explain` without `--caller`. Once the target
+/// parses it is left in `target`, whatever the verdict, so refusals can be logged with the
+/// destination that was asked for.
 pub async fn evaluate<O: Observer>(
     snap: &Snapshot,
     caller: Option<&Caller>,
     raw_target: &[u8],
     headers: &HeaderMap,
+    target: &mut Option<Target>,
     obs: &mut O,
 ) -> Result<Vetted, Refusal> {
     let (connector_id, workspace_id) = routing_headers(headers)?;
@@ -138,7 +140,7 @@ pub async fn evaluate<O: Observer>(
         format!("{} in org {}", workspace.id, workspace.org)
     });
 
-    let target = parse_target(raw_target, headers)?;
+    let target: &Target = target.insert(parse_target(raw_target, headers)?);
     obs.passed(Check::Target, || {
         format!("host {}, path {}", target.host, target.path())
     });
@@ -255,7 +257,6 @@ pub async fn evaluate<O: Observer>(
         sni: name.clone(),
         host_header,
         addr,
-        target,
     })
 }
 
