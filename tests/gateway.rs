@@ -836,3 +836,18 @@ async fn a_silent_nameserver_is_a_dns_timeout_not_a_fallback() {
         .unwrap();
     assert_eq!(resp.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_request_bodies_are_streamed_through() {
+    let env = Env::new().await;
+    let gw = env.start().await;
+    let port = env.upstream.port();
+    let req = format!(
+        "PUT http://api.saas.test:{port}/upload HTTP/1.1\r\nHost: api.saas.test:{port}\r\nX-Connector: saas\r\nX-Workspace: ws_42\r\nProxy-Authorization: Bearer {APP_TOKEN}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+    );
+    let resp = raw(&gw, req.as_bytes()).await;
+    assert_eq!(resp.status, 200, "{}", resp.head);
+    let r = &env.upstream.requests()[0];
+    assert_eq!(r.method, "PUT");
+    assert_eq!(r.body, b"hello world");
+}
