@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use crate::caller::Caller;
 use crate::config::Snapshot;
+use crate::credential::inject::Injected;
 use crate::error::Refusal;
 use crate::policy::Vetted;
 use crate::request::Target;
@@ -22,6 +23,8 @@ pub struct RequestCtx {
     pub target: Option<Target>,
     /// Set when every policy check passed; the only source of the upstream peer.
     pub vetted: Option<Vetted>,
+    /// What to inject upstream, rendered from the workspace's credential before connecting.
+    pub injected: Option<Injected>,
     /// Set when sluice answered the request itself.
     pub refusal: Option<Refusal>,
 }
@@ -35,6 +38,7 @@ impl RequestCtx {
             caller: None,
             target: None,
             vetted: None,
+            injected: None,
             refusal: None,
         }
     }

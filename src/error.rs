@@ -75,6 +75,12 @@ error_codes! {
     DomainNotAllowed => ("domain_not_allowed", 403),
     /// The host does not match the workspace's org allowlist.
     OrgDomainNotAllowed => ("org_domain_not_allowed", 403),
+    /// Skipped: the workspace has no credential stored for this connector.
+    CredentialNotConfigured => ("credential_not_configured", 403),
+    /// Skipped: the workspace opted out of this connector (`enabled: false`).
+    WorkspaceOptedOut => ("workspace_opted_out", 403),
+    /// The stored credential lacks a field the connector injects.
+    CredentialIncomplete => ("credential_incomplete", 403),
     /// A resolved address (or IP literal) is in a special-purpose block.
     AddressNotAllowed => ("address_not_allowed", 403),
     /// The destination is sluice's own listener.
@@ -89,10 +95,35 @@ error_codes! {
     UpstreamTlsFailed => ("upstream_tls_failed", 502),
     /// The upstream broke the HTTP exchange.
     UpstreamProtocolError => ("upstream_protocol_error", 502),
+    /// The credential store cannot be reached and nothing usable is cached.
+    CredentialStoreUnavailable => ("credential_store_unavailable", 503),
+    /// The stored credential does not open (missing master key, tampered or copied record).
+    CredentialUnreadable => ("credential_unreadable", 500),
     /// The upstream did not answer in time.
     UpstreamTimeout => ("upstream_timeout", 504),
     /// A bug in sluice; the message says no more than that.
     Internal => ("internal_error", 500),
+}
+
+impl ErrorCode {
+    /// The spec's "silently skipped" outcomes: nothing was wrong, the tenant or platform chose
+    /// not to call. Counted and logged as skipped, not as failures.
+    pub fn is_skip(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::ConnectorDisabled
+                | ErrorCode::WorkspaceOptedOut
+                | ErrorCode::CredentialNotConfigured
+        )
+    }
+
+    /// Seconds for `Retry-After`, where waiting can help.
+    pub fn retry_after(self) -> Option<u32> {
+        match self {
+            ErrorCode::CredentialStoreUnavailable => Some(1),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for ErrorCode {

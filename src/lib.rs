@@ -9,6 +9,7 @@
 //! | [`request`]    | 1. parse: request target, `Host`, routing headers, framing, stripping |
 //! | [`caller`]     | 2. caller authentication and workspace scope                         |
 //! | [`policy`]     | 3–4. connector, workspace, ports, allowlists, DNS, address classes    |
+//! | [`credential`] | 5. sealed credentials: stores, keyring, cache, injection              |
 //! | [`upstream`]   | 7. the pinned, verified TLS peer                                      |
 //! | [`proxy`]      | pingora phase wiring                                                  |
 //! | [`ctx`]        | the per-request context                                               |
@@ -21,6 +22,7 @@
 
 pub mod caller;
 pub mod config;
+pub mod credential;
 pub mod ctx;
 pub mod error;
 pub mod explain;

@@ -23,6 +23,8 @@ use pingora::{ErrorSource, ErrorType};
 use tracing::{info, warn};
 
 use crate::config::{Snapshot, is_identifier};
+use crate::credential::inject::{Injected, with_query_param};
+use crate::credential::{TenantState, Vault, VaultError};
 use crate::ctx::RequestCtx;
 use crate::error::{ERROR_HEADER, ErrorCode, Refusal};
 use crate::policy::{self, Vetted};
@@ -37,11 +39,59 @@ const REQUEST_ID: &str = "x-request-id";
 /// The gateway. Cheap to share: the config lives behind an `ArcSwap`.
 pub struct Sluice {
     config: Arc<ArcSwap<Snapshot>>,
+    vault: Option<Arc<Vault>>,
 }
 
 impl Sluice {
-    pub fn new(config: Arc<ArcSwap<Snapshot>>) -> Self {
-        Self { config }
+    pub fn new(config: Arc<ArcSwap<Snapshot>>, vault: Option<Arc<Vault>>) -> Self {
+        Self { config, vault }
+    }
+
+    /// Step 5: the workspace's credential, rendered into what gets injected.
+    async fn credential(
+        &self,
+        ctx: &RequestCtx,
+        vetted: &Vetted,
+    ) -> Result<Option<Injected>, Refusal> {
+        let Some(connector) = ctx.snapshot.connectors.get(&vetted.connector) else {
+            return Err(Refusal::new(
+                ErrorCode::Internal,
+                "connector vanished from the snapshot",
+            ));
+        };
+        if !connector.injection.needs_credential() {
+            return Ok(None);
+        }
+        let vault = self.vault.as_ref().ok_or_else(|| {
+            Refusal::new(ErrorCode::Internal, "no credential store is configured")
+        })?;
+        let (ws, conn) = (vetted.workspace.as_str(), vetted.connector.as_str());
+        let state = vault.lookup(ws, conn).await.map_err(|e| match e {
+            VaultError::Store(_) => Refusal::new(
+                ErrorCode::CredentialStoreUnavailable,
+                "the credential store is unavailable and no cached credential can be used",
+            ),
+            VaultError::Unreadable { .. } => Refusal::new(
+                ErrorCode::CredentialUnreadable,
+                format!("the stored credential for workspace {ws:?} and connector {conn:?} cannot be opened"),
+            ),
+            VaultError::Invalid(m) => Refusal::new(ErrorCode::Internal, m),
+        })?;
+        match &*state {
+            TenantState::Unconfigured => Err(Refusal::new(
+                ErrorCode::CredentialNotConfigured,
+                format!("workspace {ws:?} has no credential for connector {conn:?}"),
+            )),
+            TenantState::OptedOut => Err(Refusal::new(
+                ErrorCode::WorkspaceOptedOut,
+                format!("workspace {ws:?} opted out of connector {conn:?}"),
+            )),
+            TenantState::Connected(fields) => connector
+                .injection
+                .render(fields)
+                .map(Some)
+                .map_err(|m| Refusal::new(ErrorCode::CredentialIncomplete, m)),
+        }
     }
 
     /// Steps 1–4. Returns the vetted destination or the first refusal.
@@ -104,6 +154,9 @@ async fn respond(session: &mut Session, ctx: &RequestCtx, refusal: &Refusal) -> 
     resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
     resp.insert_header(ERROR_HEADER, refusal.code.as_str())?;
     resp.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
+    if let Some(seconds) = refusal.code.retry_after() {
+        resp.insert_header(header::RETRY_AFTER, seconds.to_string())?;
+    }
     if refusal.code == ErrorCode::ProxyAuthRequired {
         resp.append_header(header::PROXY_AUTHENTICATE, "Bearer realm=\"sluice\"")?;
         resp.append_header(header::PROXY_AUTHENTICATE, "Basic realm=\"sluice\"")?;
@@ -166,11 +219,22 @@ impl ProxyHttp for Sluice {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         ctx.request_id = request_id(session);
-        match self.admit(session, ctx).await {
-            Ok(vetted) => {
-                ctx.vetted = Some(vetted);
-                Ok(false)
-            }
+        let admitted = match self.admit(session, ctx).await {
+            Ok(vetted) => match self.credential(ctx, &vetted).await {
+                Ok(injected) => {
+                    ctx.injected = injected;
+                    ctx.vetted = Some(vetted);
+                    Ok(())
+                }
+                Err(refusal) => {
+                    ctx.vetted = Some(vetted);
+                    Err(refusal)
+                }
+            },
+            Err(refusal) => Err(refusal),
+        };
+        match admitted {
+            Ok(()) => Ok(false),
             Err(refusal) => {
                 let sent = respond(session, ctx, &refusal).await;
                 ctx.refusal = Some(refusal);
@@ -205,13 +269,25 @@ impl ProxyHttp for Sluice {
                 "no vetted destination for request",
             );
         };
-        upstream_request.set_raw_path(target.origin_form.as_bytes())?;
+        match ctx.injected.as_ref().and_then(|i| i.query.as_ref()) {
+            Some((name, value)) => {
+                let path = with_query_param(&target.origin_form, name, value);
+                upstream_request.set_raw_path(path.as_bytes())?;
+            }
+            None => upstream_request.set_raw_path(target.origin_form.as_bytes())?,
+        }
         upstream_request.insert_header(header::HOST, vetted.host_header.as_str())?;
         for name in connection_listed(&upstream_request.headers) {
             upstream_request.remove_header(&name);
         }
         for name in STRIPPED_REQUEST_HEADERS {
             upstream_request.remove_header(*name);
+        }
+        // Last, so an injected header replaces whatever the app sent under that name.
+        if let Some(injected) = &ctx.injected {
+            for (name, value) in &injected.headers {
+                upstream_request.insert_header(name.clone(), value.clone())?;
+            }
         }
         Ok(())
     }
@@ -273,6 +349,11 @@ impl ProxyHttp for Sluice {
         let req = session.req_header();
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let code = ctx.refusal.as_ref().map_or("ok", |r| r.code.as_str());
+        let outcome_class = match &ctx.refusal {
+            None => "forwarded",
+            Some(r) if r.code.is_skip() => "skipped",
+            Some(_) => "refused",
+        };
         // Routing headers are logged only when they are identifiers (no log forging).
         let routed = |name: &str| {
             req.headers
@@ -301,11 +382,12 @@ impl ProxyHttp for Sluice {
             path = path,
             status = status,
             outcome = code,
+            outcome_class = outcome_class,
             upstream = %upstream,
             duration_ms = ctx.started.elapsed().as_millis() as u64,
         );
         if let Some(r) = &ctx.refusal {
-            info!(target: "sluice::audit", request_id = %ctx.request_id, decision = "refused", host = %host, code = r.code.as_str(), reason = %r.message);
+            info!(target: "sluice::audit", request_id = %ctx.request_id, decision = outcome_class, host = %host, code = r.code.as_str(), reason = %r.message);
         } else if ctx.vetted.is_some() {
             info!(target: "sluice::audit", request_id = %ctx.request_id, decision = "allowed", host = %host, upstream = %upstream);
         }

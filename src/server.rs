@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::Snapshot;
+use crate::credential::{Vault, build_vault};
 use crate::proxy::Sluice;
 use crate::upstream::CaBundle;
 
@@ -50,8 +51,12 @@ fn server_conf(snap: &Snapshot, bundle: Option<&CaBundle>) -> ServerConf {
 
 /// Build the pingora proxy app for a snapshot. The CA bundle (if any) is read here and may be
 /// deleted once this returns.
-fn build_proxy(config: Arc<ArcSwap<Snapshot>>, conf: &Arc<ServerConf>) -> HttpProxy<Sluice> {
-    let mut proxy = http_proxy(conf, Sluice::new(config));
+fn build_proxy(
+    config: Arc<ArcSwap<Snapshot>>,
+    vault: Option<Arc<Vault>>,
+    conf: &Arc<ServerConf>,
+) -> HttpProxy<Sluice> {
+    let mut proxy = http_proxy(conf, Sluice::new(config, vault));
     proxy.server_options = Some(server_options());
     proxy
 }
@@ -75,16 +80,31 @@ pub fn run(snapshot: Snapshot) -> Result<(), String> {
         .transpose()?;
     let conf = server_conf(&snapshot, bundle.as_ref());
     let address = snapshot.listener.address;
+
+    // Background work that outlives any one request (the Redis connection, invalidation
+    // subscription) runs on its own small runtime; pingora's runtimes serve traffic.
+    let background = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("sluice-bg")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the background runtime: {e}"))?;
+    let vault = match &snapshot.credentials {
+        Some(creds) => Some(background.block_on(async { build_vault(creds) })?),
+        None => None,
+    };
     let config = Arc::new(ArcSwap::from_pointee(snapshot));
 
     let mut server = pingora::server::Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
-    let proxy = build_proxy(config, &server.configuration);
+    let proxy = build_proxy(config, vault, &server.configuration);
     drop(bundle);
     let mut service = Service::new("sluice".to_string(), proxy);
     service.add_tcp(&address.to_string());
     server.add_service(service);
     info!(listener = %address, "sluice listening");
+    // `background` must live as long as the server: run_forever never returns.
+    let _background = background;
     server.run_forever()
 }
 
@@ -92,6 +112,7 @@ pub fn run(snapshot: Snapshot) -> Result<(), String> {
 pub struct Running {
     pub addr: SocketAddr,
     pub config: Arc<ArcSwap<Snapshot>>,
+    pub vault: Option<Arc<Vault>>,
     shutdown: watch::Sender<bool>,
 }
 
@@ -115,8 +136,9 @@ pub async fn serve(listener: TcpListener, mut snapshot: Snapshot) -> Result<Runn
         .map(CaBundle::build)
         .transpose()?;
     let conf = Arc::new(server_conf(&snapshot, bundle.as_ref()));
+    let vault = snapshot.credentials.as_ref().map(build_vault).transpose()?;
     let config = Arc::new(ArcSwap::from_pointee(snapshot));
-    let app = Arc::new(build_proxy(config.clone(), &conf));
+    let app = Arc::new(build_proxy(config.clone(), vault.clone(), &conf));
     drop(bundle);
 
     let (tx, rx) = watch::channel(false);
@@ -148,6 +170,7 @@ pub async fn serve(listener: TcpListener, mut snapshot: Snapshot) -> Result<Runn
     Ok(Running {
         addr,
         config,
+        vault,
         shutdown: tx,
     })
 }

@@ -25,6 +25,40 @@ pub struct FileConfig {
     pub workspaces: Vec<WorkspaceFile>,
     #[serde(default, rename = "caller")]
     pub callers: Vec<CallerFile>,
+    pub credentials: Option<CredentialsFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialsFile {
+    pub store: String,
+    pub path: Option<PathBuf>,
+    pub redis_url: Option<String>,
+    pub key_file: Option<PathBuf>,
+    pub key_env: Option<String>,
+    #[serde(default)]
+    pub create_key_file_if_missing: bool,
+    #[serde(default = "default_cache_capacity")]
+    pub cache_capacity: u64,
+    #[serde(default = "default_cache_ttl_ms")]
+    pub cache_ttl_ms: u64,
+    #[serde(default = "default_max_staleness_ms")]
+    pub max_staleness_ms: u64,
+    #[serde(default = "default_read_timeout_ms")]
+    pub read_timeout_ms: u64,
+}
+
+fn default_cache_capacity() -> u64 {
+    10_000
+}
+fn default_cache_ttl_ms() -> u64 {
+    30_000
+}
+fn default_max_staleness_ms() -> u64 {
+    300_000
+}
+fn default_read_timeout_ms() -> u64 {
+    250
 }
 
 #[derive(Debug, Deserialize)]
@@ -104,6 +138,8 @@ pub struct ConnectorFile {
     pub allowed_ports: Option<Vec<u16>>,
     #[serde(default = "yes")]
     pub enabled: bool,
+    #[serde(default)]
+    pub inject: crate::credential::inject::InjectFile,
 }
 
 fn yes() -> bool {

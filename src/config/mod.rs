@@ -18,6 +18,8 @@ use std::time::Duration;
 use ipnetwork::IpNetwork;
 
 use crate::caller::{Caller, Callers, WorkspaceScope};
+use crate::credential::VaultSettings;
+use crate::credential::inject::Injection;
 use crate::policy::domain::{DomainList, DomainPattern, Host, parse_host};
 use crate::policy::resolver::{Resolver, ResolverSettings};
 use file::FileConfig;
@@ -75,6 +77,8 @@ pub struct Connector {
     pub allowed_domains: DomainList,
     pub allowed_ports: Vec<u16>,
     pub enabled: bool,
+    /// How the workspace's credential is attached upstream.
+    pub injection: Injection,
 }
 
 /// An org and its optional allowlist (`None`: the org adds no restriction).
@@ -111,6 +115,31 @@ pub struct Upstream {
     pub pool_size: usize,
 }
 
+/// Where sealed credentials live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreKind {
+    Embedded { path: PathBuf },
+    Redis { url: String },
+}
+
+/// Where the master keys come from (never the TOML itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    File {
+        path: PathBuf,
+        create_if_missing: bool,
+    },
+    Env(String),
+}
+
+/// `[credentials]`.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    pub store: StoreKind,
+    pub keys: KeySource,
+    pub vault: VaultSettings,
+}
+
 /// A validated, immutable configuration. Requests share it through an `Arc`.
 pub struct Snapshot {
     /// The file this came from (for messages).
@@ -124,6 +153,8 @@ pub struct Snapshot {
     pub workspaces: HashMap<String, Workspace>,
     pub callers: Callers,
     pub resolver: Resolver,
+    /// `None` when no connector needs a credential and `[credentials]` is absent.
+    pub credentials: Option<Credentials>,
 }
 
 /// One validation problem: which key, and what is wrong with it.
@@ -502,7 +533,18 @@ fn validate(raw: FileConfig, source: &Path, base: &Path) -> Result<Snapshot, Vec
                     .collect(),
             });
         }
+        let field_list: Vec<String> = auth_fields.iter().map(|f| f.name.clone()).collect();
+        let injection = match Injection::build(&c.auth_type, &c.inject, &field_list) {
+            Ok(i) => i,
+            Err(errs) => {
+                for e in errs {
+                    errors.push(format!("{key}.inject"), e);
+                }
+                Injection::default()
+            }
+        };
         let connector = Connector {
+            injection,
             id: c.connector_id.clone(),
             display_name: c.display_name,
             auth_type,
@@ -639,6 +681,111 @@ fn validate(raw: FileConfig, source: &Path, base: &Path) -> Result<Snapshot, Vec
         }
     }
 
+    // [credentials]
+    let credentials = raw.credentials.as_ref().map(|c| {
+        let store = match c.store.as_str() {
+            "embedded" => match &c.path {
+                Some(p) => StoreKind::Embedded {
+                    path: resolve_path(base, p),
+                },
+                None => {
+                    errors.push(
+                        "credentials.path",
+                        "the embedded store needs a database file path",
+                    );
+                    StoreKind::Embedded {
+                        path: PathBuf::new(),
+                    }
+                }
+            },
+            "redis" => match &c.redis_url {
+                Some(u) if u.starts_with("redis://") || u.starts_with("rediss://") => {
+                    StoreKind::Redis { url: u.clone() }
+                }
+                _ => {
+                    errors.push(
+                        "credentials.redis_url",
+                        "the redis store needs redis_url = \"redis://host:port/\"",
+                    );
+                    StoreKind::Redis { url: String::new() }
+                }
+            },
+            other => {
+                errors.push(
+                    "credentials.store",
+                    format!("{other:?} is not one of embedded, redis"),
+                );
+                StoreKind::Embedded {
+                    path: PathBuf::new(),
+                }
+            }
+        };
+        if c.store != "embedded" && c.path.is_some() {
+            errors.push("credentials.path", "only used by the embedded store");
+        }
+        if c.store != "redis" && c.redis_url.is_some() {
+            errors.push("credentials.redis_url", "only used by the redis store");
+        }
+        let keys = match (&c.key_file, &c.key_env) {
+            (Some(p), None) => KeySource::File {
+                path: resolve_path(base, p),
+                create_if_missing: c.create_key_file_if_missing,
+            },
+            (None, Some(v)) if !v.is_empty() => KeySource::Env(v.clone()),
+            _ => {
+                errors.push(
+                    "credentials",
+                    "set exactly one of key_file and key_env (master keys never live in this file)",
+                );
+                KeySource::Env(String::new())
+            }
+        };
+        if c.create_key_file_if_missing && c.key_file.is_none() {
+            errors.push(
+                "credentials.create_key_file_if_missing",
+                "only applies with key_file",
+            );
+        }
+        if c.cache_capacity == 0 {
+            errors.push("credentials.cache_capacity", "must be at least 1");
+        }
+        let vault = VaultSettings {
+            cache_capacity: c.cache_capacity,
+            cache_ttl: duration_ms(&mut errors, "credentials.cache_ttl_ms", c.cache_ttl_ms),
+            max_staleness: duration_ms(
+                &mut errors,
+                "credentials.max_staleness_ms",
+                c.max_staleness_ms,
+            ),
+            read_timeout: duration_ms(
+                &mut errors,
+                "credentials.read_timeout_ms",
+                c.read_timeout_ms,
+            ),
+        };
+        if vault.max_staleness < vault.cache_ttl {
+            errors.push(
+                "credentials.max_staleness_ms",
+                "must be at least cache_ttl_ms",
+            );
+        }
+        Credentials { store, keys, vault }
+    });
+    if credentials.is_none() {
+        let mut needing: Vec<&str> = connectors
+            .values()
+            .filter(|c| c.injection.needs_credential())
+            .map(|c| c.id.as_str())
+            .collect();
+        needing.sort();
+        if !needing.is_empty() {
+            errors.push(
+                "credentials",
+                format!("connectors {needing:?} inject credentials, so a [credentials] section is required"),
+            );
+        }
+    }
+
     // The resolver is only built for an otherwise valid file: it may read system files.
     if !errors.0.is_empty() {
         return Err(errors.0);
@@ -667,6 +814,7 @@ fn validate(raw: FileConfig, source: &Path, base: &Path) -> Result<Snapshot, Vec
         orgs,
         workspaces,
         resolver,
+        credentials,
     })
 }
 

@@ -293,6 +293,12 @@ auth_type = "api_key"
 allowed_domains = ["other.saas.test"]
 allowed_ports = [{port}]
 
+[connector.auth_schema]
+fields = [{{ name = "api_key", label = "API key", type = "password", required = true }}]
+
+[connector.inject]
+header = "X-API-Key"
+
 [[connector]]
 connector_id = "off"
 display_name = "Switched off"
@@ -330,8 +336,15 @@ name = "ops"
 token_sha256 = "{ops}"
 workspaces = ["*"]
 
+[credentials]
+store = "embedded"
+path = "{dir}/store-{gateway_port}.redb"
+key_file = "{dir}/master.keys"
+create_key_file_if_missing = true
+
 {extra}
 "#,
+            dir = self.dir.path().display(),
             ca = self.ca_file.display(),
             app = sha256_hex(APP_TOKEN),
             ops = sha256_hex(OPS_TOKEN),

@@ -1,0 +1,113 @@
+//! The embedded store: redb, a single-file, crash-safe, pure-Rust database. For one machine and
+//! development; nothing to run beside sluice. redb is synchronous, so every operation runs on
+//! tokio's blocking pool and the request path never blocks on disk.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use redb::{Database, ReadableTable, TableDefinition};
+
+use super::store::{CredentialRecord, CredentialStore, StoreError, decode, encode};
+
+const CREDENTIALS: TableDefinition<&str, &[u8]> = TableDefinition::new("credentials");
+
+/// Records keyed `workspace/connector` (neither identifier can contain `/`).
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+}
+
+fn key(workspace: &str, connector: &str) -> String {
+    format!("{workspace}/{connector}")
+}
+
+fn failed(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("embedded store: {e}"))
+}
+
+impl EmbeddedStore {
+    /// Open (or create) the database file. Only one process may hold it open.
+    pub fn open(path: &Path) -> Result<Self, String> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        }
+        let db = Database::create(path)
+            .map_err(|e| format!("cannot open the embedded store {}: {e}", path.display()))?;
+        let txn = db.begin_write().map_err(|e| e.to_string())?;
+        txn.open_table(CREDENTIALS).map_err(|e| e.to_string())?;
+        txn.commit().map_err(|e| e.to_string())?;
+        Ok(Self { db: Arc::new(db) })
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || op(&db))
+            .await
+            .map_err(failed)?
+    }
+}
+
+#[async_trait]
+impl CredentialStore for EmbeddedStore {
+    async fn get(
+        &self,
+        workspace: &str,
+        connector: &str,
+    ) -> Result<Option<CredentialRecord>, StoreError> {
+        let k = key(workspace, connector);
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(failed)?;
+            let table = txn.open_table(CREDENTIALS).map_err(failed)?;
+            let value = table.get(k.as_str()).map_err(failed)?;
+            value.map(|v| decode(v.value())).transpose()
+        })
+        .await
+    }
+
+    async fn put(&self, record: &CredentialRecord) -> Result<(), StoreError> {
+        let k = key(&record.workspace, &record.name);
+        let bytes = encode(record);
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(failed)?;
+            {
+                let mut table = txn.open_table(CREDENTIALS).map_err(failed)?;
+                table.insert(k.as_str(), bytes.as_slice()).map_err(failed)?;
+            }
+            txn.commit().map_err(failed)
+        })
+        .await
+    }
+
+    async fn delete(&self, workspace: &str, connector: &str) -> Result<bool, StoreError> {
+        let k = key(workspace, connector);
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(failed)?;
+            let existed = {
+                let mut table = txn.open_table(CREDENTIALS).map_err(failed)?;
+                let removed = table.remove(k.as_str()).map_err(failed)?;
+                removed.is_some()
+            };
+            txn.commit().map_err(failed)?;
+            Ok(existed)
+        })
+        .await
+    }
+
+    async fn list(&self) -> Result<Vec<CredentialRecord>, StoreError> {
+        self.blocking(|db| {
+            let txn = db.begin_read().map_err(failed)?;
+            let table = txn.open_table(CREDENTIALS).map_err(failed)?;
+            let mut out = Vec::new();
+            for item in table.iter().map_err(failed)? {
+                let (_, v) = item.map_err(failed)?;
+                out.push(decode(v.value())?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+}

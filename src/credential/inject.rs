@@ -1,0 +1,465 @@
+//! How a credential is attached to the upstream request, per connector.
+//!
+//! | auth_type | default                                                               |
+//! |-----------|-----------------------------------------------------------------------|
+//! | `none`    | nothing; no credential is looked up                                   |
+//! | `api_key` | `inject.header` *or* `inject.query` (one is required), `format` default `{api_key}` |
+//! | `bearer`  | `Authorization: Bearer {token}` (`header`/`format` overridable)        |
+//! | `oauth2`  | `Authorization: Bearer {access_token}` (the token lifecycle is the OAuth issue's) |
+//! | `basic`   | `Authorization: Basic base64({username}:{password})`                  |
+//!
+//! plus `inject.headers`, extra header templates filled from credential fields (the spec's
+//! "internal parameters", e.g. `X-Organization-ID = "{org_id}"`). Templates are checked at load:
+//! every `{field}` must be in `auth_schema.fields`. Injected headers replace anything the app
+//! sent under the same name and are marked sensitive; an injected query parameter replaces any
+//! the app sent under that name and lives only in the upstream request line, never in a log.
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use http::header::{AUTHORIZATION, HeaderName, HeaderValue};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
+use zeroize::Zeroizing;
+
+use super::secret::SecretFields;
+
+/// RFC 3986 unreserved characters stay as they are; everything else is percent-encoded.
+const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Literal(String),
+    Field(String),
+}
+
+/// `"Bearer {token}"`: literal text and `{field}` placeholders.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    parts: Vec<Part>,
+}
+
+impl Template {
+    pub fn parse(text: &str, fields: &[String]) -> Result<Self, String> {
+        let mut parts = Vec::new();
+        let mut rest = text;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                parts.push(Part::Literal(rest[..open].to_string()));
+            }
+            let close = rest[open..]
+                .find('}')
+                .ok_or_else(|| format!("{text:?}: unclosed '{{'"))?;
+            let name = &rest[open + 1..open + close];
+            if !fields.iter().any(|f| f == name) {
+                return Err(format!(
+                    "{text:?}: {{{name}}} is not a field of auth_schema.fields"
+                ));
+            }
+            parts.push(Part::Field(name.to_string()));
+            rest = &rest[open + close + 1..];
+        }
+        if rest.contains('}') {
+            return Err(format!("{text:?}: unmatched '}}'"));
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Literal(rest.to_string()));
+        }
+        if text.bytes().any(|b| b < 0x20 || b == 0x7f) {
+            return Err(format!("{text:?}: control characters are not allowed"));
+        }
+        Ok(Self { parts })
+    }
+
+    /// Fill the template. `Err(field)` names a field the credential lacks.
+    pub fn render(&self, fields: &SecretFields) -> Result<Zeroizing<String>, String> {
+        let mut out = Zeroizing::new(String::new());
+        for part in &self.parts {
+            match part {
+                Part::Literal(l) => out.push_str(l),
+                Part::Field(name) => {
+                    out.push_str(fields.get(name).ok_or_else(|| name.clone())?.expose())
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Where the primary credential goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    Header(HeaderName),
+    Query(String),
+}
+
+/// A connector's validated injection rules.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Injection {
+    primary: Option<(Placement, Template)>,
+    basic: bool,
+    headers: Vec<(HeaderName, Template)>,
+}
+
+/// What to add to one upstream request.
+#[derive(Default)]
+pub struct Injected {
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub query: Option<(String, Zeroizing<String>)>,
+}
+
+impl std::fmt::Debug for Injected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Injected")
+            .field(
+                "headers",
+                &self.headers.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            )
+            .field("query", &self.query.as_ref().map(|(n, _)| n))
+            .finish()
+    }
+}
+
+fn sensitive(value: &str) -> Result<HeaderValue, String> {
+    let mut v = HeaderValue::from_str(value)
+        .map_err(|_| "value is not a valid header value".to_string())?;
+    v.set_sensitive(true);
+    Ok(v)
+}
+
+/// The `[connector.inject]` table as written.
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InjectFile {
+    pub header: Option<String>,
+    pub query: Option<String>,
+    pub format: Option<String>,
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+}
+
+impl Injection {
+    /// Validate a connector's injection rules against its auth type and fields.
+    pub fn build(
+        auth_type: &str,
+        file: &InjectFile,
+        fields: &[String],
+    ) -> Result<Self, Vec<String>> {
+        let mut errors = Vec::new();
+        let header_name =
+            |name: &str, errors: &mut Vec<String>| match HeaderName::from_bytes(name.as_bytes()) {
+                Ok(h) => Some(h),
+                Err(_) => {
+                    errors.push(format!("{name:?} is not a header name"));
+                    None
+                }
+            };
+        let template = |text: &str, errors: &mut Vec<String>| match Template::parse(text, fields) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                errors.push(e);
+                None
+            }
+        };
+        let mut primary = None;
+        let mut basic = false;
+        match auth_type {
+            "none"
+                if file.header.is_some()
+                    || file.query.is_some()
+                    || file.format.is_some()
+                    || !file.headers.is_empty() =>
+            {
+                errors.push("auth_type \"none\" injects nothing: remove [inject]".into());
+            }
+            "basic" => {
+                if file.header.is_some() || file.query.is_some() || file.format.is_some() {
+                    errors.push("auth_type \"basic\" always sends Authorization: Basic; only inject.headers may be set".into());
+                }
+                for f in ["username", "password"] {
+                    if !fields.iter().any(|x| x == f) {
+                        errors.push(format!(
+                            "auth_type \"basic\" needs a {f:?} field in auth_schema.fields"
+                        ));
+                    }
+                }
+                basic = true;
+            }
+            "api_key" | "bearer" | "oauth2" => {
+                let (default_header, default_format) = match auth_type {
+                    "api_key" => (None, "{api_key}"),
+                    "bearer" => (Some("authorization"), "Bearer {token}"),
+                    _ => (Some("authorization"), "Bearer {access_token}"),
+                };
+                let placement = match (&file.header, &file.query) {
+                    (Some(_), Some(_)) => {
+                        errors.push("set inject.header or inject.query, not both".into());
+                        None
+                    }
+                    (Some(h), None) => header_name(h, &mut errors).map(Placement::Header),
+                    (None, Some(q)) if auth_type == "api_key" => {
+                        if q.is_empty()
+                            || q.bytes()
+                                .any(|b| !(b.is_ascii_alphanumeric() || b"-._~".contains(&b)))
+                        {
+                            errors
+                                .push(format!("inject.query {q:?} must be a plain parameter name"));
+                            None
+                        } else {
+                            Some(Placement::Query(q.clone()))
+                        }
+                    }
+                    (None, Some(_)) => {
+                        errors.push(format!("auth_type {auth_type:?} sends a header; inject.query is only for api_key"));
+                        None
+                    }
+                    (None, None) => match default_header {
+                        Some(h) => Some(Placement::Header(HeaderName::from_static(h))),
+                        None => {
+                            errors.push(
+                                "auth_type \"api_key\" needs inject.header or inject.query".into(),
+                            );
+                            None
+                        }
+                    },
+                };
+                let format = file.format.as_deref().unwrap_or(default_format);
+                if let (Some(p), Some(t)) = (placement, template(format, &mut errors)) {
+                    primary = Some((p, t));
+                }
+            }
+            _ => {}
+        }
+        let mut headers = Vec::new();
+        for (name, text) in &file.headers {
+            if let (Some(h), Some(t)) =
+                (header_name(name, &mut errors), template(text, &mut errors))
+            {
+                headers.push((h, t));
+            }
+        }
+        if errors.is_empty() {
+            Ok(Self {
+                primary,
+                basic,
+                headers,
+            })
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Whether this connector needs a credential at all.
+    pub fn needs_credential(&self) -> bool {
+        self.primary.is_some() || self.basic || !self.headers.is_empty()
+    }
+
+    /// Render everything for one request. `Err` names what is missing or unusable (a field
+    /// name, never a value).
+    pub fn render(&self, fields: &SecretFields) -> Result<Injected, String> {
+        let mut out = Injected::default();
+        let missing = |f: String| format!("the credential has no field {f:?}");
+        if self.basic {
+            let user = fields
+                .get("username")
+                .ok_or_else(|| missing("username".into()))?;
+            let pass = fields
+                .get("password")
+                .ok_or_else(|| missing("password".into()))?;
+            let pair = Zeroizing::new(format!("{}:{}", user.expose(), pass.expose()));
+            let value = Zeroizing::new(format!("Basic {}", STANDARD.encode(pair.as_bytes())));
+            out.headers.push((AUTHORIZATION, sensitive(&value)?));
+        }
+        if let Some((placement, template)) = &self.primary {
+            let value = template.render(fields).map_err(missing)?;
+            match placement {
+                Placement::Header(h) => out.headers.push((h.clone(), sensitive(&value)?)),
+                Placement::Query(q) => out.query = Some((q.clone(), value)),
+            }
+        }
+        for (h, template) in &self.headers {
+            let value = template.render(fields).map_err(missing)?;
+            out.headers.push((h.clone(), sensitive(&value)?));
+        }
+        Ok(out)
+    }
+}
+
+/// `origin_form` with every `name=…` parameter the app sent removed and `name=value` appended.
+pub fn with_query_param(origin_form: &str, name: &str, value: &str) -> Zeroizing<String> {
+    let (path, query) = origin_form.split_once('?').unwrap_or((origin_form, ""));
+    let mut out = Zeroizing::new(String::with_capacity(
+        origin_form.len() + name.len() + value.len() * 3 + 2,
+    ));
+    out.push_str(path);
+    let mut sep = '?';
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let key = pair.split_once('=').map_or(pair, |(k, _)| k);
+        if percent_decode_str(key).decode_utf8_lossy() == name {
+            continue;
+        }
+        out.push(sep);
+        out.push_str(pair);
+        sep = '&';
+    }
+    out.push(sep);
+    out.push_str(name);
+    out.push('=');
+    out.extend(utf8_percent_encode(value, QUERY_VALUE));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::credential::secret::Secret;
+
+    fn fields(pairs: &[(&str, &str)]) -> SecretFields {
+        let mut f = SecretFields::new();
+        for (k, v) in pairs {
+            f.insert(*k, Secret::new(*v));
+        }
+        f
+    }
+
+    fn names(n: &[&str]) -> Vec<String> {
+        n.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn file(
+        header: Option<&str>,
+        query: Option<&str>,
+        format: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> InjectFile {
+        InjectFile {
+            header: header.map(Into::into),
+            query: query.map(Into::into),
+            format: format.map(Into::into),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn bearer_defaults_and_extra_headers() {
+        let inj = Injection::build(
+            "bearer",
+            &file(None, None, None, &[("X-Organization-ID", "{org_id}")]),
+            &names(&["token", "org_id"]),
+        )
+        .unwrap();
+        let out = inj
+            .render(&fields(&[("token", "t0k"), ("org_id", "42")]))
+            .unwrap();
+        assert_eq!(out.headers[0].0, AUTHORIZATION);
+        assert_eq!(out.headers[0].1, "Bearer t0k");
+        assert!(out.headers[0].1.is_sensitive());
+        assert_eq!(out.headers[1].0.as_str(), "x-organization-id");
+        assert_eq!(out.headers[1].1, "42");
+    }
+
+    #[test]
+    fn basic_and_api_key_placements() {
+        let basic = Injection::build(
+            "basic",
+            &InjectFile::default(),
+            &names(&["username", "password"]),
+        )
+        .unwrap();
+        let out = basic
+            .render(&fields(&[("username", "u"), ("password", "p:w")]))
+            .unwrap();
+        assert_eq!(
+            out.headers[0].1,
+            format!("Basic {}", STANDARD.encode("u:p:w"))
+        );
+
+        let q = Injection::build(
+            "api_key",
+            &file(None, Some("api_key"), None, &[]),
+            &names(&["api_key"]),
+        )
+        .unwrap();
+        let out = q.render(&fields(&[("api_key", "a b&c")])).unwrap();
+        let (name, value) = out.query.unwrap();
+        assert_eq!((name.as_str(), value.as_str()), ("api_key", "a b&c"));
+
+        let h = Injection::build(
+            "api_key",
+            &file(Some("X-API-Key"), None, Some("Key {api_key}"), &[]),
+            &names(&["api_key"]),
+        )
+        .unwrap();
+        assert_eq!(
+            h.render(&fields(&[("api_key", "k")])).unwrap().headers[0].1,
+            "Key k"
+        );
+    }
+
+    #[test]
+    fn config_errors() {
+        let f = names(&["api_key"]);
+        assert!(
+            Injection::build("api_key", &InjectFile::default(), &f).is_err(),
+            "needs a placement"
+        );
+        assert!(Injection::build("api_key", &file(Some("X-K"), Some("k"), None, &[]), &f).is_err());
+        assert!(
+            Injection::build("api_key", &file(Some("X-K"), None, Some("{nope}"), &[]), &f).is_err()
+        );
+        assert!(
+            Injection::build("api_key", &file(Some("bad header"), None, None, &[]), &f).is_err()
+        );
+        assert!(
+            Injection::build("bearer", &InjectFile::default(), &f).is_err(),
+            "no token field"
+        );
+        assert!(
+            Injection::build(
+                "bearer",
+                &file(None, Some("k"), None, &[]),
+                &names(&["token"])
+            )
+            .is_err()
+        );
+        assert!(Injection::build("basic", &InjectFile::default(), &f).is_err());
+        assert!(
+            Injection::build("none", &file(None, None, None, &[("X-A", "{api_key}")]), &f).is_err()
+        );
+        assert!(
+            !Injection::build("none", &InjectFile::default(), &[])
+                .unwrap()
+                .needs_credential()
+        );
+    }
+
+    #[test]
+    fn missing_field_is_named_not_valued() {
+        let inj = Injection::build("bearer", &InjectFile::default(), &names(&["token"])).unwrap();
+        let err = inj
+            .render(&fields(&[("other", "secret-value")]))
+            .unwrap_err();
+        assert!(err.contains("token") && !err.contains("secret-value"));
+    }
+
+    #[test]
+    fn query_param_replaces_the_apps() {
+        assert_eq!(
+            &*with_query_param("/v1/x", "api_key", "k"),
+            "/v1/x?api_key=k"
+        );
+        assert_eq!(
+            &*with_query_param(
+                "/v1/x?a=1&api_key=evil&b=2&api%5Fkey=evil2",
+                "api_key",
+                "k/+"
+            ),
+            "/v1/x?a=1&b=2&api_key=k%2F%2B"
+        );
+    }
+}

@@ -1,0 +1,423 @@
+//! Step 5 of the request path: the workspace's credential for the connector.
+//!
+//! [`Vault`] joins the keyring (sealing), a [`store::CredentialStore`] (where sealed records
+//! live) and two moka caches:
+//!
+//! * `fresh`, bounded by capacity and `cache_ttl`: what requests read. Concurrent misses for
+//!   one key share a single store read (`try_get_with`).
+//! * `last_good`, bounded by `max_staleness`: the last answer that loaded successfully. Used
+//!   only when the store is unavailable, so a Redis outage does not fail requests whose
+//!   credentials were seen recently.
+//!
+//! A write or delete through this process invalidates both locally and, on Redis, tells every
+//! other replica through pub/sub.
+
+pub mod crypto;
+pub mod embedded;
+pub mod inject;
+pub mod redis;
+pub mod secret;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use moka::future::Cache;
+use tracing::{error, warn};
+use zeroize::Zeroizing;
+
+use crypto::{Keyring, OpenError};
+use secret::SecretFields;
+use store::{CredentialRecord, CredentialStore, RecordValue, StoreError, now_unix};
+
+/// A workspace's relation to a connector, as the request path sees it.
+#[derive(Debug)]
+pub enum TenantState {
+    Connected(SecretFields),
+    /// The workspace switched this connector off (`enabled: false`).
+    OptedOut,
+    /// No credential stored.
+    Unconfigured,
+}
+
+/// Why the vault could not answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VaultError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The record exists but does not open (missing key, tampering, copied record).
+    #[error("credential for {workspace}/{connector} cannot be opened: {reason}")]
+    Unreadable {
+        workspace: String,
+        connector: String,
+        reason: OpenError,
+    },
+    /// A write was refused (bad field values, unknown fields).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Cache and timeout settings.
+#[derive(Debug, Clone)]
+pub struct VaultSettings {
+    pub cache_capacity: u64,
+    pub cache_ttl: Duration,
+    pub max_staleness: Duration,
+    pub read_timeout: Duration,
+}
+
+type Key = (String, String);
+
+pub struct Vault {
+    store: Arc<dyn CredentialStore>,
+    keyring: Keyring,
+    fresh: Cache<Key, Arc<TenantState>>,
+    last_good: Cache<Key, Arc<TenantState>>,
+    read_timeout: Duration,
+}
+
+/// What the admin API and CLI may see of a record: never a value.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Metadata {
+    pub workspace: String,
+    pub connector: String,
+    pub enabled: bool,
+    pub fields: Vec<String>,
+    pub key_id: String,
+    pub version: u64,
+    pub created_at: u64,
+    pub updated_at: u64,
+}
+
+impl From<&CredentialRecord> for Metadata {
+    fn from(r: &CredentialRecord) -> Self {
+        Metadata {
+            workspace: r.workspace.clone(),
+            connector: r.name.clone(),
+            enabled: r.value.enabled,
+            fields: r.fields.clone(),
+            key_id: r.key_id.clone(),
+            version: r.version,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        }
+    }
+}
+
+/// Field values must be usable in a header: no control characters (CR, LF and NUL above all).
+fn check_value(name: &str, value: &str) -> Result<(), VaultError> {
+    if value.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+        return Err(VaultError::Invalid(format!(
+            "field {name:?} contains a control character (CR, LF, NUL, …)"
+        )));
+    }
+    Ok(())
+}
+
+impl Vault {
+    pub fn new(
+        store: Arc<dyn CredentialStore>,
+        keyring: Keyring,
+        settings: &VaultSettings,
+    ) -> Self {
+        Self {
+            store,
+            keyring,
+            fresh: Cache::builder()
+                .max_capacity(settings.cache_capacity)
+                .time_to_live(settings.cache_ttl)
+                .build(),
+            last_good: Cache::builder()
+                .max_capacity(settings.cache_capacity)
+                .time_to_live(settings.max_staleness)
+                .build(),
+            read_timeout: settings.read_timeout,
+        }
+    }
+
+    pub fn keyring(&self) -> &Keyring {
+        &self.keyring
+    }
+
+    /// The tenant state for (workspace, connector), from cache or store.
+    pub async fn lookup(
+        &self,
+        workspace: &str,
+        connector: &str,
+    ) -> Result<Arc<TenantState>, VaultError> {
+        let key = (workspace.to_string(), connector.to_string());
+        match self
+            .fresh
+            .try_get_with_by_ref(&key, self.load(workspace, connector))
+            .await
+        {
+            Ok(state) => {
+                // Only successful loads refresh the fallback; a cache hit costs nothing here.
+                Ok(state)
+            }
+            Err(e) => match &*e {
+                VaultError::Store(StoreError::Unavailable(reason)) => {
+                    match self.last_good.get(&key).await {
+                        Some(state) => {
+                            warn!(workspace, connector, reason = %reason, "credential store unavailable; serving the cached credential");
+                            Ok(state)
+                        }
+                        None => Err((*e).clone()),
+                    }
+                }
+                other => Err(other.clone()),
+            },
+        }
+    }
+
+    async fn load(&self, workspace: &str, connector: &str) -> Result<Arc<TenantState>, VaultError> {
+        let record =
+            match tokio::time::timeout(self.read_timeout, self.store.get(workspace, connector))
+                .await
+            {
+                Ok(r) => r?,
+                Err(_) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "read timed out after {:?}",
+                        self.read_timeout
+                    ))
+                    .into());
+                }
+            };
+        let state = match record {
+            None => TenantState::Unconfigured,
+            Some(r) if !r.value.enabled => TenantState::OptedOut,
+            Some(r) => TenantState::Connected(self.open(&r)?),
+        };
+        let state = Arc::new(state);
+        self.last_good
+            .insert(
+                (workspace.to_string(), connector.to_string()),
+                state.clone(),
+            )
+            .await;
+        Ok(state)
+    }
+
+    fn open(&self, r: &CredentialRecord) -> Result<SecretFields, VaultError> {
+        let unreadable = |reason| {
+            error!(workspace = %r.workspace, connector = %r.name, key_id = %r.key_id, %reason, "stored credential does not open");
+            VaultError::Unreadable {
+                workspace: r.workspace.clone(),
+                connector: r.name.clone(),
+                reason,
+            }
+        };
+        let plain = self
+            .keyring
+            .open(&r.workspace, &r.name, &r.key_id, &r.value.encrypted_config)
+            .map_err(unreadable)?;
+        SecretFields::from_plaintext(&plain).map_err(|_| unreadable(OpenError::Invalid))
+    }
+
+    /// Drop a cached entry here (and nowhere else).
+    pub async fn invalidate_local(&self, workspace: &str, connector: &str) {
+        let key = (workspace.to_string(), connector.to_string());
+        self.fresh.invalidate(&key).await;
+        self.last_good.invalidate(&key).await;
+    }
+
+    /// Drop every fresh entry (after missing invalidations). The stale fallback stays.
+    pub fn invalidate_all_fresh(&self) {
+        self.fresh.invalidate_all();
+    }
+
+    async fn invalidate_everywhere(&self, workspace: &str, connector: &str) {
+        self.invalidate_local(workspace, connector).await;
+        self.store.publish_invalidation(workspace, connector).await;
+    }
+
+    /// Store (or replace) a workspace's credential. Values are validated, sealed under the
+    /// active key, and every cache is invalidated.
+    pub async fn put(
+        &self,
+        workspace: &str,
+        connector: &str,
+        enabled: bool,
+        fields: &SecretFields,
+    ) -> Result<Metadata, VaultError> {
+        for name in fields.names() {
+            check_value(name, fields.get(name).map_or("", |s| s.expose()))?;
+        }
+        let existing = self.store.get(workspace, connector).await?;
+        let (key_id, blob) = self
+            .keyring
+            .seal(workspace, connector, &fields.to_plaintext());
+        let now = now_unix();
+        let record = CredentialRecord {
+            group: "connector".into(),
+            name: connector.into(),
+            workspace: workspace.into(),
+            value: RecordValue {
+                enabled,
+                encrypted_config: blob,
+            },
+            key_id,
+            version: existing.as_ref().map_or(1, |r| r.version + 1),
+            fields: fields.names().map(str::to_string).collect(),
+            created_at: existing.as_ref().map_or(now, |r| r.created_at),
+            updated_at: now,
+        };
+        self.store.put(&record).await?;
+        self.invalidate_everywhere(workspace, connector).await;
+        Ok(Metadata::from(&record))
+    }
+
+    /// Delete a workspace's credential; `true` when one existed.
+    pub async fn delete(&self, workspace: &str, connector: &str) -> Result<bool, VaultError> {
+        let existed = self.store.delete(workspace, connector).await?;
+        self.invalidate_everywhere(workspace, connector).await;
+        Ok(existed)
+    }
+
+    pub async fn metadata(
+        &self,
+        workspace: &str,
+        connector: &str,
+    ) -> Result<Option<Metadata>, VaultError> {
+        Ok(self
+            .store
+            .get(workspace, connector)
+            .await?
+            .as_ref()
+            .map(Metadata::from))
+    }
+
+    pub async fn list(&self) -> Result<Vec<Metadata>, VaultError> {
+        let mut all: Vec<Metadata> = self
+            .store
+            .list()
+            .await?
+            .iter()
+            .map(Metadata::from)
+            .collect();
+        all.sort_by(|a, b| (&a.workspace, &a.connector).cmp(&(&b.workspace, &b.connector)));
+        Ok(all)
+    }
+
+    /// Re-seal every record not under the active key. Safe while serving: each record is
+    /// rewritten whole, and the old key still opens anything not yet rewritten.
+    /// Returns (re-sealed, already current).
+    pub async fn rotate(&self) -> Result<(usize, usize), VaultError> {
+        let (mut resealed, mut current) = (0, 0);
+        for r in self.store.list().await? {
+            if r.key_id == self.keyring.active_id() {
+                current += 1;
+                continue;
+            }
+            let fields = self.open(&r)?;
+            let (key_id, blob) = self
+                .keyring
+                .seal(&r.workspace, &r.name, &fields.to_plaintext());
+            let record = CredentialRecord {
+                key_id,
+                value: RecordValue {
+                    enabled: r.value.enabled,
+                    encrypted_config: blob,
+                },
+                version: r.version + 1,
+                updated_at: now_unix(),
+                ..r
+            };
+            self.store.put(&record).await?;
+            self.invalidate_everywhere(&record.workspace, &record.name)
+                .await;
+            resealed += 1;
+        }
+        Ok((resealed, current))
+    }
+}
+
+/// Read the master keys from where the config says.
+pub fn load_keyring(source: &crate::config::KeySource) -> Result<Keyring, String> {
+    use crate::config::KeySource;
+    match source {
+        KeySource::Env(var) => {
+            let text = Zeroizing::new(
+                std::env::var(var).map_err(|_| format!("environment variable {var} is not set"))?,
+            );
+            Keyring::parse(&text).map_err(|e| format!("{var}: {e}"))
+        }
+        KeySource::File {
+            path,
+            create_if_missing,
+        } => {
+            if *create_if_missing && !path.exists() {
+                create_key_file(path)?;
+                warn!(path = %path.display(), "created a new master key file (credentials.create_key_file_if_missing); back it up: without it the stored credentials cannot be opened");
+            }
+            check_key_file_mode(path);
+            let text = Zeroizing::new(
+                std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read key file {}: {e}", path.display()))?,
+            );
+            Keyring::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+        }
+    }
+}
+
+/// Write a new key file holding one fresh key, readable by its owner only.
+pub fn create_key_file(path: &std::path::Path) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    let line = Keyring::generate_line(&format!("k{}", now_unix()))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("cannot create key file {}: {e}", path.display()))?;
+    writeln!(
+        f,
+        "# sluice master keys: the first is active. Keep this file secret and backed up."
+    )
+    .and_then(|()| writeln!(f, "{}", &*line))
+    .map_err(|e| format!("cannot write key file {}: {e}", path.display()))
+}
+
+fn check_key_file_mode(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        if meta.permissions().mode() & 0o077 != 0 {
+            warn!(path = %path.display(), "the master key file is readable by group or others; chmod 600 it");
+        }
+    }
+}
+
+/// Build the vault the config describes: keys, store, caches, and (on Redis) the listener for
+/// other replicas' invalidations. Needs a tokio runtime.
+pub fn build_vault(creds: &crate::config::Credentials) -> Result<Arc<Vault>, String> {
+    use crate::config::StoreKind;
+    let keyring = load_keyring(&creds.keys)?;
+    match &creds.store {
+        StoreKind::Embedded { path } => {
+            let store = Arc::new(embedded::EmbeddedStore::open(path)?);
+            Ok(Arc::new(Vault::new(store, keyring, &creds.vault)))
+        }
+        StoreKind::Redis { url } => {
+            let store = Arc::new(redis::RedisStore::new(url, creds.vault.read_timeout)?);
+            let vault = Arc::new(Vault::new(store.clone(), keyring, &creds.vault));
+            let weak = Arc::downgrade(&vault);
+            store.start_invalidation_listener(Arc::new(move |which| {
+                let Some(vault) = weak.upgrade() else { return };
+                match which {
+                    None => vault.invalidate_all_fresh(),
+                    Some((ws, conn)) => {
+                        let (ws, conn) = (ws.to_string(), conn.to_string());
+                        tokio::spawn(async move { vault.invalidate_local(&ws, &conn).await });
+                    }
+                }
+            }));
+            Ok(vault)
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! The Redis store, shared by every replica.
+//!
+//! Key layout (Redis Cluster safe: no command touches two keys):
+//!
+//! | key                                   | type   | holds                                   |
+//! |---------------------------------------|--------|-----------------------------------------|
+//! | `sluice:cred:{<workspace>}:<connector>` | string | the JSON record                         |
+//! | `sluice:cred:{<workspace>}:connectors`  | set    | the workspace's connector ids (listing) |
+//! | `sluice:cred:workspaces`                | set    | workspaces with any record (listing)    |
+//!
+//! The `{<workspace>}` hash tag keeps one workspace's keys in one slot. Listing tolerates index
+//! entries whose record is gone (a delete between the two commands).
+//!
+//! Invalidations travel on the channel `sluice:cred:invalidate` as `workspace/connector`. After
+//! the subscription reconnects, a replica may have missed messages, so it drops its whole
+//! fresh cache.
+//!
+//! The connection manager reconnects by itself; sluice also starts when Redis is down and
+//! connects once it is up, answering `credential_store_unavailable` (or from cache) meanwhile.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use redis::AsyncCommands;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tracing::{info, warn};
+
+use super::store::{CredentialRecord, CredentialStore, StoreError, decode, encode};
+
+const CHANNEL: &str = "sluice:cred:invalidate";
+const WORKSPACES: &str = "sluice:cred:workspaces";
+
+fn record_key(workspace: &str, connector: &str) -> String {
+    format!("sluice:cred:{{{workspace}}}:{connector}")
+}
+
+fn index_key(workspace: &str) -> String {
+    format!("sluice:cred:{{{workspace}}}:connectors")
+}
+
+/// What a replica does when told a record changed: `Some((workspace, connector))` for one
+/// record, `None` for "you may have missed some: drop everything".
+pub type Invalidator = Arc<dyn Fn(Option<(&str, &str)>) + Send + Sync>;
+
+pub struct RedisStore {
+    client: redis::Client,
+    conn: Arc<ArcSwapOption<ConnectionManager>>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("redis: {e}"))
+}
+
+impl RedisStore {
+    /// Connect in the background; operations fail as unavailable until the first connection.
+    pub fn new(url: &str, timeout: Duration) -> Result<Self, String> {
+        let client = redis::Client::open(url).map_err(|e| format!("invalid redis url: {e}"))?;
+        let conn = Arc::new(ArcSwapOption::empty());
+        let store = Self {
+            client: client.clone(),
+            conn: conn.clone(),
+        };
+        tokio::spawn(async move {
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(timeout)
+                .set_response_timeout(timeout)
+                .set_max_delay(2_000);
+            let mut delay = Duration::from_millis(50);
+            loop {
+                match client
+                    .get_connection_manager_with_config(config.clone())
+                    .await
+                {
+                    Ok(manager) => {
+                        conn.store(Some(Arc::new(manager)));
+                        info!("connected to redis");
+                        return;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "redis not reachable yet; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(2));
+                    }
+                }
+            }
+        });
+        Ok(store)
+    }
+
+    fn conn(&self) -> Result<ConnectionManager, StoreError> {
+        self.conn
+            .load()
+            .as_deref()
+            .cloned()
+            .ok_or_else(|| unavailable("not connected"))
+    }
+
+    /// Listen for invalidations from other replicas until the process ends.
+    pub fn start_invalidation_listener(&self, on_invalidate: Invalidator) {
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            let mut first = true;
+            loop {
+                let mut pubsub = match client.get_async_pubsub().await {
+                    Ok(p) => p,
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                };
+                if pubsub.subscribe(CHANNEL).await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                if !first {
+                    // Messages may have been missed while disconnected.
+                    on_invalidate(None);
+                }
+                first = false;
+                let mut messages = pubsub.on_message();
+                while let Some(msg) = messages.next().await {
+                    let Ok(payload) = msg.get_payload::<String>() else {
+                        continue;
+                    };
+                    if let Some((ws, conn)) = payload.split_once('/') {
+                        on_invalidate(Some((ws, conn)));
+                    }
+                }
+                warn!("redis invalidation subscription lost; resubscribing");
+            }
+        });
+    }
+}
+
+#[async_trait]
+impl CredentialStore for RedisStore {
+    async fn get(
+        &self,
+        workspace: &str,
+        connector: &str,
+    ) -> Result<Option<CredentialRecord>, StoreError> {
+        let mut conn = self.conn()?;
+        let bytes: Option<Vec<u8>> = conn
+            .get(record_key(workspace, connector))
+            .await
+            .map_err(unavailable)?;
+        bytes.map(|b| decode(&b)).transpose()
+    }
+
+    async fn put(&self, record: &CredentialRecord) -> Result<(), StoreError> {
+        let mut conn = self.conn()?;
+        let () = conn
+            .set(record_key(&record.workspace, &record.name), encode(record))
+            .await
+            .map_err(unavailable)?;
+        let _: i64 = conn
+            .sadd(index_key(&record.workspace), &record.name)
+            .await
+            .map_err(unavailable)?;
+        let _: i64 = conn
+            .sadd(WORKSPACES, &record.workspace)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn delete(&self, workspace: &str, connector: &str) -> Result<bool, StoreError> {
+        let mut conn = self.conn()?;
+        let removed: i64 = conn
+            .del(record_key(workspace, connector))
+            .await
+            .map_err(unavailable)?;
+        let _: i64 = conn
+            .srem(index_key(workspace), connector)
+            .await
+            .map_err(unavailable)?;
+        Ok(removed > 0)
+    }
+
+    async fn list(&self) -> Result<Vec<CredentialRecord>, StoreError> {
+        let mut conn = self.conn()?;
+        let workspaces: Vec<String> = conn.smembers(WORKSPACES).await.map_err(unavailable)?;
+        let mut out = Vec::new();
+        for ws in workspaces {
+            let connectors: Vec<String> =
+                conn.smembers(index_key(&ws)).await.map_err(unavailable)?;
+            for c in connectors {
+                let bytes: Option<Vec<u8>> =
+                    conn.get(record_key(&ws, &c)).await.map_err(unavailable)?;
+                if let Some(b) = bytes {
+                    out.push(decode(&b)?);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn publish_invalidation(&self, workspace: &str, connector: &str) {
+        let Ok(mut conn) = self.conn() else {
+            warn!(
+                workspace,
+                connector, "cannot publish a cache invalidation: redis not connected"
+            );
+            return;
+        };
+        let sent: Result<i64, _> = conn
+            .publish(CHANNEL, format!("{workspace}/{connector}"))
+            .await;
+        if let Err(e) = sent {
+            warn!(workspace, connector, error = %e, "cannot publish a cache invalidation");
+        }
+    }
+}

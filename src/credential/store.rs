@@ -1,0 +1,97 @@
+//! Where sealed credential records live: one trait, two stores.
+//!
+//! * [`crate::credential::embedded::EmbeddedStore`]: redb, one file, one machine, no server.
+//! * [`crate::credential::redis::RedisStore`]: Redis (or Redis Cluster) shared by replicas,
+//!   which also carries cache invalidations between them over pub/sub.
+//!
+//! Stores hold only sealed records: a store dump reveals which workspaces use which connectors
+//! and the names of their fields, never a value.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+/// The spec's settings record (`group = "connector"`, `name = connector_id`), plus what
+/// sluice needs to manage it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CredentialRecord {
+    pub group: String,
+    /// The connector id.
+    pub name: String,
+    pub workspace: String,
+    pub value: RecordValue,
+    /// The master key the ciphertext is sealed under.
+    pub key_id: String,
+    /// Incremented on every write.
+    pub version: u64,
+    /// Names of the configured fields (metadata; values are only in the ciphertext).
+    pub fields: Vec<String>,
+    /// Unix seconds.
+    pub created_at: u64,
+    pub updated_at: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordValue {
+    /// `false`: the workspace opted out of this connector.
+    pub enabled: bool,
+    /// base64(nonce ‖ AES-256-GCM ciphertext ‖ tag) of the JSON object of fields.
+    pub encrypted_config: String,
+}
+
+impl CredentialRecord {
+    pub fn connector(&self) -> &str {
+        &self.name
+    }
+}
+
+pub fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Why a store operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The store cannot be reached (Redis down, timeout). Requests may be served from cache.
+    #[error("credential store unavailable: {0}")]
+    Unavailable(String),
+    /// The store answered with something sluice cannot use.
+    #[error("credential store error: {0}")]
+    Corrupt(String),
+}
+
+/// The operations every store offers. Implementations must not block the async runtime.
+#[async_trait]
+pub trait CredentialStore: Send + Sync {
+    /// The record for (workspace, connector), if any.
+    async fn get(
+        &self,
+        workspace: &str,
+        connector: &str,
+    ) -> Result<Option<CredentialRecord>, StoreError>;
+
+    /// Insert or replace a record.
+    async fn put(&self, record: &CredentialRecord) -> Result<(), StoreError>;
+
+    /// Remove a record; `true` when one existed.
+    async fn delete(&self, workspace: &str, connector: &str) -> Result<bool, StoreError>;
+
+    /// Every record (admin listing, key rotation).
+    async fn list(&self) -> Result<Vec<CredentialRecord>, StoreError>;
+
+    /// Tell every other replica to drop its cached copy of (workspace, connector). Stores with
+    /// a single process (embedded) have nobody to tell.
+    async fn publish_invalidation(&self, _workspace: &str, _connector: &str) {}
+}
+
+pub(crate) fn encode(record: &CredentialRecord) -> Vec<u8> {
+    serde_json::to_vec(record).expect("a record serialises")
+}
+
+pub(crate) fn decode(bytes: &[u8]) -> Result<CredentialRecord, StoreError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| StoreError::Corrupt(format!("undecodable record: {e}")))
+}
