@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian 12 machine: installs what the tests need when it is
-# missing (cmake to build pingora, curl, Python `requests`), then runs every test.
+# missing (cmake to build pingora, curl, redis-server for the Redis store's tests, Python
+# `requests`), then runs every test. The tests start their own redis-server on a free port.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
 command -v cmake >/dev/null || missing+=(cmake)
 command -v curl >/dev/null || missing+=(curl)
+command -v redis-server >/dev/null || missing+=(redis-server)
 command -v python3 >/dev/null || missing+=(python3 python3-pip)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"

@@ -249,7 +249,23 @@ impl Env {
 
     /// The default config: `gateway_port` is where sluice will listen, `extra` is appended.
     pub fn config(&self, gateway_port: u16, listener_extra: &str, extra: &str) -> String {
+        self.config_with_store(gateway_port, listener_extra, extra, None)
+    }
+
+    /// The default config, with the credential store on Redis when `redis_url` is given.
+    pub fn config_with_store(
+        &self,
+        gateway_port: u16,
+        listener_extra: &str,
+        extra: &str,
+        redis_url: Option<&str>,
+    ) -> String {
         let port = self.upstream.port();
+        let dir = self.dir.path().display();
+        let store = match redis_url {
+            Some(url) => format!("store = \"redis\"\nredis_url = \"{url}\""),
+            None => format!("store = \"embedded\"\npath = \"{dir}/store-{gateway_port}.redb\""),
+        };
         format!(
             r#"
 [listener]
@@ -337,14 +353,12 @@ token_sha256 = "{ops}"
 workspaces = ["*"]
 
 [credentials]
-store = "embedded"
-path = "{dir}/store-{gateway_port}.redb"
+{store}
 key_file = "{dir}/master.keys"
 create_key_file_if_missing = true
 
 {extra}
 "#,
-            dir = self.dir.path().display(),
             ca = self.ca_file.display(),
             app = sha256_hex(APP_TOKEN),
             ops = sha256_hex(OPS_TOKEN),
@@ -358,6 +372,17 @@ create_key_file_if_missing = true
         let port = listener.local_addr().unwrap().port();
         let text = self.config(port, listener_extra, extra);
         let path = self.dir.path().join("sluice.toml");
+        std::fs::write(&path, &text).unwrap();
+        let snapshot = Snapshot::load(&path).unwrap_or_else(|e| panic!("test config: {e}"));
+        serve(listener, snapshot).await.unwrap()
+    }
+
+    /// Start sluice with its credentials on the given Redis, plus `extra`.
+    pub async fn start_on_redis(&self, redis_url: &str, extra: &str) -> Running {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let text = self.config_with_store(port, "", extra, Some(redis_url));
+        let path = self.dir.path().join(format!("sluice-{port}.toml"));
         std::fs::write(&path, &text).unwrap();
         let snapshot = Snapshot::load(&path).unwrap_or_else(|e| panic!("test config: {e}"));
         serve(listener, snapshot).await.unwrap()
@@ -471,4 +496,102 @@ pub fn basic(name: &str, token: &str) -> String {
         "Basic {}",
         base64::engine::general_purpose::STANDARD.encode(format!("{name}:{token}"))
     )
+}
+
+/// A real `redis-server` on its own port, for the length of a test. `stop` and `start` let a
+/// test take it away and bring it back on the same port.
+pub struct RedisServer {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+impl RedisServer {
+    pub async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut server = Self {
+            port,
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        };
+        server.resume().await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// (Re)start on the same port and wait until it answers PING.
+    pub async fn resume(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(self.dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (tests/run.sh installs it)");
+        self.child = Some(child);
+        let client = redis::Client::open(self.url()).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(mut c) = client.get_multiplexed_async_connection().await {
+                let pong: Result<String, _> = redis::cmd("PING").query_async(&mut c).await;
+                if pong.is_ok() {
+                    return;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Kill the server (as an outage would).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Store fields for (workspace, connector) through the gateway's own vault.
+pub async fn put_credential(
+    gw: &Running,
+    workspace: &str,
+    connector: &str,
+    enabled: bool,
+    fields: &[(&str, &str)],
+) {
+    let mut f = sluice::credential::secret::SecretFields::new();
+    for (k, v) in fields {
+        f.insert(*k, sluice::credential::secret::Secret::new(*v));
+    }
+    gw.vault
+        .as_ref()
+        .expect("the gateway has a vault")
+        .put(workspace, connector, enabled, &f)
+        .await
+        .unwrap();
 }

@@ -1,0 +1,476 @@
+//! The credential vault end to end: injection per auth type, tenant states, both stores, two
+//! replicas on one Redis, and a Redis outage in the middle of a test.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use sluice::credential::store::{CredentialRecord, CredentialStore, RecordValue};
+
+const CANARY: &str = "CANARY-cred-7f3a9b";
+
+/// Connectors for every auth type, all pointing at the test upstream.
+fn connectors(port: u16) -> String {
+    format!(
+        r#"
+[[connector]]
+connector_id = "bearer"
+display_name = "Bearer"
+auth_type = "bearer"
+allowed_domains = ["api.saas.test"]
+allowed_ports = [{port}]
+[connector.auth_schema]
+fields = [{{ name = "token", label = "Token" }}, {{ name = "org_id", label = "Org" }}]
+[connector.inject]
+headers = {{ "X-Organization-ID" = "{{org_id}}" }}
+
+[[connector]]
+connector_id = "basic"
+display_name = "Basic"
+auth_type = "basic"
+allowed_domains = ["api.saas.test"]
+allowed_ports = [{port}]
+[connector.auth_schema]
+fields = [{{ name = "username", label = "User" }}, {{ name = "password", label = "Password" }}]
+
+[[connector]]
+connector_id = "querykey"
+display_name = "Query key"
+auth_type = "api_key"
+allowed_domains = ["api.saas.test"]
+allowed_ports = [{port}]
+[connector.auth_schema]
+fields = [{{ name = "api_key", label = "Key" }}]
+[connector.inject]
+query = "api_key"
+"#
+    )
+}
+
+async fn call(
+    gw: &sluice::server::Running,
+    url: String,
+    connector: &str,
+    workspace: &str,
+    headers: &[(&str, &str)],
+) -> (u16, Option<String>, String) {
+    let c = client(gw, Some(("ops", OPS_TOKEN)));
+    let mut rb = c
+        .get(url)
+        .header("X-Connector", connector)
+        .header("X-Workspace", workspace);
+    for (k, v) in headers {
+        rb = rb.header(*k, *v);
+    }
+    let resp = rb.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let code = resp
+        .headers()
+        .get("x-sluice-error")
+        .map(|v| v.to_str().unwrap().to_string());
+    (status, code, resp.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_auth_type_injects_exactly_the_credential() {
+    let env = Env::new().await;
+    let gw = env.start_with("", &connectors(env.upstream.port())).await;
+    put_credential(
+        &gw,
+        "ws_7",
+        "bearer",
+        true,
+        &[("token", CANARY), ("org_id", "org-42")],
+    )
+    .await;
+    put_credential(
+        &gw,
+        "ws_7",
+        "basic",
+        true,
+        &[("username", "user"), ("password", CANARY)],
+    )
+    .await;
+    put_credential(&gw, "ws_7", "querykey", true, &[("api_key", CANARY)]).await;
+    put_credential(&gw, "ws_7", "narrow", true, &[("api_key", CANARY)]).await;
+
+    // The app's own values under the injected names are replaced, never forwarded.
+    let (status, _, body) = call(
+        &gw,
+        env.url("api.saas.test", "/bearer"),
+        "bearer",
+        "ws_7",
+        &[
+            ("Authorization", "Bearer app-own"),
+            ("X-Organization-ID", "evil"),
+        ],
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(!body.contains(CANARY));
+    let (status, _, _) = call(
+        &gw,
+        env.url("api.saas.test", "/basic"),
+        "basic",
+        "ws_7",
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, _, body) = call(
+        &gw,
+        env.url("api.saas.test", "/query?x=1&api_key=app-own"),
+        "querykey",
+        "ws_7",
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(!body.contains(CANARY));
+    let (status, _, _) = call(
+        &gw,
+        env.url("other.saas.test", "/header"),
+        "narrow",
+        "ws_7",
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, _, _) = call(&gw, env.url("api.saas.test", "/none"), "saas", "ws_7", &[]).await;
+    assert_eq!(status, 200);
+
+    let reqs = env.upstream.requests();
+    assert_eq!(reqs.len(), 5);
+    let bearer = &reqs[0];
+    assert_eq!(
+        bearer.header("authorization"),
+        Some(format!("Bearer {CANARY}").as_str())
+    );
+    assert_eq!(bearer.header("x-organization-id"), Some("org-42"));
+    assert_eq!(
+        bearer
+            .headers
+            .iter()
+            .filter(|(k, _)| k == "authorization")
+            .count(),
+        1,
+        "exactly one Authorization header"
+    );
+    use base64::Engine;
+    let expected = base64::engine::general_purpose::STANDARD.encode(format!("user:{CANARY}"));
+    assert_eq!(
+        reqs[1].header("authorization"),
+        Some(format!("Basic {expected}").as_str())
+    );
+    assert_eq!(reqs[2].target, format!("/query?x=1&api_key={CANARY}"));
+    assert!(!reqs[2].has_header("authorization"));
+    assert_eq!(reqs[3].header("x-api-key"), Some(CANARY));
+    assert!(
+        !reqs[4].has_header("authorization"),
+        "auth_type none injects nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skipped_tenant_states_never_reach_the_upstream() {
+    let env = Env::new().await;
+    let gw = env.start_with("", &connectors(env.upstream.port())).await;
+    put_credential(
+        &gw,
+        "ws_7",
+        "basic",
+        false,
+        &[("username", "u"), ("password", CANARY)],
+    )
+    .await;
+    put_credential(&gw, "ws_7", "bearer", true, &[("token", CANARY)]).await;
+
+    let cases = [
+        ("bearer", "ws_other", 403, "credential_not_configured"),
+        ("basic", "ws_7", 403, "workspace_opted_out"),
+        ("off", "ws_7", 403, "connector_disabled"),
+        ("bearer", "ws_7", 403, "credential_incomplete"),
+    ];
+    for (connector, workspace, status, code) in cases {
+        let (got, got_code, body) = call(
+            &gw,
+            env.url("api.saas.test", "/"),
+            connector,
+            workspace,
+            &[],
+        )
+        .await;
+        assert_eq!(
+            (got, got_code.as_deref()),
+            (status, Some(code)),
+            "{connector}/{workspace}: {body}"
+        );
+        assert!(!body.contains(CANARY), "{body}");
+    }
+    assert_eq!(env.upstream.connections(), 0);
+}
+
+fn record(workspace: &str, connector: &str, version: u64) -> CredentialRecord {
+    CredentialRecord {
+        group: "connector".into(),
+        name: connector.into(),
+        workspace: workspace.into(),
+        value: RecordValue {
+            enabled: true,
+            encrypted_config: format!("sealed-{workspace}-{connector}-{version}"),
+        },
+        key_id: "k1".into(),
+        version,
+        fields: vec!["api_key".into()],
+        created_at: 1,
+        updated_at: version,
+    }
+}
+
+/// One suite, every store.
+async fn store_suite(store: &dyn CredentialStore) {
+    assert_eq!(store.get("ws_a", "c1").await.unwrap(), None);
+    assert!(store.list().await.unwrap().is_empty());
+    store.put(&record("ws_a", "c1", 1)).await.unwrap();
+    store.put(&record("ws_a", "c2", 1)).await.unwrap();
+    store.put(&record("ws_b", "c1", 1)).await.unwrap();
+    assert_eq!(
+        store.get("ws_a", "c1").await.unwrap(),
+        Some(record("ws_a", "c1", 1))
+    );
+    store.put(&record("ws_a", "c1", 2)).await.unwrap();
+    assert_eq!(
+        store.get("ws_a", "c1").await.unwrap().unwrap().version,
+        2,
+        "put replaces"
+    );
+    let mut all: Vec<(String, String)> = store
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.workspace, r.name))
+        .collect();
+    all.sort();
+    assert_eq!(
+        all,
+        [("ws_a", "c1"), ("ws_a", "c2"), ("ws_b", "c1")]
+            .map(|(w, c)| (w.to_string(), c.to_string()))
+    );
+    assert!(store.delete("ws_a", "c1").await.unwrap());
+    assert!(
+        !store.delete("ws_a", "c1").await.unwrap(),
+        "a second delete finds nothing"
+    );
+    assert_eq!(store.get("ws_a", "c1").await.unwrap(), None);
+    assert_eq!(store.list().await.unwrap().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_stores_pass_one_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    let embedded =
+        sluice::credential::embedded::EmbeddedStore::open(&dir.path().join("s.redb")).unwrap();
+    store_suite(&embedded).await;
+
+    let redis = RedisServer::start().await;
+    let store =
+        sluice::credential::redis::RedisStore::new(&redis.url(), Duration::from_secs(1)).unwrap();
+    // The store connects in the background; wait until it answers.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.list().await.is_err() {
+        assert!(Instant::now() < deadline, "redis store never connected");
+        tokio::task::yield_now().await;
+    }
+    store_suite(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_copied_to_another_workspace_does_not_open() {
+    let env = Env::new().await;
+    let redis = RedisServer::start().await;
+    let gw = env
+        .start_on_redis(&redis.url(), &connectors(env.upstream.port()))
+        .await;
+    put_credential(&gw, "ws_42", "querykey", true, &[("api_key", CANARY)]).await;
+
+    // An attacker with write access to Redis copies ws_42's record to ws_7, relabelled.
+    let mut conn = redis.connection().await;
+    let raw: Vec<u8> = redis::cmd("GET")
+        .arg("sluice:cred:{ws_42}:querykey")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut copied: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+    copied["workspace"] = "ws_7".into();
+    let () = redis::cmd("SET")
+        .arg("sluice:cred:{ws_7}:querykey")
+        .arg(copied.to_string())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let (status, code, body) =
+        call(&gw, env.url("api.saas.test", "/"), "querykey", "ws_7", &[]).await;
+    assert_eq!(
+        (status, code.as_deref()),
+        (500, Some("credential_unreadable")),
+        "{body}"
+    );
+    assert!(!body.contains(CANARY));
+    assert_eq!(env.upstream.connections(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_on_one_redis_see_a_change_within_a_second() {
+    let env = Env::new().await;
+    let redis = RedisServer::start().await;
+    let extra = connectors(env.upstream.port());
+    let a = env.start_on_redis(&redis.url(), &extra).await;
+    let b = env.start_on_redis(&redis.url(), &extra).await;
+    // Both replicas must be subscribed before anything changes, or the test measures startup.
+    let mut conn = redis.connection().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, subscribers): (String, i64) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg("sluice:cred:invalidate")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if subscribers == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "replicas never subscribed");
+        tokio::task::yield_now().await;
+    }
+
+    put_credential(&a, "ws_7", "narrow", true, &[("api_key", "v1")]).await;
+    let (status, _, _) = call(&b, env.url("other.saas.test", "/"), "narrow", "ws_7", &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        env.upstream.requests()[0].header("x-api-key"),
+        Some("v1"),
+        "b cached v1"
+    );
+
+    // Change it through a; b's cache (TTL 30 s) must be invalidated over pub/sub.
+    put_credential(&a, "ws_7", "narrow", true, &[("api_key", "v2")]).await;
+    let changed = Instant::now();
+    loop {
+        let (status, _, _) = call(&b, env.url("other.saas.test", "/"), "narrow", "ws_7", &[]).await;
+        assert_eq!(status, 200);
+        let last = env
+            .upstream
+            .requests()
+            .last()
+            .unwrap()
+            .header("x-api-key")
+            .map(str::to_string);
+        if last.as_deref() == Some("v2") {
+            break;
+        }
+        assert!(
+            changed.elapsed() < Duration::from_secs(1),
+            "replica b still injected {last:?} a second after the change"
+        );
+    }
+
+    // A delete through b reaches a too.
+    b.vault
+        .as_ref()
+        .unwrap()
+        .delete("ws_7", "narrow")
+        .await
+        .unwrap();
+    let deleted = Instant::now();
+    loop {
+        let (status, code, _) =
+            call(&a, env.url("other.saas.test", "/"), "narrow", "ws_7", &[]).await;
+        if status == 403 {
+            assert_eq!(code.as_deref(), Some("credential_not_configured"));
+            break;
+        }
+        assert!(
+            deleted.elapsed() < Duration::from_secs(1),
+            "replica a still served a deleted credential"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_serves_cached_credentials_and_recovers() {
+    let env = Env::new().await;
+    let mut redis = RedisServer::start().await;
+    let gw = env
+        .start_on_redis(&redis.url(), &connectors(env.upstream.port()))
+        .await;
+    put_credential(&gw, "ws_7", "narrow", true, &[("api_key", "never-loaded")]).await;
+    let url = env.url("other.saas.test", "/");
+    put_credential(
+        &gw,
+        "ws_other",
+        "narrow",
+        true,
+        &[("api_key", "cached-key")],
+    )
+    .await;
+    let (status, _, _) = call(&gw, url.clone(), "narrow", "ws_other", &[]).await;
+    assert_eq!(status, 200, "loaded and cached while redis is up");
+
+    redis.stop();
+    // Expire the fresh cache now instead of waiting for its TTL; the stale fallback stays.
+    gw.vault.as_ref().unwrap().invalidate_all_fresh();
+
+    let (status, _, _) = call(&gw, url.clone(), "narrow", "ws_other", &[]).await;
+    assert_eq!(
+        status, 200,
+        "a recently loaded credential is served while redis is down"
+    );
+    assert_eq!(
+        env.upstream.requests().last().unwrap().header("x-api-key"),
+        Some("cached-key")
+    );
+
+    let c = client(&gw, Some(("ops", OPS_TOKEN)));
+    let resp = c
+        .get(url.clone())
+        .header("X-Connector", "narrow")
+        .header("X-Workspace", "ws_7")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(
+        resp.headers()["x-sluice-error"],
+        "credential_store_unavailable"
+    );
+    assert_eq!(resp.headers()["retry-after"], "1");
+
+    // Redis comes back (empty: it kept nothing on disk). sluice reconnects by itself.
+    redis.resume().await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let vault = gw.vault.as_ref().unwrap();
+    loop {
+        let mut f = sluice::credential::secret::SecretFields::new();
+        f.insert(
+            "api_key",
+            sluice::credential::secret::Secret::new("after-outage"),
+        );
+        if vault.put("ws_7", "narrow", true, &f).await.is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sluice did not reconnect to redis"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, _, _) = call(&gw, url, "narrow", "ws_7", &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        env.upstream.requests().last().unwrap().header("x-api-key"),
+        Some("after-outage")
+    );
+}
