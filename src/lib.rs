@@ -17,9 +17,11 @@
 //! | [`config`]     | TOML → validated snapshot                                             |
 //! | [`explain`]    | `sluice explain`: the policy decision for a URL, without sending      |
 //! | [`server`]     | starting it: pingora `Server`, or a caller-bound listener             |
+//! | [`admin`]      | the admin API: credentials, key rotation, connectors, orgs, workspaces |
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod caller;
 pub mod config;
 pub mod credential;

@@ -15,7 +15,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::admin::{AdminState, Reloader};
 use crate::config::Snapshot;
+use crate::credential::redis::Invalidation;
 use crate::credential::{Vault, build_vault};
 use crate::proxy::Sluice;
 use crate::upstream::CaBundle;
@@ -69,6 +71,76 @@ fn server_options() -> HttpServerOptions {
     options
 }
 
+/// What a running sluice holds beside the proxy: the live config, the vault, and the admin
+/// API's address.
+struct Parts {
+    config: Arc<ArcSwap<Snapshot>>,
+    vault: Option<Arc<Vault>>,
+    admin_addr: Option<SocketAddr>,
+}
+
+/// Build the vault, load stored definitions into the snapshot, listen for other replicas'
+/// changes, and start the admin API. Runs on (and spawns onto) the current tokio runtime.
+async fn assemble(snapshot: Snapshot) -> Result<Parts, String> {
+    let built = match &snapshot.credentials {
+        Some(creds) => Some(build_vault(creds).await?),
+        None => None,
+    };
+    let admin = snapshot.admin.clone();
+    let config = Arc::new(ArcSwap::from_pointee(snapshot));
+    let (vault, redis) = match built {
+        Some((vault, redis)) => (Some(vault), redis),
+        None => (None, None),
+    };
+    let reloader = vault
+        .as_ref()
+        .map(|v| Arc::new(Reloader::new(config.clone(), v.store().clone())));
+    if let Some(reloader) = &reloader {
+        reloader.reload_or_retry().await;
+    }
+    if let (Some(redis), Some(vault), Some(reloader)) = (&redis, &vault, &reloader) {
+        let vault = Arc::downgrade(vault);
+        let reloader = reloader.clone();
+        redis.start_invalidation_listener(Arc::new(move |event| {
+            let Some(vault) = vault.upgrade() else { return };
+            let reloader = reloader.clone();
+            match event {
+                Invalidation::Credential(ws, conn) => {
+                    let (ws, conn) = (ws.to_string(), conn.to_string());
+                    tokio::spawn(async move { vault.invalidate_local(&ws, &conn).await });
+                }
+                Invalidation::Everything => {
+                    vault.invalidate_all_fresh();
+                    tokio::spawn(async move { reloader.reload_or_retry().await });
+                }
+                Invalidation::Definitions => {
+                    tokio::spawn(async move { reloader.reload_or_retry().await });
+                }
+            }
+        }));
+    }
+    let admin_addr = match (admin, &vault, &reloader) {
+        (Some(admin), Some(vault), Some(reloader)) => {
+            let listener = TcpListener::bind(admin.address)
+                .await
+                .map_err(|e| format!("cannot listen on admin.address {}: {e}", admin.address))?;
+            let state = Arc::new(AdminState::new(
+                config.clone(),
+                vault.clone(),
+                reloader.clone(),
+                admin.token_sha256,
+            ));
+            Some(crate::admin::spawn(listener, state))
+        }
+        _ => None,
+    };
+    Ok(Parts {
+        config,
+        vault,
+        admin_addr,
+    })
+}
+
 /// `sluice run`: serve forever under pingora's server.
 pub fn run(snapshot: Snapshot) -> Result<(), String> {
     startup_warnings(&snapshot);
@@ -89,15 +161,11 @@ pub fn run(snapshot: Snapshot) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the background runtime: {e}"))?;
-    let vault = match &snapshot.credentials {
-        Some(creds) => Some(background.block_on(async { build_vault(creds) })?),
-        None => None,
-    };
-    let config = Arc::new(ArcSwap::from_pointee(snapshot));
+    let parts = background.block_on(assemble(snapshot))?;
 
     let mut server = pingora::server::Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
-    let proxy = build_proxy(config, vault, &server.configuration);
+    let proxy = build_proxy(parts.config, parts.vault, &server.configuration);
     drop(bundle);
     let mut service = Service::new("sluice".to_string(), proxy);
     service.add_tcp(&address.to_string());
@@ -113,6 +181,8 @@ pub struct Running {
     pub addr: SocketAddr,
     pub config: Arc<ArcSwap<Snapshot>>,
     pub vault: Option<Arc<Vault>>,
+    /// Where the admin API listens, when `[admin]` is configured.
+    pub admin_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
 }
 
@@ -136,8 +206,11 @@ pub async fn serve(listener: TcpListener, mut snapshot: Snapshot) -> Result<Runn
         .map(CaBundle::build)
         .transpose()?;
     let conf = Arc::new(server_conf(&snapshot, bundle.as_ref()));
-    let vault = snapshot.credentials.as_ref().map(build_vault).transpose()?;
-    let config = Arc::new(ArcSwap::from_pointee(snapshot));
+    let Parts {
+        config,
+        vault,
+        admin_addr,
+    } = assemble(snapshot).await?;
     let app = Arc::new(build_proxy(config.clone(), vault.clone(), &conf));
     drop(bundle);
 
@@ -171,6 +244,7 @@ pub async fn serve(listener: TcpListener, mut snapshot: Snapshot) -> Result<Runn
         addr,
         config,
         vault,
+        admin_addr,
         shutdown: tx,
     })
 }

@@ -202,15 +202,40 @@ async fn run_serves_and_never_logs_a_secret() {
     let extra = format!(
         "[[connector]]\nconnector_id = \"closed\"\ndisplay_name = \"Closed\"\nauth_type = \"none\"\nallowed_domains = [\"api.saas.test\"]\nallowed_ports = [{closed}]\n"
     );
-    std::fs::write(&path, env.config(port, "", &extra)).unwrap();
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = env.config(port, "", &extra).replace(
+        "address = \"127.0.0.1:0\"",
+        &format!("address = \"127.0.0.1:{admin_port}\""),
+    );
+    std::fs::write(&path, config).unwrap();
     let mut child = Command::new(SLUICE)
         .args(["run", "--config"])
         .arg(&path)
         .env("SLUICE_LOG", "info")
+        .env("SLUICE_LOG_FORMAT", "json")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Collect stderr as it is written.
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let mut pipe = child.stderr.take().unwrap();
+    let sink = log.clone();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = pipe.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
     let mut child = tokio::task::spawn_blocking(move || {
         wait_listening(port, &mut child);
         child
@@ -278,15 +303,83 @@ async fn run_serves_and_never_logs_a_secret() {
     assert_eq!(refused.status(), 403);
     assert!(!refused.text().await.unwrap().contains(CANARY));
 
-    child.kill().unwrap();
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
+    // The canary as a stored credential: set through the CLI (stdin), injected upstream.
+    let admin = format!("http://127.0.0.1:{admin_port}");
+    let set = tokio::task::spawn_blocking({
+        let admin = admin.clone();
+        move || {
+            use std::io::Write;
+            let mut cli = Command::new(SLUICE)
+                .args([
+                    "credentials",
+                    "--admin",
+                    &admin,
+                    "set",
+                    "--workspace",
+                    "ws_7",
+                    "--connector",
+                    "narrow",
+                ])
+                .env("SLUICE_ADMIN_TOKEN", ADMIN_TOKEN)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            cli.stdin
+                .take()
+                .unwrap()
+                .write_all(format!("api_key={CANARY}\n").as_bytes())
+                .unwrap();
+            cli.wait_with_output().unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    assert!(!String::from_utf8_lossy(&set.stdout).contains(CANARY));
+    let injected = send(&good, env.url("other.saas.test", "/k"), "narrow", "ws_7")
+        .await
         .unwrap();
+    assert_eq!(injected.status(), 200);
+    assert!(!injected.text().await.unwrap().contains(CANARY));
+    let last = env.upstream.requests().last().cloned().unwrap();
+    assert_eq!(
+        last.header("x-api-key"),
+        Some(CANARY),
+        "the upstream got exactly the credential"
+    );
+    let meta = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!("{admin}/admin/workspaces/ws_7/credentials/narrow"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(meta.contains("api_key") && !meta.contains(CANARY), "{meta}");
+
+    // The audit line of the last request is written after its response: wait for it, then stop.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !log.lock().unwrap().contains("\"path\":\"/k\"") {
+        assert!(
+            Instant::now() < deadline,
+            "the last request was never logged"
+        );
+        tokio::task::yield_now().await;
+    }
+    child.kill().unwrap();
     child.wait().unwrap();
+    reader.join().unwrap();
+    let stderr = log.lock().unwrap().clone();
     assert!(
         stderr.contains("sluice::access"),
         "access lines are logged:\n{stderr}"

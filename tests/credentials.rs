@@ -275,14 +275,9 @@ async fn both_stores_pass_one_suite() {
     store_suite(&embedded).await;
 
     let redis = RedisServer::start().await;
-    let store =
-        sluice::credential::redis::RedisStore::new(&redis.url(), Duration::from_secs(1)).unwrap();
-    // The store connects in the background; wait until it answers.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while store.list().await.is_err() {
-        assert!(Instant::now() < deadline, "redis store never connected");
-        tokio::task::yield_now().await;
-    }
+    let store = sluice::credential::redis::RedisStore::new(&redis.url(), Duration::from_secs(1))
+        .await
+        .unwrap();
     store_suite(&store).await;
 }
 
@@ -330,21 +325,7 @@ async fn two_replicas_on_one_redis_see_a_change_within_a_second() {
     let a = env.start_on_redis(&redis.url(), &extra).await;
     let b = env.start_on_redis(&redis.url(), &extra).await;
     // Both replicas must be subscribed before anything changes, or the test measures startup.
-    let mut conn = redis.connection().await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, subscribers): (String, i64) = redis::cmd("PUBSUB")
-            .arg("NUMSUB")
-            .arg("sluice:cred:invalidate")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        if subscribers == 2 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "replicas never subscribed");
-        tokio::task::yield_now().await;
-    }
+    redis.wait_for_subscribers(2).await;
 
     put_credential(&a, "ws_7", "narrow", true, &[("api_key", "v1")]).await;
     let (status, _, _) = call(&b, env.url("other.saas.test", "/"), "narrow", "ws_7", &[]).await;

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -26,6 +26,19 @@ pub struct FileConfig {
     #[serde(default, rename = "caller")]
     pub callers: Vec<CallerFile>,
     pub credentials: Option<CredentialsFile>,
+    pub admin: Option<AdminFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminFile {
+    #[serde(default = "default_admin_address")]
+    pub address: String,
+    pub token_sha256: String,
+}
+
+fn default_admin_address() -> String {
+    "127.0.0.1:9090".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -124,7 +137,7 @@ pub struct EgressFile {
     pub exception_cidrs: Vec<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConnectorFile {
     pub connector_id: String,
@@ -135,10 +148,14 @@ pub struct ConnectorFile {
     #[serde(default)]
     pub actions: Vec<ActionFile>,
     pub allowed_domains: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub allowed_ports: Option<Vec<u16>>,
     #[serde(default = "yes")]
     pub enabled: bool,
-    #[serde(default)]
+    #[serde(
+        default,
+        skip_serializing_if = "crate::credential::inject::InjectFile::is_empty"
+    )]
     pub inject: crate::credential::inject::InjectFile,
 }
 
@@ -146,14 +163,14 @@ fn yes() -> bool {
     true
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthSchemaFile {
     #[serde(default)]
     pub fields: Vec<AuthFieldFile>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthFieldFile {
     pub name: String,
@@ -168,7 +185,7 @@ fn text() -> String {
     "text".into()
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ActionFile {
     pub action_id: String,
@@ -178,21 +195,21 @@ pub struct ActionFile {
     pub body_schema: Vec<BodyFieldFile>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BodyFieldFile {
     pub name: String,
     pub label: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OrgFile {
     pub org_id: String,
     pub allowed_domains: Option<Vec<String>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkspaceFile {
     pub workspace_id: String,

@@ -140,6 +140,32 @@ pub struct Credentials {
     pub vault: VaultSettings,
 }
 
+/// Connectors, orgs and workspaces created through the admin API and persisted in the store.
+/// They are merged with the TOML file's and validated with it; ids may not clash with the
+/// file's (the file's entries are read-only through the API).
+#[derive(Debug, Clone, Default)]
+pub struct Definitions {
+    pub connectors: Vec<file::ConnectorFile>,
+    pub orgs: Vec<file::OrgFile>,
+    pub workspaces: Vec<file::WorkspaceFile>,
+}
+
+/// Where a definition came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    Toml,
+    Api,
+}
+
+/// Every definition as written, for the admin API to show.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    pub connectors: std::collections::BTreeMap<String, (Origin, file::ConnectorFile)>,
+    pub orgs: std::collections::BTreeMap<String, (Origin, file::OrgFile)>,
+    pub workspaces: std::collections::BTreeMap<String, (Origin, file::WorkspaceFile)>,
+}
+
 /// A validated, immutable configuration. Requests share it through an `Arc`.
 pub struct Snapshot {
     /// The file this came from (for messages).
@@ -155,6 +181,19 @@ pub struct Snapshot {
     pub resolver: Resolver,
     /// `None` when no connector needs a credential and `[credentials]` is absent.
     pub credentials: Option<Credentials>,
+    /// `None`: no admin listener.
+    pub admin: Option<Admin>,
+    /// The definitions as written, with their origin.
+    pub sources: Sources,
+    /// The TOML text this snapshot was built from (to rebuild with new definitions).
+    pub toml_text: Arc<str>,
+}
+
+/// `[admin]`: the admin API's listener and the SHA-256 of its bearer token.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    pub address: SocketAddr,
+    pub token_sha256: [u8; 32],
 }
 
 /// One validation problem: which key, and what is wrong with it.
@@ -211,23 +250,96 @@ impl Snapshot {
     /// Parse and validate TOML text that came from `path` (relative paths resolve against its
     /// directory).
     pub fn from_toml(text: &str, path: &Path) -> Result<Snapshot, ConfigErrors> {
+        Self::from_toml_with(text, path, &Definitions::default())
+    }
+
+    /// The TOML text merged with definitions from the store.
+    pub fn from_toml_with(
+        text: &str,
+        path: &Path,
+        defs: &Definitions,
+    ) -> Result<Snapshot, ConfigErrors> {
         let fail = |errors| ConfigErrors {
             file: path.to_path_buf(),
             errors,
         };
-        let raw: FileConfig = toml::from_str(text).map_err(|e| {
+        let mut raw: FileConfig = toml::from_str(text).map_err(|e| {
             fail(vec![ConfigError {
                 key: parse_error_key(&e, text),
                 message: e.message().to_string(),
             }])
         })?;
+        let sources = merge(&mut raw, defs).map_err(fail)?;
         let base = path.parent().unwrap_or(Path::new("."));
-        validate(raw, path, base).map_err(fail)
+        let mut snap = validate(raw, path, base).map_err(fail)?;
+        snap.sources = sources;
+        snap.toml_text = Arc::from(text);
+        Ok(snap)
     }
 
     /// The address classes the operator has let through, for the startup warning.
     pub fn exception_warnings(&self) -> impl Iterator<Item = &IpNetwork> {
         self.exception_cidrs.iter()
+    }
+}
+
+/// Append the store's definitions to the file's, refusing ids the file already defines.
+fn merge(raw: &mut FileConfig, defs: &Definitions) -> Result<Sources, Vec<ConfigError>> {
+    let mut sources = Sources::default();
+    let mut errors = Vec::new();
+    for c in &raw.connectors {
+        sources
+            .connectors
+            .insert(c.connector_id.clone(), (Origin::Toml, c.clone()));
+    }
+    for o in &raw.orgs {
+        sources
+            .orgs
+            .insert(o.org_id.clone(), (Origin::Toml, o.clone()));
+    }
+    for w in &raw.workspaces {
+        sources
+            .workspaces
+            .insert(w.workspace_id.clone(), (Origin::Toml, w.clone()));
+    }
+    let clash = |kind: &str, id: &str| ConfigError {
+        key: format!("{kind}[{id}]"),
+        message: "defined in the TOML file, which the admin API cannot change".into(),
+    };
+    for c in &defs.connectors {
+        if sources
+            .connectors
+            .insert(c.connector_id.clone(), (Origin::Api, c.clone()))
+            .is_some()
+        {
+            errors.push(clash("connector", &c.connector_id));
+        }
+        raw.connectors.push(c.clone());
+    }
+    for o in &defs.orgs {
+        if sources
+            .orgs
+            .insert(o.org_id.clone(), (Origin::Api, o.clone()))
+            .is_some()
+        {
+            errors.push(clash("org", &o.org_id));
+        }
+        raw.orgs.push(o.clone());
+    }
+    for w in &defs.workspaces {
+        if sources
+            .workspaces
+            .insert(w.workspace_id.clone(), (Origin::Api, w.clone()))
+            .is_some()
+        {
+            errors.push(clash("workspace", &w.workspace_id));
+        }
+        raw.workspaces.push(w.clone());
+    }
+    if errors.is_empty() {
+        Ok(sources)
+    } else {
+        Err(errors)
     }
 }
 
@@ -786,6 +898,47 @@ fn validate(raw: FileConfig, source: &Path, base: &Path) -> Result<Snapshot, Vec
         }
     }
 
+    // [admin]
+    let admin = raw.admin.as_ref().and_then(|a| {
+        let address = match a.address.parse::<SocketAddr>() {
+            Ok(addr) => addr,
+            Err(_) => {
+                errors.push(
+                    "admin.address",
+                    format!("{:?} is not an IP:port address", a.address),
+                );
+                return None;
+            }
+        };
+        if address == listener.address {
+            errors.push("admin.address", "must differ from listener.address");
+        }
+        let token_sha256 = match hex::decode(&a.token_sha256) {
+            Ok(b) if b.len() == 32 => {
+                let mut h = [0u8; 32];
+                h.copy_from_slice(&b);
+                h
+            }
+            _ => {
+                errors.push(
+                    "admin.token_sha256",
+                    "must be 64 hex digits: the SHA-256 of the admin token (see `sluice token`)",
+                );
+                return None;
+            }
+        };
+        if credentials.is_none() {
+            errors.push(
+                "admin",
+                "the admin API manages stored credentials and definitions: it needs [credentials]",
+            );
+        }
+        Some(Admin {
+            address,
+            token_sha256,
+        })
+    });
+
     // The resolver is only built for an otherwise valid file: it may read system files.
     if !errors.0.is_empty() {
         return Err(errors.0);
@@ -815,6 +968,9 @@ fn validate(raw: FileConfig, source: &Path, base: &Path) -> Result<Snapshot, Vec
         workspaces,
         resolver,
         credentials,
+        admin,
+        sources: Sources::default(),
+        toml_text: Arc::from(""),
     })
 }
 

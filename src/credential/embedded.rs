@@ -11,6 +11,8 @@ use redb::{Database, ReadableTable, TableDefinition};
 use super::store::{CredentialRecord, CredentialStore, StoreError, decode, encode};
 
 const CREDENTIALS: TableDefinition<&str, &[u8]> = TableDefinition::new("credentials");
+/// Admin-API definitions keyed `kind/id`.
+const DEFINITIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("definitions");
 
 /// Records keyed `workspace/connector` (neither identifier can contain `/`).
 pub struct EmbeddedStore {
@@ -36,6 +38,7 @@ impl EmbeddedStore {
             .map_err(|e| format!("cannot open the embedded store {}: {e}", path.display()))?;
         let txn = db.begin_write().map_err(|e| e.to_string())?;
         txn.open_table(CREDENTIALS).map_err(|e| e.to_string())?;
+        txn.open_table(DEFINITIONS).map_err(|e| e.to_string())?;
         txn.commit().map_err(|e| e.to_string())?;
         Ok(Self { db: Arc::new(db) })
     }
@@ -88,6 +91,51 @@ impl CredentialStore for EmbeddedStore {
             let txn = db.begin_write().map_err(failed)?;
             let existed = {
                 let mut table = txn.open_table(CREDENTIALS).map_err(failed)?;
+                let removed = table.remove(k.as_str()).map_err(failed)?;
+                removed.is_some()
+            };
+            txn.commit().map_err(failed)?;
+            Ok(existed)
+        })
+        .await
+    }
+
+    async fn list_definitions(&self) -> Result<Vec<(String, String, Vec<u8>)>, StoreError> {
+        self.blocking(|db| {
+            let txn = db.begin_read().map_err(failed)?;
+            let table = txn.open_table(DEFINITIONS).map_err(failed)?;
+            let mut out = Vec::new();
+            for item in table.iter().map_err(failed)? {
+                let (k, v) = item.map_err(failed)?;
+                if let Some((kind, id)) = k.value().split_once('/') {
+                    out.push((kind.to_string(), id.to_string(), v.value().to_vec()));
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn put_definition(&self, kind: &str, id: &str, json: &[u8]) -> Result<(), StoreError> {
+        let k = key(kind, id);
+        let bytes = json.to_vec();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(failed)?;
+            {
+                let mut table = txn.open_table(DEFINITIONS).map_err(failed)?;
+                table.insert(k.as_str(), bytes.as_slice()).map_err(failed)?;
+            }
+            txn.commit().map_err(failed)
+        })
+        .await
+    }
+
+    async fn delete_definition(&self, kind: &str, id: &str) -> Result<bool, StoreError> {
+        let k = key(kind, id);
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(failed)?;
+            let existed = {
+                let mut table = txn.open_table(DEFINITIONS).map_err(failed)?;
                 let removed = table.remove(k.as_str()).map_err(failed)?;
                 removed.is_some()
             };

@@ -130,14 +130,26 @@ fn sensitive(value: &str) -> Result<HeaderValue, String> {
 }
 
 /// The `[connector.inject]` table as written.
-#[derive(Debug, Default, Clone, serde::Deserialize)]
+#[derive(Debug, Default, Clone, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct InjectFile {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub header: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub query: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub format: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub headers: std::collections::BTreeMap<String, String>,
+}
+
+impl InjectFile {
+    pub fn is_empty(&self) -> bool {
+        self.header.is_none()
+            && self.query.is_none()
+            && self.format.is_none()
+            && self.headers.is_empty()
+    }
 }
 
 impl Injection {

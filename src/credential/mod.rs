@@ -139,6 +139,11 @@ impl Vault {
         &self.keyring
     }
 
+    /// The store behind the caches (definitions live there too).
+    pub fn store(&self) -> &Arc<dyn CredentialStore> {
+        &self.store
+    }
+
     /// The tenant state for (workspace, connector), from cache or store.
     pub async fn lookup(
         &self,
@@ -393,31 +398,22 @@ fn check_key_file_mode(path: &std::path::Path) {
     }
 }
 
-/// Build the vault the config describes: keys, store, caches, and (on Redis) the listener for
-/// other replicas' invalidations. Needs a tokio runtime.
-pub fn build_vault(creds: &crate::config::Credentials) -> Result<Arc<Vault>, String> {
+/// The vault the config describes, and the Redis store behind it when there is one (its
+/// invalidation listener is started by the server, which knows what to do on each message).
+pub async fn build_vault(
+    creds: &crate::config::Credentials,
+) -> Result<(Arc<Vault>, Option<Arc<redis::RedisStore>>), String> {
     use crate::config::StoreKind;
     let keyring = load_keyring(&creds.keys)?;
     match &creds.store {
         StoreKind::Embedded { path } => {
             let store = Arc::new(embedded::EmbeddedStore::open(path)?);
-            Ok(Arc::new(Vault::new(store, keyring, &creds.vault)))
+            Ok((Arc::new(Vault::new(store, keyring, &creds.vault)), None))
         }
         StoreKind::Redis { url } => {
-            let store = Arc::new(redis::RedisStore::new(url, creds.vault.read_timeout)?);
+            let store = Arc::new(redis::RedisStore::new(url, creds.vault.read_timeout).await?);
             let vault = Arc::new(Vault::new(store.clone(), keyring, &creds.vault));
-            let weak = Arc::downgrade(&vault);
-            store.start_invalidation_listener(Arc::new(move |which| {
-                let Some(vault) = weak.upgrade() else { return };
-                match which {
-                    None => vault.invalidate_all_fresh(),
-                    Some((ws, conn)) => {
-                        let (ws, conn) = (ws.to_string(), conn.to_string());
-                        tokio::spawn(async move { vault.invalidate_local(&ws, &conn).await });
-                    }
-                }
-            }));
-            Ok(vault)
+            Ok((vault, Some(store)))
         }
     }
 }
@@ -447,6 +443,15 @@ mod tests {
         }
         async fn list(&self) -> Result<Vec<CredentialRecord>, StoreError> {
             self.inner.list().await
+        }
+        async fn list_definitions(&self) -> Result<Vec<(String, String, Vec<u8>)>, StoreError> {
+            self.inner.list_definitions().await
+        }
+        async fn put_definition(&self, k: &str, id: &str, json: &[u8]) -> Result<(), StoreError> {
+            self.inner.put_definition(k, id, json).await
+        }
+        async fn delete_definition(&self, k: &str, id: &str) -> Result<bool, StoreError> {
+            self.inner.delete_definition(k, id).await
         }
     }
 

@@ -11,7 +11,11 @@
 //! The `{<workspace>}` hash tag keeps one workspace's keys in one slot. Listing tolerates index
 //! entries whose record is gone (a delete between the two commands).
 //!
-//! Invalidations travel on the channel `sluice:cred:invalidate` as `workspace/connector`. After
+//! Admin-API definitions live in one hash per kind, `sluice:defs:<kind>` (field = id, value =
+//! JSON).
+//!
+//! Invalidations travel on the channel `sluice:cred:invalidate` as `workspace/connector`, or
+//! `!definitions` when definitions changed. After
 //! the subscription reconnects, a replica may have missed messages, so it drops its whole
 //! fresh cache.
 //!
@@ -41,9 +45,27 @@ fn index_key(workspace: &str) -> String {
     format!("sluice:cred:{{{workspace}}}:connectors")
 }
 
-/// What a replica does when told a record changed: `Some((workspace, connector))` for one
-/// record, `None` for "you may have missed some: drop everything".
-pub type Invalidator = Arc<dyn Fn(Option<(&str, &str)>) + Send + Sync>;
+/// What another replica told this one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Invalidation<'a> {
+    /// One credential changed.
+    Credential(&'a str, &'a str),
+    /// Messages may have been missed: drop every fresh cache entry and reload definitions.
+    Everything,
+    /// Definitions changed: reload them.
+    Definitions,
+}
+
+/// What a replica does when told something changed.
+pub type Invalidator = Arc<dyn Fn(Invalidation<'_>) + Send + Sync>;
+
+const DEFINITIONS_CHANGED: &str = "!definitions";
+
+fn definitions_key(kind: &str) -> String {
+    format!("sluice:defs:{kind}")
+}
+
+const DEFINITION_KINDS: [&str; 3] = ["connector", "org", "workspace"];
 
 pub struct RedisStore {
     client: redis::Client,
@@ -55,19 +77,30 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 }
 
 impl RedisStore {
-    /// Connect in the background; operations fail as unavailable until the first connection.
-    pub fn new(url: &str, timeout: Duration) -> Result<Self, String> {
+    /// Connect, waiting at most `timeout`. When Redis is not reachable, keep trying in the
+    /// background; operations fail as unavailable until the first connection succeeds.
+    pub async fn new(url: &str, timeout: Duration) -> Result<Self, String> {
         let client = redis::Client::open(url).map_err(|e| format!("invalid redis url: {e}"))?;
         let conn = Arc::new(ArcSwapOption::empty());
         let store = Self {
             client: client.clone(),
             conn: conn.clone(),
         };
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(timeout)
+            .set_response_timeout(timeout)
+            .set_max_delay(2_000);
+        let first = tokio::time::timeout(
+            timeout,
+            client.get_connection_manager_with_config(config.clone()),
+        )
+        .await;
+        if let Ok(Ok(manager)) = first {
+            conn.store(Some(Arc::new(manager)));
+            return Ok(store);
+        }
+        warn!("redis not reachable at startup; serving from TOML definitions until it is");
         tokio::spawn(async move {
-            let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(timeout)
-                .set_response_timeout(timeout)
-                .set_max_delay(2_000);
             let mut delay = Duration::from_millis(50);
             loop {
                 match client
@@ -117,7 +150,7 @@ impl RedisStore {
                 }
                 if !first {
                     // Messages may have been missed while disconnected.
-                    on_invalidate(None);
+                    on_invalidate(Invalidation::Everything);
                 }
                 first = false;
                 let mut messages = pubsub.on_message();
@@ -125,8 +158,10 @@ impl RedisStore {
                     let Ok(payload) = msg.get_payload::<String>() else {
                         continue;
                     };
-                    if let Some((ws, conn)) = payload.split_once('/') {
-                        on_invalidate(Some((ws, conn)));
+                    if payload == DEFINITIONS_CHANGED {
+                        on_invalidate(Invalidation::Definitions);
+                    } else if let Some((ws, conn)) = payload.split_once('/') {
+                        on_invalidate(Invalidation::Credential(ws, conn));
                     }
                 }
                 warn!("redis invalidation subscription lost; resubscribing");
@@ -196,6 +231,49 @@ impl CredentialStore for RedisStore {
             }
         }
         Ok(out)
+    }
+
+    async fn list_definitions(&self) -> Result<Vec<(String, String, Vec<u8>)>, StoreError> {
+        let mut conn = self.conn()?;
+        let mut out = Vec::new();
+        for kind in DEFINITION_KINDS {
+            let all: std::collections::HashMap<String, Vec<u8>> = conn
+                .hgetall(definitions_key(kind))
+                .await
+                .map_err(unavailable)?;
+            out.extend(
+                all.into_iter()
+                    .map(|(id, json)| (kind.to_string(), id, json)),
+            );
+        }
+        Ok(out)
+    }
+
+    async fn put_definition(&self, kind: &str, id: &str, json: &[u8]) -> Result<(), StoreError> {
+        let mut conn = self.conn()?;
+        let _: i64 = conn
+            .hset(definitions_key(kind), id, json)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn delete_definition(&self, kind: &str, id: &str) -> Result<bool, StoreError> {
+        let mut conn = self.conn()?;
+        let removed: i64 = conn
+            .hdel(definitions_key(kind), id)
+            .await
+            .map_err(unavailable)?;
+        Ok(removed > 0)
+    }
+
+    async fn publish_definitions_changed(&self) {
+        if let Ok(mut conn) = self.conn() {
+            let sent: Result<i64, _> = conn.publish(CHANNEL, DEFINITIONS_CHANGED).await;
+            if let Err(e) = sent {
+                warn!(error = %e, "cannot publish a definitions change");
+            }
+        }
     }
 
     async fn publish_invalidation(&self, workspace: &str, connector: &str) {

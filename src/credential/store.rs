@@ -85,6 +85,17 @@ pub trait CredentialStore: Send + Sync {
     /// Tell every other replica to drop its cached copy of (workspace, connector). Stores with
     /// a single process (embedded) have nobody to tell.
     async fn publish_invalidation(&self, _workspace: &str, _connector: &str) {}
+
+    /// Definitions created through the admin API: (kind, id, JSON). Kinds are `connector`,
+    /// `org` and `workspace`.
+    async fn list_definitions(&self) -> Result<Vec<(String, String, Vec<u8>)>, StoreError>;
+
+    async fn put_definition(&self, kind: &str, id: &str, json: &[u8]) -> Result<(), StoreError>;
+
+    async fn delete_definition(&self, kind: &str, id: &str) -> Result<bool, StoreError>;
+
+    /// Tell every other replica to reload the definitions.
+    async fn publish_definitions_changed(&self) {}
 }
 
 pub(crate) fn encode(record: &CredentialRecord) -> Vec<u8> {

@@ -35,6 +35,8 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs
 
 /// The caller token the default config accepts for caller `app` (scoped to ws_42 and ws_7).
 pub const APP_TOKEN: &str = "slc_test-app-token-0123456789abcdef";
+/// The admin API's token in the default config.
+pub const ADMIN_TOKEN: &str = "slc_test-admin-token-5555aaaa";
 /// A token for caller `ops`, allowed every workspace.
 pub const OPS_TOKEN: &str = "slc_test-ops-token-fedcba9876543210";
 
@@ -352,6 +354,10 @@ name = "ops"
 token_sha256 = "{ops}"
 workspaces = ["*"]
 
+[admin]
+address = "127.0.0.1:0"
+token_sha256 = "{admin}"
+
 [credentials]
 {store}
 key_file = "{dir}/master.keys"
@@ -362,6 +368,7 @@ create_key_file_if_missing = true
             ca = self.ca_file.display(),
             app = sha256_hex(APP_TOKEN),
             ops = sha256_hex(OPS_TOKEN),
+            admin = sha256_hex(ADMIN_TOKEN),
         )
     }
 
@@ -561,6 +568,29 @@ impl RedisServer {
         }
     }
 
+    /// Wait until `n` sluice replicas subscribe to the invalidation channel, so a test
+    /// measures propagation, not startup.
+    pub async fn wait_for_subscribers(&self, n: i64) {
+        let mut conn = self.connection().await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, subscribers): (String, i64) = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg("sluice:cred:invalidate")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            if subscribers >= n {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "replicas never subscribed"
+            );
+            tokio::task::yield_now().await;
+        }
+    }
+
     pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
         redis::Client::open(self.url())
             .unwrap()
@@ -594,4 +624,49 @@ pub async fn put_credential(
         .put(workspace, connector, enabled, &f)
         .await
         .unwrap();
+}
+
+/// A client for the admin API of `gw`, authenticated unless `token` is None.
+pub struct Admin {
+    pub base: String,
+    client: reqwest::Client,
+    token: Option<String>,
+}
+
+impl Admin {
+    pub fn new(gw: &Running, token: Option<&str>) -> Self {
+        Self {
+            base: format!(
+                "http://{}",
+                gw.admin_addr.expect("the gateway runs the admin API")
+            ),
+            client: reqwest::Client::builder().no_proxy().build().unwrap(),
+            token: token.map(str::to_string),
+        }
+    }
+
+    /// (status, error code header, JSON body)
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, Option<String>, serde_json::Value) {
+        let mut rb = self.client.request(method, format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            rb = rb.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        let resp = rb.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let code = resp
+            .headers()
+            .get("x-sluice-error")
+            .map(|v| v.to_str().unwrap().to_string());
+        let text = resp.text().await.unwrap();
+        let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+        (status, code, json)
+    }
 }

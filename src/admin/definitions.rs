@@ -1,0 +1,338 @@
+//! Connectors, org allowlists and workspaces through the admin API.
+//!
+//! A change is validated by building the whole snapshot it would produce (the TOML file plus
+//! every stored definition plus the change); only a valid result is persisted and swapped in,
+//! and other replicas are told to reload. Entries from the TOML file are read-only here.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use http::{Method, StatusCode};
+use serde::Deserialize;
+use tracing::{info, warn};
+
+use super::{AdminState, ApiError, ApiResult, method_not_allowed, parse};
+use crate::config::file::{ConnectorFile, OrgFile, WorkspaceFile};
+use crate::config::{ConfigErrors, Definitions, Origin, Snapshot};
+use crate::credential::store::CredentialStore;
+
+/// Rebuilds the live snapshot from the TOML text and the store's definitions.
+pub struct Reloader {
+    config: Arc<ArcSwap<Snapshot>>,
+    store: Arc<dyn CredentialStore>,
+}
+
+impl Reloader {
+    pub fn new(config: Arc<ArcSwap<Snapshot>>, store: Arc<dyn CredentialStore>) -> Self {
+        Self { config, store }
+    }
+
+    /// The definitions currently in the store.
+    pub async fn load(&self) -> Result<Definitions, String> {
+        let mut defs = Definitions::default();
+        for (kind, id, json) in self
+            .store
+            .list_definitions()
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            let bad = |e: serde_json::Error| format!("stored {kind} {id:?} does not parse: {e}");
+            match kind.as_str() {
+                "connector" => defs
+                    .connectors
+                    .push(serde_json::from_slice(&json).map_err(bad)?),
+                "org" => defs.orgs.push(serde_json::from_slice(&json).map_err(bad)?),
+                "workspace" => defs
+                    .workspaces
+                    .push(serde_json::from_slice(&json).map_err(bad)?),
+                _ => warn!(kind, id, "ignoring a stored definition of unknown kind"),
+            }
+        }
+        defs.connectors
+            .sort_by(|a, b| a.connector_id.cmp(&b.connector_id));
+        defs.orgs.sort_by(|a, b| a.org_id.cmp(&b.org_id));
+        defs.workspaces
+            .sort_by(|a, b| a.workspace_id.cmp(&b.workspace_id));
+        Ok(defs)
+    }
+
+    /// The snapshot the current TOML text and `defs` make, or every reason it is invalid.
+    pub fn build(&self, defs: &Definitions) -> Result<Snapshot, ConfigErrors> {
+        let current = self.config.load();
+        let mut next = Snapshot::from_toml_with(&current.toml_text, &current.source, defs)?;
+        // The listener actually bound (tests bind port 0) is not the file's to change.
+        next.listener.address = current.listener.address;
+        Ok(next)
+    }
+
+    /// Reload definitions from the store and swap the snapshot.
+    pub async fn reload(&self) -> Result<(), String> {
+        let defs = self.load().await?;
+        let next = self.build(&defs).map_err(|e| e.to_string())?;
+        self.config.store(Arc::new(next));
+        info!("definitions reloaded from the store");
+        Ok(())
+    }
+
+    /// Reload now, and keep retrying in the background while the store is unavailable.
+    pub async fn reload_or_retry(self: &Arc<Self>) {
+        if let Err(e) = self.reload().await {
+            warn!(error = %e, "cannot load definitions from the store yet; retrying in the background");
+            let me = self.clone();
+            tokio::spawn(async move {
+                let mut delay = std::time::Duration::from_millis(100);
+                loop {
+                    tokio::time::sleep(delay).await;
+                    match me.reload().await {
+                        Ok(()) => return,
+                        Err(e) => warn!(error = %e, "still cannot load definitions"),
+                    }
+                    delay = (delay * 2).min(std::time::Duration::from_secs(5));
+                }
+            });
+        }
+    }
+}
+
+/// `PUT /admin/orgs/{id}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OrgPut {
+    allowed_domains: Option<Vec<String>>,
+}
+
+/// `PUT /admin/workspaces/{id}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WorkspacePut {
+    org: String,
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Connector,
+    Org,
+    Workspace,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Connector => "connector",
+            Kind::Org => "org",
+            Kind::Workspace => "workspace",
+        }
+    }
+}
+
+fn origin_of(snap: &Snapshot, kind: Kind, id: &str) -> Option<Origin> {
+    match kind {
+        Kind::Connector => snap.sources.connectors.get(id).map(|(o, _)| *o),
+        Kind::Org => snap.sources.orgs.get(id).map(|(o, _)| *o),
+        Kind::Workspace => snap.sources.workspaces.get(id).map(|(o, _)| *o),
+    }
+}
+
+fn with_origin<T: serde::Serialize>(origin: Origin, value: &T) -> serde_json::Value {
+    let mut v = serde_json::to_value(value).expect("definitions serialise");
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert(
+            "source".into(),
+            serde_json::to_value(origin).expect("serialises"),
+        );
+    }
+    v
+}
+
+/// Apply `change` to the stored definitions, validate the result as a whole, then persist the
+/// one changed entry and swap the snapshot in.
+async fn apply(
+    state: &AdminState,
+    kind: Kind,
+    id: &str,
+    new: Option<Vec<u8>>,
+    change: impl FnOnce(&mut Definitions),
+) -> Result<(), ApiError> {
+    let reloader = &state.reloader;
+    if origin_of(&state.config.load(), kind, id) == Some(Origin::Toml) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "read_only",
+            format!(
+                "{} {id:?} is defined in the TOML file and is read-only here",
+                kind.as_str()
+            ),
+        ));
+    }
+    let mut defs = reloader
+        .load()
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", e))?;
+    change(&mut defs);
+    let next = reloader.build(&defs).map_err(|e| {
+        let errors: Vec<String> = e
+            .errors
+            .iter()
+            .map(|e| format!("{}: {}", e.key, e.message))
+            .collect();
+        ApiError::invalid(format!(
+            "the change would make the configuration invalid: {}",
+            errors.join("; ")
+        ))
+    })?;
+    let store = reloader.store.as_ref();
+    let persisted = match &new {
+        Some(json) => store
+            .put_definition(kind.as_str(), id, json)
+            .await
+            .map(|()| true),
+        None => store.delete_definition(kind.as_str(), id).await,
+    };
+    let existed = persisted.map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            e.to_string(),
+        )
+    })?;
+    if new.is_none() && !existed {
+        return Err(ApiError::not_found(format!("no {} {id:?}", kind.as_str())));
+    }
+    state.config.store(Arc::new(next));
+    store.publish_definitions_changed().await;
+    info!(target: "sluice::audit", kind = kind.as_str(), id, change = if new.is_some() { "put" } else { "delete" }, "definition changed through the admin API");
+    Ok(())
+}
+
+pub(super) async fn route(
+    state: &AdminState,
+    method: &Method,
+    segments: &[&str],
+    body: &[u8],
+) -> ApiResult {
+    let snap = state.config.load_full();
+    match (method, segments) {
+        // The spec's shape: POST /admin/connector creates.
+        (&Method::POST, ["admin", "connector"]) => {
+            let c: ConnectorFile = parse(body)?;
+            let id = c.connector_id.clone();
+            if snap.sources.connectors.contains_key(&id) {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "exists",
+                    format!("connector {id:?} exists; PUT /admin/connectors/{id} replaces it"),
+                ));
+            }
+            let json = serde_json::to_vec(&c).expect("serialises");
+            apply(state, Kind::Connector, &id, Some(json), |d| {
+                d.connectors.push(c.clone())
+            })
+            .await?;
+            Ok((StatusCode::CREATED, with_origin(Origin::Api, &c)))
+        }
+        (&Method::GET, ["admin", "connectors"]) => Ok((
+            StatusCode::OK,
+            serde_json::json!({ "connectors": snap.sources.connectors.values().map(|(o, c)| with_origin(*o, c)).collect::<Vec<_>>() }),
+        )),
+        (_, ["admin", "connectors", id]) => match *method {
+            Method::GET => snap
+                .sources
+                .connectors
+                .get(*id)
+                .map(|(o, c)| (StatusCode::OK, with_origin(*o, c)))
+                .ok_or_else(|| ApiError::not_found(format!("no connector {id:?}"))),
+            Method::PUT => {
+                let c: ConnectorFile = parse(body)?;
+                if c.connector_id != *id {
+                    return Err(ApiError::invalid(
+                        "connector_id in the body must match the path",
+                    ));
+                }
+                let json = serde_json::to_vec(&c).expect("serialises");
+                apply(state, Kind::Connector, id, Some(json), |d| {
+                    d.connectors.retain(|x| x.connector_id != *id);
+                    d.connectors.push(c.clone());
+                })
+                .await?;
+                Ok((StatusCode::OK, with_origin(Origin::Api, &c)))
+            }
+            Method::DELETE => {
+                apply(state, Kind::Connector, id, None, |d| {
+                    d.connectors.retain(|x| x.connector_id != *id)
+                })
+                .await?;
+                Ok((StatusCode::OK, serde_json::json!({ "deleted": true })))
+            }
+            _ => Err(method_not_allowed()),
+        },
+        (&Method::GET, ["admin", "orgs"]) => Ok((
+            StatusCode::OK,
+            serde_json::json!({ "orgs": snap.sources.orgs.values().map(|(o, v)| with_origin(*o, v)).collect::<Vec<_>>() }),
+        )),
+        (_, ["admin", "orgs", id]) => match *method {
+            Method::GET => snap
+                .sources
+                .orgs
+                .get(*id)
+                .map(|(o, v)| (StatusCode::OK, with_origin(*o, v)))
+                .ok_or_else(|| ApiError::not_found(format!("no org {id:?}"))),
+            Method::PUT => {
+                let put: OrgPut = parse(body)?;
+                let org = OrgFile {
+                    org_id: id.to_string(),
+                    allowed_domains: put.allowed_domains,
+                };
+                let json = serde_json::to_vec(&org).expect("serialises");
+                apply(state, Kind::Org, id, Some(json), |d| {
+                    d.orgs.retain(|x| x.org_id != *id);
+                    d.orgs.push(org.clone());
+                })
+                .await?;
+                Ok((StatusCode::OK, with_origin(Origin::Api, &org)))
+            }
+            Method::DELETE => {
+                apply(state, Kind::Org, id, None, |d| {
+                    d.orgs.retain(|x| x.org_id != *id)
+                })
+                .await?;
+                Ok((StatusCode::OK, serde_json::json!({ "deleted": true })))
+            }
+            _ => Err(method_not_allowed()),
+        },
+        (&Method::GET, ["admin", "workspaces"]) => Ok((
+            StatusCode::OK,
+            serde_json::json!({ "workspaces": snap.sources.workspaces.values().map(|(o, v)| with_origin(*o, v)).collect::<Vec<_>>() }),
+        )),
+        (_, ["admin", "workspaces", id]) => match *method {
+            Method::GET => snap
+                .sources
+                .workspaces
+                .get(*id)
+                .map(|(o, v)| (StatusCode::OK, with_origin(*o, v)))
+                .ok_or_else(|| ApiError::not_found(format!("no workspace {id:?}"))),
+            Method::PUT => {
+                let put: WorkspacePut = parse(body)?;
+                let ws = WorkspaceFile {
+                    workspace_id: id.to_string(),
+                    org: put.org,
+                };
+                let json = serde_json::to_vec(&ws).expect("serialises");
+                apply(state, Kind::Workspace, id, Some(json), |d| {
+                    d.workspaces.retain(|x| x.workspace_id != *id);
+                    d.workspaces.push(ws.clone());
+                })
+                .await?;
+                Ok((StatusCode::OK, with_origin(Origin::Api, &ws)))
+            }
+            Method::DELETE => {
+                apply(state, Kind::Workspace, id, None, |d| {
+                    d.workspaces.retain(|x| x.workspace_id != *id)
+                })
+                .await?;
+                Ok((StatusCode::OK, serde_json::json!({ "deleted": true })))
+            }
+            _ => Err(method_not_allowed()),
+        },
+        _ => Err(ApiError::not_found("no such admin endpoint")),
+    }
+}
