@@ -15,8 +15,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq && apt-get install -y -qq "${missing[@]}"
 fi
-if ! python3 -c 'import requests' 2>/dev/null; then
-  python3 -m pip install --quiet requests || python3 -m pip install --quiet --break-system-packages requests
-fi
+# Python `requests` (a real client for the proxy) and openapi-spec-validator (checks the
+# admin API's OpenAPI 3.1 document).
+for module in requests:requests openapi_spec_validator:openapi-spec-validator; do
+  if ! python3 -c "import ${module%%:*}" 2>/dev/null; then
+    python3 -m pip install --quiet "${module#*:}" \
+      || python3 -m pip install --quiet --break-system-packages "${module#*:}"
+  fi
+done
 
 cargo test --all-targets

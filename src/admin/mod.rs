@@ -1,5 +1,5 @@
 //! The admin API: its own listener (loopback by default), one bearer token stored as a SHA-256.
-//! Documented in `docs/admin-api.openapi.yaml`; the `sluice credentials …` commands are a
+//! Documented in `src/admin/openapi.json` (OpenAPI 3.1, also served at `GET /admin/openapi.json`); the `sluice credentials …` commands are a
 //! client of it, so a running sluice is the only writer of its store and every change
 //! invalidates the caches it should.
 //!
@@ -32,6 +32,9 @@ use crate::credential::{Vault, VaultError};
 use crate::error::ERROR_HEADER;
 
 pub use definitions::Reloader;
+
+/// The OpenAPI 3.1 description of this API.
+pub const OPENAPI: &str = include_str!("openapi.json");
 
 /// Largest request body the admin API reads.
 const MAX_BODY: usize = 256 * 1024;
@@ -267,6 +270,10 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> ApiResult {
             }
             _ => Err(method_not_allowed()),
         },
+        (&Method::GET, ["admin", "openapi.json"]) => Ok((
+            StatusCode::OK,
+            serde_json::from_str(OPENAPI).expect("the bundled OpenAPI document is JSON"),
+        )),
         (&Method::POST, ["admin", "keys", "rotate"]) => {
             let (resealed, current) = state.vault.rotate().await?;
             info!(target: "sluice::audit", resealed, current, active_key = state.vault.keyring().active_id(), "credentials re-sealed to the active key");
