@@ -4,6 +4,7 @@
 //! every stored definition plus the change); only a valid result is persisted and swapped in,
 //! and other replicas are told to reload. Entries from the TOML file are read-only here.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -204,6 +205,45 @@ async fn apply(
     Ok(())
 }
 
+fn list<T: serde::Serialize>(name: &str, map: &BTreeMap<String, (Origin, T)>) -> ApiResult {
+    let items: Vec<_> = map.values().map(|(o, v)| with_origin(*o, v)).collect();
+    Ok((StatusCode::OK, serde_json::json!({ name: items })))
+}
+
+fn one<T: serde::Serialize>(
+    kind: Kind,
+    map: &BTreeMap<String, (Origin, T)>,
+    id: &str,
+) -> ApiResult {
+    map.get(id)
+        .map(|(o, v)| (StatusCode::OK, with_origin(*o, v)))
+        .ok_or_else(|| ApiError::not_found(format!("no {} {id:?}", kind.as_str())))
+}
+
+/// Store `value` as the definition `id`, replacing any stored one.
+async fn put<T: serde::Serialize>(
+    state: &AdminState,
+    kind: Kind,
+    id: &str,
+    value: &T,
+    status: StatusCode,
+    replace: impl FnOnce(&mut Definitions),
+) -> ApiResult {
+    let json = serde_json::to_vec(value).expect("definitions serialise");
+    apply(state, kind, id, Some(json), replace).await?;
+    Ok((status, with_origin(Origin::Api, value)))
+}
+
+async fn delete(
+    state: &AdminState,
+    kind: Kind,
+    id: &str,
+    remove: impl FnOnce(&mut Definitions),
+) -> ApiResult {
+    apply(state, kind, id, None, remove).await?;
+    Ok((StatusCode::OK, serde_json::json!({ "deleted": true })))
+}
+
 pub(super) async fn route(
     state: &AdminState,
     method: &Method,
@@ -211,128 +251,87 @@ pub(super) async fn route(
     body: &[u8],
 ) -> ApiResult {
     let snap = state.config.load_full();
+    let sources = &snap.sources;
     match (method, segments) {
         // The spec's shape: POST /admin/connector creates.
         (&Method::POST, ["admin", "connector"]) => {
             let c: ConnectorFile = parse(body)?;
             let id = c.connector_id.clone();
-            if snap.sources.connectors.contains_key(&id) {
+            if sources.connectors.contains_key(&id) {
                 return Err(ApiError::new(
                     StatusCode::CONFLICT,
                     "exists",
                     format!("connector {id:?} exists; PUT /admin/connectors/{id} replaces it"),
                 ));
             }
-            let json = serde_json::to_vec(&c).expect("serialises");
-            apply(state, Kind::Connector, &id, Some(json), |d| {
+            put(state, Kind::Connector, &id, &c, StatusCode::CREATED, |d| {
                 d.connectors.push(c.clone())
             })
-            .await?;
-            Ok((StatusCode::CREATED, with_origin(Origin::Api, &c)))
+            .await
         }
-        (&Method::GET, ["admin", "connectors"]) => Ok((
-            StatusCode::OK,
-            serde_json::json!({ "connectors": snap.sources.connectors.values().map(|(o, c)| with_origin(*o, c)).collect::<Vec<_>>() }),
-        )),
-        (_, ["admin", "connectors", id]) => match *method {
-            Method::GET => snap
-                .sources
-                .connectors
-                .get(*id)
-                .map(|(o, c)| (StatusCode::OK, with_origin(*o, c)))
-                .ok_or_else(|| ApiError::not_found(format!("no connector {id:?}"))),
-            Method::PUT => {
-                let c: ConnectorFile = parse(body)?;
-                if c.connector_id != *id {
-                    return Err(ApiError::invalid(
-                        "connector_id in the body must match the path",
-                    ));
-                }
-                let json = serde_json::to_vec(&c).expect("serialises");
-                apply(state, Kind::Connector, id, Some(json), |d| {
-                    d.connectors.retain(|x| x.connector_id != *id);
-                    d.connectors.push(c.clone());
-                })
-                .await?;
-                Ok((StatusCode::OK, with_origin(Origin::Api, &c)))
+        (&Method::GET, ["admin", "connectors"]) => list("connectors", &sources.connectors),
+        (&Method::GET, ["admin", "orgs"]) => list("orgs", &sources.orgs),
+        (&Method::GET, ["admin", "workspaces"]) => list("workspaces", &sources.workspaces),
+        (&Method::GET, ["admin", "connectors", id]) => {
+            one(Kind::Connector, &sources.connectors, id)
+        }
+        (&Method::GET, ["admin", "orgs", id]) => one(Kind::Org, &sources.orgs, id),
+        (&Method::GET, ["admin", "workspaces", id]) => {
+            one(Kind::Workspace, &sources.workspaces, id)
+        }
+        (&Method::PUT, ["admin", "connectors", id]) => {
+            let c: ConnectorFile = parse(body)?;
+            if c.connector_id != *id {
+                return Err(ApiError::invalid(
+                    "connector_id in the body must match the path",
+                ));
             }
-            Method::DELETE => {
-                apply(state, Kind::Connector, id, None, |d| {
-                    d.connectors.retain(|x| x.connector_id != *id)
-                })
-                .await?;
-                Ok((StatusCode::OK, serde_json::json!({ "deleted": true })))
-            }
-            _ => Err(method_not_allowed()),
-        },
-        (&Method::GET, ["admin", "orgs"]) => Ok((
-            StatusCode::OK,
-            serde_json::json!({ "orgs": snap.sources.orgs.values().map(|(o, v)| with_origin(*o, v)).collect::<Vec<_>>() }),
-        )),
-        (_, ["admin", "orgs", id]) => match *method {
-            Method::GET => snap
-                .sources
-                .orgs
-                .get(*id)
-                .map(|(o, v)| (StatusCode::OK, with_origin(*o, v)))
-                .ok_or_else(|| ApiError::not_found(format!("no org {id:?}"))),
-            Method::PUT => {
-                let put: OrgPut = parse(body)?;
-                let org = OrgFile {
-                    org_id: id.to_string(),
-                    allowed_domains: put.allowed_domains,
-                };
-                let json = serde_json::to_vec(&org).expect("serialises");
-                apply(state, Kind::Org, id, Some(json), |d| {
-                    d.orgs.retain(|x| x.org_id != *id);
-                    d.orgs.push(org.clone());
-                })
-                .await?;
-                Ok((StatusCode::OK, with_origin(Origin::Api, &org)))
-            }
-            Method::DELETE => {
-                apply(state, Kind::Org, id, None, |d| {
-                    d.orgs.retain(|x| x.org_id != *id)
-                })
-                .await?;
-                Ok((StatusCode::OK, serde_json::json!({ "deleted": true })))
-            }
-            _ => Err(method_not_allowed()),
-        },
-        (&Method::GET, ["admin", "workspaces"]) => Ok((
-            StatusCode::OK,
-            serde_json::json!({ "workspaces": snap.sources.workspaces.values().map(|(o, v)| with_origin(*o, v)).collect::<Vec<_>>() }),
-        )),
-        (_, ["admin", "workspaces", id]) => match *method {
-            Method::GET => snap
-                .sources
-                .workspaces
-                .get(*id)
-                .map(|(o, v)| (StatusCode::OK, with_origin(*o, v)))
-                .ok_or_else(|| ApiError::not_found(format!("no workspace {id:?}"))),
-            Method::PUT => {
-                let put: WorkspacePut = parse(body)?;
-                let ws = WorkspaceFile {
-                    workspace_id: id.to_string(),
-                    org: put.org,
-                };
-                let json = serde_json::to_vec(&ws).expect("serialises");
-                apply(state, Kind::Workspace, id, Some(json), |d| {
-                    d.workspaces.retain(|x| x.workspace_id != *id);
-                    d.workspaces.push(ws.clone());
-                })
-                .await?;
-                Ok((StatusCode::OK, with_origin(Origin::Api, &ws)))
-            }
-            Method::DELETE => {
-                apply(state, Kind::Workspace, id, None, |d| {
-                    d.workspaces.retain(|x| x.workspace_id != *id)
-                })
-                .await?;
-                Ok((StatusCode::OK, serde_json::json!({ "deleted": true })))
-            }
-            _ => Err(method_not_allowed()),
-        },
+            put(state, Kind::Connector, id, &c, StatusCode::OK, |d| {
+                d.connectors.retain(|x| x.connector_id != *id);
+                d.connectors.push(c.clone());
+            })
+            .await
+        }
+        (&Method::PUT, ["admin", "orgs", id]) => {
+            let p: OrgPut = parse(body)?;
+            let org = OrgFile {
+                org_id: id.to_string(),
+                allowed_domains: p.allowed_domains,
+            };
+            put(state, Kind::Org, id, &org, StatusCode::OK, |d| {
+                d.orgs.retain(|x| x.org_id != *id);
+                d.orgs.push(org.clone());
+            })
+            .await
+        }
+        (&Method::PUT, ["admin", "workspaces", id]) => {
+            let p: WorkspacePut = parse(body)?;
+            let ws = WorkspaceFile {
+                workspace_id: id.to_string(),
+                org: p.org,
+            };
+            put(state, Kind::Workspace, id, &ws, StatusCode::OK, |d| {
+                d.workspaces.retain(|x| x.workspace_id != *id);
+                d.workspaces.push(ws.clone());
+            })
+            .await
+        }
+        (&Method::DELETE, ["admin", "connectors", id]) => {
+            delete(state, Kind::Connector, id, |d| {
+                d.connectors.retain(|x| x.connector_id != *id)
+            })
+            .await
+        }
+        (&Method::DELETE, ["admin", "orgs", id]) => {
+            delete(state, Kind::Org, id, |d| d.orgs.retain(|x| x.org_id != *id)).await
+        }
+        (&Method::DELETE, ["admin", "workspaces", id]) => {
+            delete(state, Kind::Workspace, id, |d| {
+                d.workspaces.retain(|x| x.workspace_id != *id)
+            })
+            .await
+        }
+        (_, ["admin", "connectors" | "orgs" | "workspaces", _]) => Err(method_not_allowed()),
         _ => Err(ApiError::not_found("no such admin endpoint")),
     }
 }

@@ -287,59 +287,60 @@ impl Snapshot {
 fn merge(raw: &mut FileConfig, defs: &Definitions) -> Result<Sources, Vec<ConfigError>> {
     let mut sources = Sources::default();
     let mut errors = Vec::new();
-    for c in &raw.connectors {
-        sources
-            .connectors
-            .insert(c.connector_id.clone(), (Origin::Toml, c.clone()));
-    }
-    for o in &raw.orgs {
-        sources
-            .orgs
-            .insert(o.org_id.clone(), (Origin::Toml, o.clone()));
-    }
-    for w in &raw.workspaces {
-        sources
-            .workspaces
-            .insert(w.workspace_id.clone(), (Origin::Toml, w.clone()));
-    }
-    let clash = |kind: &str, id: &str| ConfigError {
-        key: format!("{kind}[{id}]"),
-        message: "defined in the TOML file, which the admin API cannot change".into(),
-    };
-    for c in &defs.connectors {
-        if sources
-            .connectors
-            .insert(c.connector_id.clone(), (Origin::Api, c.clone()))
-            .is_some()
-        {
-            errors.push(clash("connector", &c.connector_id));
-        }
-        raw.connectors.push(c.clone());
-    }
-    for o in &defs.orgs {
-        if sources
-            .orgs
-            .insert(o.org_id.clone(), (Origin::Api, o.clone()))
-            .is_some()
-        {
-            errors.push(clash("org", &o.org_id));
-        }
-        raw.orgs.push(o.clone());
-    }
-    for w in &defs.workspaces {
-        if sources
-            .workspaces
-            .insert(w.workspace_id.clone(), (Origin::Api, w.clone()))
-            .is_some()
-        {
-            errors.push(clash("workspace", &w.workspace_id));
-        }
-        raw.workspaces.push(w.clone());
-    }
+    merge_kind(
+        &mut raw.connectors,
+        &defs.connectors,
+        &mut sources.connectors,
+        "connector",
+        |c| &c.connector_id,
+        &mut errors,
+    );
+    merge_kind(
+        &mut raw.orgs,
+        &defs.orgs,
+        &mut sources.orgs,
+        "org",
+        |o| &o.org_id,
+        &mut errors,
+    );
+    merge_kind(
+        &mut raw.workspaces,
+        &defs.workspaces,
+        &mut sources.workspaces,
+        "workspace",
+        |w| &w.workspace_id,
+        &mut errors,
+    );
     if errors.is_empty() {
         Ok(sources)
     } else {
         Err(errors)
+    }
+}
+
+/// One kind of definition: record the file's entries, then append the store's, each id once.
+fn merge_kind<T: Clone>(
+    file: &mut Vec<T>,
+    stored: &[T],
+    sources: &mut std::collections::BTreeMap<String, (Origin, T)>,
+    kind: &str,
+    id: impl Fn(&T) -> &String,
+    errors: &mut Vec<ConfigError>,
+) {
+    for item in file.iter() {
+        sources.insert(id(item).clone(), (Origin::Toml, item.clone()));
+    }
+    for item in stored {
+        if sources
+            .insert(id(item).clone(), (Origin::Api, item.clone()))
+            .is_some()
+        {
+            errors.push(ConfigError {
+                key: format!("{kind}[{}]", id(item)),
+                message: "defined in the TOML file, which the admin API cannot change".into(),
+            });
+        }
+        file.push(item.clone());
     }
 }
 

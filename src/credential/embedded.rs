@@ -43,6 +43,43 @@ impl EmbeddedStore {
         Ok(Self { db: Arc::new(db) })
     }
 
+    /// Insert or replace `key` in `table`, in its own transaction.
+    async fn insert(
+        &self,
+        table: TableDefinition<'static, &'static str, &'static [u8]>,
+        key: String,
+        value: Vec<u8>,
+    ) -> Result<(), StoreError> {
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(failed)?;
+            {
+                let mut t = txn.open_table(table).map_err(failed)?;
+                t.insert(key.as_str(), value.as_slice()).map_err(failed)?;
+            }
+            txn.commit().map_err(failed)
+        })
+        .await
+    }
+
+    /// Remove `key` from `table`; `true` when it existed.
+    async fn remove(
+        &self,
+        table: TableDefinition<'static, &'static str, &'static [u8]>,
+        key: String,
+    ) -> Result<bool, StoreError> {
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(failed)?;
+            let existed = {
+                let mut t = txn.open_table(table).map_err(failed)?;
+                let removed = t.remove(key.as_str()).map_err(failed)?;
+                removed.is_some()
+            };
+            txn.commit().map_err(failed)?;
+            Ok(existed)
+        })
+        .await
+    }
+
     async fn blocking<T: Send + 'static>(
         &self,
         op: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
@@ -72,32 +109,16 @@ impl CredentialStore for EmbeddedStore {
     }
 
     async fn put(&self, record: &CredentialRecord) -> Result<(), StoreError> {
-        let k = key(&record.workspace, &record.name);
-        let bytes = encode(record);
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(failed)?;
-            {
-                let mut table = txn.open_table(CREDENTIALS).map_err(failed)?;
-                table.insert(k.as_str(), bytes.as_slice()).map_err(failed)?;
-            }
-            txn.commit().map_err(failed)
-        })
+        self.insert(
+            CREDENTIALS,
+            key(&record.workspace, &record.name),
+            encode(record),
+        )
         .await
     }
 
     async fn delete(&self, workspace: &str, connector: &str) -> Result<bool, StoreError> {
-        let k = key(workspace, connector);
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(failed)?;
-            let existed = {
-                let mut table = txn.open_table(CREDENTIALS).map_err(failed)?;
-                let removed = table.remove(k.as_str()).map_err(failed)?;
-                removed.is_some()
-            };
-            txn.commit().map_err(failed)?;
-            Ok(existed)
-        })
-        .await
+        self.remove(CREDENTIALS, key(workspace, connector)).await
     }
 
     async fn list_definitions(&self) -> Result<Vec<(String, String, Vec<u8>)>, StoreError> {
@@ -117,32 +138,11 @@ impl CredentialStore for EmbeddedStore {
     }
 
     async fn put_definition(&self, kind: &str, id: &str, json: &[u8]) -> Result<(), StoreError> {
-        let k = key(kind, id);
-        let bytes = json.to_vec();
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(failed)?;
-            {
-                let mut table = txn.open_table(DEFINITIONS).map_err(failed)?;
-                table.insert(k.as_str(), bytes.as_slice()).map_err(failed)?;
-            }
-            txn.commit().map_err(failed)
-        })
-        .await
+        self.insert(DEFINITIONS, key(kind, id), json.to_vec()).await
     }
 
     async fn delete_definition(&self, kind: &str, id: &str) -> Result<bool, StoreError> {
-        let k = key(kind, id);
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(failed)?;
-            let existed = {
-                let mut table = txn.open_table(DEFINITIONS).map_err(failed)?;
-                let removed = table.remove(k.as_str()).map_err(failed)?;
-                removed.is_some()
-            };
-            txn.commit().map_err(failed)?;
-            Ok(existed)
-        })
-        .await
+        self.remove(DEFINITIONS, key(kind, id)).await
     }
 
     async fn list(&self) -> Result<Vec<CredentialRecord>, StoreError> {
