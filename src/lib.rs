@@ -17,6 +17,7 @@
 //! | [`config`]     | TOML → validated snapshot                                             |
 //! | [`explain`]    | `sluice explain`: the policy decision for a URL, without sending      |
 //! | [`server`]     | starting it: pingora `Server`, or a caller-bound listener             |
+//! | [`telemetry`]  | 9. metrics                                                            |
 //! | [`admin`]      | the admin API: credentials, key rotation, connectors, orgs, workspaces |
 
 #![forbid(unsafe_code)]
@@ -32,4 +33,5 @@ pub mod policy;
 pub mod proxy;
 pub mod request;
 pub mod server;
+pub mod telemetry;
 pub mod upstream;

@@ -386,6 +386,16 @@ impl ProxyHttp for Sluice {
             upstream = %upstream,
             duration_ms = ctx.started.elapsed().as_millis() as u64,
         );
+        // Only configured connector ids become label values.
+        let connector_label = ctx
+            .snapshot
+            .connectors
+            .get_key_value(connector.as_str())
+            .map_or("", |(k, _)| k.as_str());
+        crate::telemetry::METRICS
+            .requests
+            .with_label_values(&[connector_label, code, outcome_class])
+            .inc();
         if let Some(r) = &ctx.refusal {
             info!(target: "sluice::audit", request_id = %ctx.request_id, decision = outcome_class, host = %host, code = r.code.as_str(), reason = %r.message);
         } else if ctx.vetted.is_some() {

@@ -186,6 +186,28 @@ async fn skipped_tenant_states_never_reach_the_upstream() {
     .await;
     put_credential(&gw, "ws_7", "bearer", true, &[("token", CANARY)]).await;
 
+    let metrics = || async {
+        reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .unwrap()
+            .get(format!("http://{}/metrics", gw.admin_addr.unwrap()))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let count = |text: &str, connector: &str, class: &str, code: &str| -> u64 {
+        let series = format!(
+            "sluice_requests_total{{class=\"{class}\",connector=\"{connector}\",outcome=\"{code}\"}} "
+        );
+        text.lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .map_or(0, |n| n.trim().parse().unwrap())
+    };
+    let before = metrics().await;
     let cases = [
         ("bearer", "ws_other", 403, "credential_not_configured"),
         ("basic", "ws_7", 403, "workspace_opted_out"),
@@ -209,6 +231,22 @@ async fn skipped_tenant_states_never_reach_the_upstream() {
         assert!(!body.contains(CANARY), "{body}");
     }
     assert_eq!(env.upstream.connections(), 0);
+
+    // Counted as skipped, not as failures; an incomplete credential is a refusal.
+    let after = metrics().await;
+    for (connector, class, code) in [
+        ("bearer", "skipped", "credential_not_configured"),
+        ("basic", "skipped", "workspace_opted_out"),
+        ("off", "skipped", "connector_disabled"),
+        ("bearer", "refused", "credential_incomplete"),
+    ] {
+        assert_eq!(
+            count(&after, connector, class, code) - count(&before, connector, class, code),
+            1,
+            "{connector} {code}:\n{after}"
+        );
+    }
+    assert!(!after.contains(CANARY));
 }
 
 fn record(workspace: &str, connector: &str, version: u64) -> CredentialRecord {

@@ -299,6 +299,15 @@ fn method_not_allowed() -> ApiError {
 }
 
 async fn handle(state: Arc<AdminState>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    // Metrics carry no secret and scrapers rarely hold tokens: /metrics needs none.
+    if req.method() == Method::GET && req.uri().path() == "/metrics" {
+        let mut resp = Response::new(Full::new(Bytes::from(crate::telemetry::METRICS.render())));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("text/plain; version=0.0.4"),
+        );
+        return resp;
+    }
     if !authorized(&state, &req) {
         return error_response(&ApiError::new(
             StatusCode::UNAUTHORIZED,

@@ -1,0 +1,41 @@
+//! Step 9: metrics. Prometheus text format, served at `GET /metrics` on the admin listener.
+//!
+//! Labels are bounded: `connector` is a configured connector id (or `""` when the request named
+//! none that exists), `outcome` is an error code or `ok`, `class` is `forwarded`, `skipped` or
+//! `refused`. No workspace label: tenants are counted through logs, not series.
+
+use std::sync::LazyLock;
+
+use prometheus::{Encoder, IntCounterVec, Opts, Registry, TextEncoder};
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+}
+
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let registry = Registry::new();
+    let requests = IntCounterVec::new(
+        Opts::new(
+            "sluice_requests_total",
+            "Requests by connector, outcome code and class (forwarded, skipped, refused).",
+        ),
+        &["connector", "outcome", "class"],
+    )
+    .expect("valid metric");
+    registry
+        .register(Box::new(requests.clone()))
+        .expect("registered once");
+    Metrics { registry, requests }
+});
+
+impl Metrics {
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding cannot fail");
+        String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
