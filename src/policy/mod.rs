@@ -145,7 +145,45 @@ pub async fn evaluate<O: Observer>(
         format!("host {}, path {}", target.host, target.path())
     });
 
-    let port = target.upstream_port();
+    let dest = vet_destination(
+        snap,
+        connector,
+        &workspace.org,
+        &target.host,
+        target.upstream_port(),
+        obs,
+    )
+    .await?;
+    Ok(Vetted {
+        connector: connector.id.clone(),
+        workspace: workspace.id.clone(),
+        org: workspace.org.clone(),
+        sni: dest.sni,
+        host_header: dest.host_header,
+        addr: dest.addr,
+    })
+}
+
+/// Where a vetted connection goes: the pinned address, the SNI/certificate name, the `Host`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Destination {
+    pub addr: SocketAddr,
+    pub sni: String,
+    pub host_header: String,
+}
+
+/// The destination half of the policy, shared by app traffic and sluice's own calls (OAuth
+/// token, revocation): port allowed → connector allowlist → org allowlist → resolve → every
+/// address outside the special-purpose blocks → not sluice itself → pin one address.
+pub async fn vet_destination<O: Observer>(
+    snap: &Snapshot,
+    connector: &crate::config::Connector,
+    org_id: &str,
+    host: &Host,
+    port: u16,
+    obs: &mut O,
+) -> Result<Destination, Refusal> {
+    let connector_id = connector.id.as_str();
     if !connector.allowed_ports.contains(&port) {
         return Err(Refusal::new(
             ErrorCode::PortNotAllowed,
@@ -154,7 +192,7 @@ pub async fn evaluate<O: Observer>(
     }
     obs.passed(Check::Port, || format!("https upstream on port {port}"));
 
-    let name = match &target.host {
+    let name = match host {
         Host::Name(name) => name,
         ip => {
             let class = match ip {
@@ -168,32 +206,29 @@ pub async fn evaluate<O: Observer>(
             ));
         }
     };
-    let pattern = connector
-        .allowed_domains
-        .matching(&target.host)
-        .ok_or_else(|| {
-            Refusal::new(
-                ErrorCode::DomainNotAllowed,
-                format!("host {name} is not in connector {connector_id:?}'s allowed_domains"),
-            )
-        })?;
+    let pattern = connector.allowed_domains.matching(host).ok_or_else(|| {
+        Refusal::new(
+            ErrorCode::DomainNotAllowed,
+            format!("host {name} is not in connector {connector_id:?}'s allowed_domains"),
+        )
+    })?;
     obs.passed(Check::ConnectorDomains, || {
         format!("{name} matches {pattern}")
     });
 
-    let org = snap.orgs.get(&workspace.org);
+    let org = snap.orgs.get(org_id);
     match org.and_then(|o| o.allowlist.as_ref()) {
         Some(list) => {
-            let pattern = list.matching(&target.host).ok_or_else(|| {
+            let pattern = list.matching(host).ok_or_else(|| {
                 Refusal::new(
                     ErrorCode::OrgDomainNotAllowed,
-                    format!("host {name} is not in org {:?}'s allowlist", workspace.org),
+                    format!("host {name} is not in org {org_id:?}'s allowlist"),
                 )
             })?;
             obs.passed(Check::OrgDomains, || format!("{name} matches {pattern}"));
         }
         None => obs.passed(Check::OrgDomains, || {
-            format!("org {} has no allowlist", workspace.org)
+            format!("org {org_id} has no allowlist")
         }),
     }
 
@@ -250,10 +285,7 @@ pub async fn evaluate<O: Observer>(
     } else {
         format!("{name}:{port}")
     };
-    Ok(Vetted {
-        connector: connector.id.clone(),
-        workspace: workspace.id.clone(),
-        org: workspace.org.clone(),
+    Ok(Destination {
         sni: name.clone(),
         host_header,
         addr,
