@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use crate::caller::Caller;
 use crate::config::Snapshot;
+use crate::credential::Connected;
 use crate::credential::inject::Injected;
 use crate::error::Refusal;
 use crate::policy::Vetted;
@@ -25,6 +26,13 @@ pub struct RequestCtx {
     pub vetted: Option<Vetted>,
     /// What to inject upstream, rendered from the workspace's credential before connecting.
     pub injected: Option<Injected>,
+    /// OAuth connectors: the token state injected, kept for a forced refresh after a 401.
+    pub oauth: Option<Arc<Connected>>,
+    /// An upstream 401 asked for one forced refresh and one retry; `oauth_retried` makes it one.
+    pub oauth_force: bool,
+    pub oauth_retried: bool,
+    /// A refusal decided in a later phase (e.g. the forced refresh failed), for `fail_to_proxy`.
+    pub pending_refusal: Option<Refusal>,
     /// Set when sluice answered the request itself.
     pub refusal: Option<Refusal>,
 }
@@ -39,6 +47,10 @@ impl RequestCtx {
             target: None,
             vetted: None,
             injected: None,
+            oauth: None,
+            oauth_force: false,
+            oauth_retried: false,
+            pending_refusal: None,
             refusal: None,
         }
     }

@@ -81,6 +81,9 @@ error_codes! {
     WorkspaceOptedOut => ("workspace_opted_out", 403),
     /// The stored credential lacks a field the connector injects.
     CredentialIncomplete => ("credential_incomplete", 403),
+    /// The provider refused the refresh token (`invalid_grant`): the workspace must connect
+    /// again. No refresh is attempted until it does.
+    OAuthReauthorizationRequired => ("oauth_reauthorization_required", 403),
     /// A resolved address (or IP literal) is in a special-purpose block.
     AddressNotAllowed => ("address_not_allowed", 403),
     /// The destination is sluice's own listener.
@@ -97,6 +100,8 @@ error_codes! {
     UpstreamProtocolError => ("upstream_protocol_error", 502),
     /// The credential store cannot be reached and nothing usable is cached.
     CredentialStoreUnavailable => ("credential_store_unavailable", 503),
+    /// The access token expired (or was rejected) and a new one could not be had now.
+    OAuthRefreshFailed => ("oauth_refresh_failed", 503),
     /// The stored credential does not open (missing master key, tampered or copied record).
     CredentialUnreadable => ("credential_unreadable", 500),
     /// The upstream did not answer in time.
@@ -121,6 +126,7 @@ impl ErrorCode {
     pub fn retry_after(self) -> Option<u32> {
         match self {
             ErrorCode::CredentialStoreUnavailable => Some(1),
+            ErrorCode::OAuthRefreshFailed => Some(5),
             _ => None,
         }
     }

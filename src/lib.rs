@@ -15,6 +15,7 @@
 //! | [`ctx`]        | the per-request context                                               |
 //! | [`error`]      | error codes → statuses and JSON bodies                                |
 //! | [`config`]     | TOML → validated snapshot                                             |
+//! | [`outbound`]   | sluice's own HTTPS calls (OAuth), to vetted, pinned destinations      |
 //! | [`explain`]    | `sluice explain`: the policy decision for a URL, without sending      |
 //! | [`server`]     | starting it: pingora `Server`, or a caller-bound listener             |
 //! | [`telemetry`]  | 9. metrics                                                            |
@@ -29,6 +30,7 @@ pub mod credential;
 pub mod ctx;
 pub mod error;
 pub mod explain;
+pub mod outbound;
 pub mod policy;
 pub mod proxy;
 pub mod request;

@@ -24,7 +24,8 @@ use tracing::{info, warn};
 
 use crate::config::{Snapshot, is_identifier};
 use crate::credential::inject::{Injected, with_query_param};
-use crate::credential::{TenantState, Vault, VaultError};
+use crate::credential::oauth::{OAuthClient, Scope, TokenError};
+use crate::credential::{Connected, TenantState, Vault, VaultError};
 use crate::ctx::RequestCtx;
 use crate::error::{ERROR_HEADER, ErrorCode, Refusal};
 use crate::policy::{self, Vetted};
@@ -40,19 +41,85 @@ const REQUEST_ID: &str = "x-request-id";
 pub struct Sluice {
     config: Arc<ArcSwap<Snapshot>>,
     vault: Option<Arc<Vault>>,
+    oauth: Arc<OAuthClient>,
+}
+
+fn token_refusal(e: TokenError) -> Refusal {
+    match e {
+        TokenError::NeedsReauthorization => Refusal::new(
+            ErrorCode::OAuthReauthorizationRequired,
+            "the provider refused the refresh token: the workspace must connect this connector again",
+        ),
+        TokenError::Vault(VaultError::Store(_)) => Refusal::new(
+            ErrorCode::CredentialStoreUnavailable,
+            "the credential store is unavailable",
+        ),
+        other => Refusal::new(
+            ErrorCode::OAuthRefreshFailed,
+            format!("no valid access token: {other}"),
+        ),
+    }
 }
 
 impl Sluice {
-    pub fn new(config: Arc<ArcSwap<Snapshot>>, vault: Option<Arc<Vault>>) -> Self {
-        Self { config, vault }
+    pub fn new(
+        config: Arc<ArcSwap<Snapshot>>,
+        vault: Option<Arc<Vault>>,
+        oauth: Arc<OAuthClient>,
+    ) -> Self {
+        Self {
+            config,
+            vault,
+            oauth,
+        }
     }
 
-    /// Step 5: the workspace's credential, rendered into what gets injected.
+    /// A (forced, after a 401) token for an OAuth connector, rendered for injection.
+    async fn oauth_token(
+        &self,
+        ctx: &RequestCtx,
+        vetted: &Vetted,
+        current: &Connected,
+        force: bool,
+    ) -> Result<(Arc<Connected>, Injected), Refusal> {
+        let snap = &ctx.snapshot;
+        let (Some(connector), Some(vault)) = (snap.connectors.get(&vetted.connector), &self.vault)
+        else {
+            return Err(Refusal::new(
+                ErrorCode::Internal,
+                "connector or vault missing",
+            ));
+        };
+        let Some(oauth2) = &connector.oauth2 else {
+            return Err(Refusal::new(ErrorCode::Internal, "not an OAuth connector"));
+        };
+        let scope = Scope {
+            snap,
+            vault,
+            connector,
+            oauth: oauth2,
+            workspace: &vetted.workspace,
+            org: &vetted.org,
+        };
+        let token = self
+            .oauth
+            .token(&scope, current, force)
+            .await
+            .map_err(token_refusal)?;
+        let injected = connector
+            .injection
+            .render(&token.fields)
+            .map_err(|m| Refusal::new(ErrorCode::CredentialIncomplete, m))?;
+        Ok((token, injected))
+    }
+
+    /// Step 5: the workspace's credential, rendered into what gets injected (and, for OAuth,
+    /// the token state it came from).
     async fn credential(
         &self,
         ctx: &RequestCtx,
         vetted: &Vetted,
-    ) -> Result<Option<Injected>, Refusal> {
+    ) -> Result<(Option<Injected>, Option<Arc<Connected>>), Refusal> {
         let Some(connector) = ctx.snapshot.connectors.get(&vetted.connector) else {
             return Err(Refusal::new(
                 ErrorCode::Internal,
@@ -60,7 +127,7 @@ impl Sluice {
             ));
         };
         if !connector.injection.needs_credential() {
-            return Ok(None);
+            return Ok((None, None));
         }
         let vault = self.vault.as_ref().ok_or_else(|| {
             Refusal::new(ErrorCode::Internal, "no credential store is configured")
@@ -86,10 +153,14 @@ impl Sluice {
                 ErrorCode::WorkspaceOptedOut,
                 format!("workspace {ws:?} opted out of connector {conn:?}"),
             )),
-            TenantState::Connected(fields) => connector
+            TenantState::Connected(c) if connector.oauth2.is_some() => {
+                let (token, injected) = self.oauth_token(ctx, vetted, c, false).await?;
+                Ok((Some(injected), Some(token)))
+            }
+            TenantState::Connected(c) => connector
                 .injection
-                .render(fields)
-                .map(Some)
+                .render(&c.fields)
+                .map(|i| (Some(i), None))
                 .map_err(|m| Refusal::new(ErrorCode::CredentialIncomplete, m)),
         }
     }
@@ -221,8 +292,9 @@ impl ProxyHttp for Sluice {
         ctx.request_id = request_id(session);
         let admitted = match self.admit(session, ctx).await {
             Ok(vetted) => match self.credential(ctx, &vetted).await {
-                Ok(injected) => {
+                Ok((injected, oauth)) => {
                     ctx.injected = injected;
+                    ctx.oauth = oauth;
                     ctx.vetted = Some(vetted);
                     Ok(())
                 }
@@ -248,6 +320,28 @@ impl ProxyHttp for Sluice {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
+        if std::mem::take(&mut ctx.oauth_force) {
+            // The retry after a 401: one forced refresh, then the request again.
+            let (Some(vetted), Some(current)) = (ctx.vetted.clone(), ctx.oauth.clone()) else {
+                return Error::e_explain(
+                    ErrorType::InternalError,
+                    "forced refresh without a token",
+                );
+            };
+            match self.oauth_token(ctx, &vetted, &current, true).await {
+                Ok((token, injected)) => {
+                    ctx.oauth = Some(token);
+                    ctx.injected = Some(injected);
+                }
+                Err(refusal) => {
+                    ctx.pending_refusal = Some(refusal);
+                    return Error::e_explain(
+                        ErrorType::InternalError,
+                        "forced token refresh failed",
+                    );
+                }
+            }
+        }
         let vetted = ctx.vetted.as_ref().ok_or_else(|| {
             Error::explain(
                 ErrorType::InternalError,
@@ -292,6 +386,75 @@ impl ProxyHttp for Sluice {
         Ok(())
     }
 
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if upstream_response.status != http::StatusCode::UNAUTHORIZED
+            || ctx.oauth.is_none()
+            || ctx.oauth_retried
+        {
+            return Ok(());
+        }
+        let limit = ctx
+            .vetted
+            .as_ref()
+            .and_then(|v| ctx.snapshot.connectors.get(&v.connector))
+            .and_then(|c| c.oauth2.as_ref())
+            .map_or(0, |o| o.replay_body_limit);
+        let replayable =
+            !session.as_downstream().retry_buffer_truncated() && session.body_bytes_read() <= limit;
+        if !replayable {
+            // The 401 goes to the app as it is.
+            return Ok(());
+        }
+        ctx.oauth_retried = true;
+        ctx.oauth_force = true;
+        let mut e = Error::explain(
+            ErrorType::Custom("oauth_token_rejected"),
+            "upstream answered 401: one forced token refresh and one retry",
+        );
+        e.set_retry(true);
+        Err(e)
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        if ctx.oauth_force {
+            // The 401 retry: the upstream refused the credential, so replaying is safe for
+            // any method, as long as the body is all in the retry buffer.
+            e.set_retry(!session.as_ref().retry_buffer_truncated());
+        } else if !session.req_header().method.is_idempotent()
+            || session.as_ref().retry_buffer_truncated()
+        {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        e
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        _ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        // Connect failures are reported, not retried (retry policy: the traffic-shaping issue).
+        e.set_retry(false);
+        e
+    }
+
     async fn response_filter(
         &self,
         _session: &mut Session,
@@ -311,7 +474,7 @@ impl ProxyHttp for Sluice {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
-        let Some(refusal) = refusal_for(e, ctx) else {
+        let Some(refusal) = ctx.pending_refusal.take().or_else(|| refusal_for(e, ctx)) else {
             return FailToProxy {
                 error_code: 0,
                 can_reuse_downstream: false,

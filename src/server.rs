@@ -17,8 +17,10 @@ use tracing::{info, warn};
 
 use crate::admin::{AdminState, Reloader};
 use crate::config::Snapshot;
+use crate::credential::oauth::OAuthClient;
 use crate::credential::redis::Invalidation;
 use crate::credential::{Vault, build_vault};
+use crate::outbound::OutboundTls;
 use crate::proxy::Sluice;
 use crate::upstream::CaBundle;
 
@@ -43,22 +45,25 @@ fn server_conf(snap: &Snapshot, bundle: Option<&CaBundle>) -> ServerConf {
         threads: snap.listener.threads,
         ca_file: bundle.map(|b| b.path().to_string_lossy().into_owned()),
         upstream_keepalive_pool_size: snap.upstream.pool_size,
-        // pingora's `max_retries` is the number of attempts, not of retries: 1 means one try.
-        // Retries and their policy arrive with traffic shaping; until then a failure is
-        // reported, not retried.
-        max_retries: 1,
+        // pingora's `max_retries` is the number of attempts, not of retries: 2 allows the one
+        // retry after an OAuth 401. Other retries stay off until traffic shaping defines them
+        // (fail_to_connect and error_while_proxy decide).
+        max_retries: 2,
         ..ServerConf::default()
     }
 }
 
 /// Build the pingora proxy app for a snapshot. The CA bundle (if any) is read here and may be
 /// deleted once this returns.
-fn build_proxy(
-    config: Arc<ArcSwap<Snapshot>>,
-    vault: Option<Arc<Vault>>,
-    conf: &Arc<ServerConf>,
-) -> HttpProxy<Sluice> {
-    let mut proxy = http_proxy(conf, Sluice::new(config, vault));
+fn build_proxy(parts: &Parts, conf: &Arc<ServerConf>) -> HttpProxy<Sluice> {
+    let mut proxy = http_proxy(
+        conf,
+        Sluice::new(
+            parts.config.clone(),
+            parts.vault.clone(),
+            parts.oauth.clone(),
+        ),
+    );
     proxy.server_options = Some(server_options());
     proxy
 }
@@ -76,12 +81,16 @@ fn server_options() -> HttpServerOptions {
 struct Parts {
     config: Arc<ArcSwap<Snapshot>>,
     vault: Option<Arc<Vault>>,
+    oauth: Arc<OAuthClient>,
     admin_addr: Option<SocketAddr>,
 }
 
 /// Build the vault, load stored definitions into the snapshot, listen for other replicas'
 /// changes, and start the admin API. Runs on (and spawns onto) the current tokio runtime.
 async fn assemble(snapshot: Snapshot) -> Result<Parts, String> {
+    let oauth = Arc::new(OAuthClient::new(OutboundTls::new(
+        snapshot.upstream.extra_ca_file.as_deref(),
+    )?));
     let built = match &snapshot.credentials {
         Some(creds) => Some(build_vault(creds).await?),
         None => None,
@@ -128,6 +137,7 @@ async fn assemble(snapshot: Snapshot) -> Result<Parts, String> {
                 config.clone(),
                 vault.clone(),
                 reloader.clone(),
+                oauth.clone(),
                 admin.token_sha256,
             ));
             Some(crate::admin::spawn(listener, state))
@@ -137,6 +147,7 @@ async fn assemble(snapshot: Snapshot) -> Result<Parts, String> {
     Ok(Parts {
         config,
         vault,
+        oauth,
         admin_addr,
     })
 }
@@ -165,7 +176,7 @@ pub fn run(snapshot: Snapshot) -> Result<(), String> {
 
     let mut server = pingora::server::Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
-    let proxy = build_proxy(parts.config, parts.vault, &server.configuration);
+    let proxy = build_proxy(&parts, &server.configuration);
     drop(bundle);
     let mut service = Service::new("sluice".to_string(), proxy);
     service.add_tcp(&address.to_string());
@@ -206,12 +217,14 @@ pub async fn serve(listener: TcpListener, mut snapshot: Snapshot) -> Result<Runn
         .map(CaBundle::build)
         .transpose()?;
     let conf = Arc::new(server_conf(&snapshot, bundle.as_ref()));
+    let parts = assemble(snapshot).await?;
+    let app = Arc::new(build_proxy(&parts, &conf));
     let Parts {
         config,
         vault,
         admin_addr,
-    } = assemble(snapshot).await?;
-    let app = Arc::new(build_proxy(config.clone(), vault.clone(), &conf));
+        ..
+    } = parts;
     drop(bundle);
 
     let (tx, rx) = watch::channel(false);

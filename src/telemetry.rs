@@ -11,6 +11,7 @@ use prometheus::{Encoder, IntCounterVec, Opts, Registry, TextEncoder};
 pub struct Metrics {
     registry: Registry,
     pub requests: IntCounterVec,
+    pub token_refreshes: IntCounterVec,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -23,10 +24,24 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         &["connector", "outcome", "class"],
     )
     .expect("valid metric");
-    registry
-        .register(Box::new(requests.clone()))
-        .expect("registered once");
-    Metrics { registry, requests }
+    let token_refreshes = IntCounterVec::new(
+        Opts::new(
+            "sluice_oauth_token_refreshes_total",
+            "OAuth token refreshes by connector and result (ok, needs_reauthorization, unavailable, rejected, policy).",
+        ),
+        &["connector", "result"],
+    )
+    .expect("valid metric");
+    for m in [&requests, &token_refreshes] {
+        registry
+            .register(Box::new(m.clone()))
+            .expect("registered once");
+    }
+    Metrics {
+        registry,
+        requests,
+        token_refreshes,
+    }
 });
 
 impl Metrics {

@@ -263,6 +263,7 @@ fn record(workspace: &str, connector: &str, version: u64) -> CredentialRecord {
         fields: vec!["api_key".into()],
         created_at: 1,
         updated_at: version,
+        oauth: None,
     }
 }
 

@@ -27,6 +27,7 @@ use zeroize::Zeroizing;
 
 use crate::caller::token_hash;
 use crate::config::Snapshot;
+use crate::credential::oauth::OAuthClient;
 use crate::credential::secret::{Secret, SecretFields};
 use crate::credential::{Vault, VaultError};
 use crate::error::ERROR_HEADER;
@@ -43,6 +44,7 @@ pub struct AdminState {
     pub config: Arc<ArcSwap<Snapshot>>,
     pub vault: Arc<Vault>,
     pub reloader: Arc<Reloader>,
+    pub oauth: Arc<OAuthClient>,
     token_sha256: [u8; 32],
     /// Admin writes are serialised: they are rare, and a rebuild must see the previous one.
     write_lock: Mutex<()>,
@@ -53,12 +55,14 @@ impl AdminState {
         config: Arc<ArcSwap<Snapshot>>,
         vault: Arc<Vault>,
         reloader: Arc<Reloader>,
+        oauth: Arc<OAuthClient>,
         token_sha256: [u8; 32],
     ) -> Self {
         Self {
             config,
             vault,
             reloader,
+            oauth,
             token_sha256,
             write_lock: Mutex::new(()),
         }

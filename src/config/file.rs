@@ -157,6 +157,8 @@ pub struct ConnectorFile {
         skip_serializing_if = "crate::credential::inject::InjectFile::is_empty"
     )]
     pub inject: crate::credential::inject::InjectFile,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oauth2: Option<crate::credential::oauth::OAuth2File>,
 }
 
 fn yes() -> bool {

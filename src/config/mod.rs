@@ -79,6 +79,8 @@ pub struct Connector {
     pub enabled: bool,
     /// How the workspace's credential is attached upstream.
     pub injection: Injection,
+    /// `auth_type = "oauth2"`: endpoints, client and token lifecycle settings.
+    pub oauth2: Option<Arc<crate::credential::oauth::OAuth2>>,
 }
 
 /// An org and its optional allowlist (`None`: the org adds no restriction).
@@ -646,7 +648,12 @@ fn validate(raw: FileConfig, source: &Path, base: &Path) -> Result<Snapshot, Vec
                     .collect(),
             });
         }
-        let field_list: Vec<String> = auth_fields.iter().map(|f| f.name.clone()).collect();
+        // OAuth credentials hold the fields sluice manages, not a form the workspace fills in.
+        let field_list: Vec<String> = if c.auth_type == "oauth2" {
+            vec![crate::credential::oauth::ACCESS_TOKEN.to_string()]
+        } else {
+            auth_fields.iter().map(|f| f.name.clone()).collect()
+        };
         let injection = match Injection::build(&c.auth_type, &c.inject, &field_list) {
             Ok(i) => i,
             Err(errs) => {
@@ -656,7 +663,39 @@ fn validate(raw: FileConfig, source: &Path, base: &Path) -> Result<Snapshot, Vec
                 Injection::default()
             }
         };
+        let allowed_ports_for_oauth = allowed_ports.clone();
+        let oauth2 = match (&c.oauth2, c.auth_type.as_str()) {
+            (Some(o), "oauth2") => {
+                match crate::credential::oauth::OAuth2::build(
+                    o,
+                    &allowed_domains,
+                    &allowed_ports_for_oauth,
+                    base,
+                ) {
+                    Ok(o) => Some(Arc::new(o)),
+                    Err(errs) => {
+                        for (k, e) in errs {
+                            errors.push(format!("{key}.oauth2.{k}"), e);
+                        }
+                        None
+                    }
+                }
+            }
+            (None, "oauth2") => {
+                errors.push(
+                    format!("{key}.oauth2"),
+                    "auth_type oauth2 needs an [connector.oauth2] section",
+                );
+                None
+            }
+            (Some(_), _) => {
+                errors.push(format!("{key}.oauth2"), "only for auth_type = \"oauth2\"");
+                None
+            }
+            (None, _) => None,
+        };
         let connector = Connector {
+            oauth2,
             injection,
             id: c.connector_id.clone(),
             display_name: c.display_name,

@@ -17,6 +17,8 @@ const DEFINITIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("definiti
 /// Records keyed `workspace/connector` (neither identifier can contain `/`).
 pub struct EmbeddedStore {
     db: Arc<Database>,
+    /// Pending OAuth authorizations live only in memory: one process, minutes of life.
+    pending: moka::sync::Cache<String, Arc<Vec<u8>>>,
 }
 
 fn key(workspace: &str, connector: &str) -> String {
@@ -40,7 +42,13 @@ impl EmbeddedStore {
         txn.open_table(CREDENTIALS).map_err(|e| e.to_string())?;
         txn.open_table(DEFINITIONS).map_err(|e| e.to_string())?;
         txn.commit().map_err(|e| e.to_string())?;
-        Ok(Self { db: Arc::new(db) })
+        Ok(Self {
+            db: Arc::new(db),
+            pending: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(std::time::Duration::from_secs(3600))
+                .build(),
+        })
     }
 
     /// Insert or replace `key` in `table`, in its own transaction.
@@ -143,6 +151,35 @@ impl CredentialStore for EmbeddedStore {
 
     async fn delete_definition(&self, kind: &str, id: &str) -> Result<bool, StoreError> {
         self.remove(DEFINITIONS, key(kind, id)).await
+    }
+
+    async fn put_pending_authorization(
+        &self,
+        state: &str,
+        payload: &[u8],
+        ttl: std::time::Duration,
+    ) -> Result<(), StoreError> {
+        // The cache's own TTL bounds memory; the payload carries its own deadline too.
+        let mut stamped = (std::time::SystemTime::now() + ttl)
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+            .to_be_bytes()
+            .to_vec();
+        stamped.extend_from_slice(payload);
+        self.pending.insert(state.to_string(), Arc::new(stamped));
+        Ok(())
+    }
+
+    async fn take_pending_authorization(&self, state: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let Some(stamped) = self.pending.remove(state) else {
+            return Ok(None);
+        };
+        let (deadline, payload) = stamped.split_at(8);
+        let deadline = u64::from_be_bytes(deadline.try_into().expect("8 bytes"));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(u64::MAX, |d| d.as_millis() as u64);
+        Ok((now <= deadline).then(|| payload.to_vec()))
     }
 
     async fn list(&self) -> Result<Vec<CredentialRecord>, StoreError> {

@@ -15,6 +15,7 @@
 pub mod crypto;
 pub mod embedded;
 pub mod inject;
+pub mod oauth;
 pub mod redis;
 pub mod secret;
 pub mod store;
@@ -30,10 +31,19 @@ use crypto::{Keyring, OpenError};
 use secret::SecretFields;
 use store::{CredentialRecord, CredentialStore, RecordValue, StoreError, now_unix};
 
+/// An opened credential.
+#[derive(Debug)]
+pub struct Connected {
+    pub fields: SecretFields,
+    /// The record version it was read from (OAuth refreshes key on it).
+    pub version: u64,
+    pub oauth: Option<store::OAuthMeta>,
+}
+
 /// A workspace's relation to a connector, as the request path sees it.
 #[derive(Debug)]
 pub enum TenantState {
-    Connected(SecretFields),
+    Connected(Connected),
     /// The workspace switched this connector off (`enabled: false`).
     OptedOut,
     /// No credential stored.
@@ -87,6 +97,11 @@ pub struct Metadata {
     pub version: u64,
     pub created_at: u64,
     pub updated_at: u64,
+    /// OAuth connectors: when the access token expires (unix seconds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
+    /// OAuth connectors: the provider refused the refresh token; connect again.
+    pub needs_reauthorization: bool,
 }
 
 impl From<&CredentialRecord> for Metadata {
@@ -100,6 +115,8 @@ impl From<&CredentialRecord> for Metadata {
             version: r.version,
             created_at: r.created_at,
             updated_at: r.updated_at,
+            expires_at: r.oauth.map(|o| o.expires_at),
+            needs_reauthorization: r.oauth.is_some_and(|o| o.needs_reauthorization),
         }
     }
 }
@@ -192,7 +209,11 @@ impl Vault {
         let state = match record {
             None => TenantState::Unconfigured,
             Some(r) if !r.value.enabled => TenantState::OptedOut,
-            Some(r) => TenantState::Connected(self.open(&r)?),
+            Some(r) => TenantState::Connected(Connected {
+                fields: self.open(&r)?,
+                version: r.version,
+                oauth: r.oauth,
+            }),
         };
         let state = Arc::new(state);
         self.last_good
@@ -267,10 +288,76 @@ impl Vault {
             fields: fields.names().map(str::to_string).collect(),
             created_at: existing.as_ref().map_or(now, |r| r.created_at),
             updated_at: now,
+            oauth: None,
         };
         self.store.put(&record).await?;
         self.invalidate_everywhere(workspace, connector).await;
         Ok(Metadata::from(&record))
+    }
+
+    /// The record as stored now, bypassing the caches (OAuth refreshes re-check under the lock).
+    pub async fn read_through(
+        &self,
+        workspace: &str,
+        connector: &str,
+    ) -> Result<Option<(CredentialRecord, Connected)>, VaultError> {
+        match self.store.get(workspace, connector).await? {
+            Some(r) if r.value.enabled => {
+                let fields = self.open(&r)?;
+                let connected = Connected {
+                    fields,
+                    version: r.version,
+                    oauth: r.oauth,
+                };
+                Ok(Some((r, connected)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Store OAuth tokens (sealed) and their metadata. With `fence`, only while that fencing
+    /// token holds the refresh lock (`Ok(None)`: the lock was lost, nothing written).
+    pub async fn put_oauth(
+        &self,
+        workspace: &str,
+        connector: &str,
+        fields: &SecretFields,
+        meta: store::OAuthMeta,
+        fence: Option<u64>,
+    ) -> Result<Option<Connected>, VaultError> {
+        let existing = self.store.get(workspace, connector).await?;
+        let (key_id, blob) = self
+            .keyring
+            .seal(workspace, connector, &fields.to_plaintext());
+        let now = now_unix();
+        let record = CredentialRecord {
+            group: "connector".into(),
+            name: connector.into(),
+            workspace: workspace.into(),
+            value: RecordValue {
+                enabled: true,
+                encrypted_config: blob,
+            },
+            key_id,
+            version: existing.as_ref().map_or(1, |r| r.version + 1),
+            fields: fields.names().map(str::to_string).collect(),
+            created_at: existing.as_ref().map_or(now, |r| r.created_at),
+            updated_at: now,
+            oauth: Some(meta),
+        };
+        let written = match fence {
+            Some(f) => self.store.put_fenced(&record, f).await?,
+            None => self.store.put(&record).await.map(|()| true)?,
+        };
+        if !written {
+            return Ok(None);
+        }
+        self.invalidate_everywhere(workspace, connector).await;
+        Ok(Some(Connected {
+            fields: fields.clone(),
+            version: record.version,
+            oauth: Some(meta),
+        }))
     }
 
     /// Delete a workspace's credential; `true` when one existed.
@@ -453,6 +540,17 @@ mod tests {
         async fn delete_definition(&self, k: &str, id: &str) -> Result<bool, StoreError> {
             self.inner.delete_definition(k, id).await
         }
+        async fn put_pending_authorization(
+            &self,
+            s: &str,
+            p: &[u8],
+            t: Duration,
+        ) -> Result<(), StoreError> {
+            self.inner.put_pending_authorization(s, p, t).await
+        }
+        async fn take_pending_authorization(&self, s: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.take_pending_authorization(s).await
+        }
     }
 
     fn vault(dir: &std::path::Path) -> (Arc<Vault>, Arc<Counting>) {
@@ -516,7 +614,7 @@ mod tests {
         assert!(!serde_json::to_string(&meta).unwrap().contains("canary"));
         match &*vault.lookup("ws", "c").await.unwrap() {
             TenantState::Connected(f) => {
-                assert_eq!(f.get("api_key").unwrap().expose(), "canary-v1")
+                assert_eq!(f.fields.get("api_key").unwrap().expose(), "canary-v1")
             }
             other => panic!("{other:?}"),
         }

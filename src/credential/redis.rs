@@ -8,7 +8,12 @@
 //! | `sluice:cred:{<workspace>}:connectors`  | set    | the workspace's connector ids (listing) |
 //! | `sluice:cred:workspaces`                | set    | workspaces with any record (listing)    |
 //!
-//! The `{<workspace>}` hash tag keeps one workspace's keys in one slot. Listing tolerates index
+//! | `sluice:oauth:{<workspace>}:<connector>:lock`  | string | refresh lock holder's fencing token |
+//! | `sluice:oauth:{<workspace>}:<connector>:fence` | int    | fencing token counter                |
+//! | `sluice:oauth:pending:<state>`          | string | a pending authorization (TTL)           |
+//!
+//! The `{<workspace>}` hash tag keeps one workspace's keys in one slot, so the fenced write (a
+//! script over the lock and the record) is Cluster-safe. Listing tolerates index
 //! entries whose record is gone (a delete between the two commands).
 //!
 //! Admin-API definitions live in one hash per kind, `sluice:defs:<kind>` (field = id, value =
@@ -40,6 +45,29 @@ const WORKSPACES: &str = "sluice:cred:workspaces";
 fn record_key(workspace: &str, connector: &str) -> String {
     format!("sluice:cred:{{{workspace}}}:{connector}")
 }
+
+fn lock_key(workspace: &str, connector: &str) -> String {
+    format!("sluice:oauth:{{{workspace}}}:{connector}:lock")
+}
+
+fn fence_key(workspace: &str, connector: &str) -> String {
+    format!("sluice:oauth:{{{workspace}}}:{connector}:fence")
+}
+
+/// Write the record only while the lock holds our fencing token.
+const PUT_FENCED: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[2], ARGV[2])
+  return 1
+end
+return 0";
+
+/// Delete the lock only if it still holds our fencing token.
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0";
 
 fn index_key(workspace: &str) -> String {
     format!("sluice:cred:{{{workspace}}}:connectors")
@@ -274,6 +302,79 @@ impl CredentialStore for RedisStore {
                 warn!(error = %e, "cannot publish a definitions change");
             }
         }
+    }
+
+    async fn acquire_refresh_lock(
+        &self,
+        workspace: &str,
+        connector: &str,
+        ttl: Duration,
+    ) -> Result<Option<u64>, StoreError> {
+        let mut conn = self.conn()?;
+        let fence: u64 = conn
+            .incr(fence_key(workspace, connector), 1)
+            .await
+            .map_err(unavailable)?;
+        let acquired: Option<String> = redis::cmd("SET")
+            .arg(lock_key(workspace, connector))
+            .arg(fence)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis() as u64)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(acquired.map(|_| fence))
+    }
+
+    async fn put_fenced(&self, record: &CredentialRecord, fence: u64) -> Result<bool, StoreError> {
+        let mut conn = self.conn()?;
+        let written: i64 = redis::Script::new(PUT_FENCED)
+            .key(lock_key(&record.workspace, &record.name))
+            .key(record_key(&record.workspace, &record.name))
+            .arg(fence)
+            .arg(encode(record))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(written == 1)
+    }
+
+    async fn release_refresh_lock(&self, workspace: &str, connector: &str, fence: u64) {
+        if let Ok(mut conn) = self.conn() {
+            let _: Result<i64, _> = redis::Script::new(RELEASE)
+                .key(lock_key(workspace, connector))
+                .arg(fence)
+                .invoke_async(&mut conn)
+                .await;
+        }
+    }
+
+    async fn put_pending_authorization(
+        &self,
+        state: &str,
+        payload: &[u8],
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn()?;
+        let () = conn
+            .pset_ex(
+                format!("sluice:oauth:pending:{state}"),
+                payload,
+                ttl.as_millis() as u64,
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn take_pending_authorization(&self, state: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut conn = self.conn()?;
+        redis::cmd("GETDEL")
+            .arg(format!("sluice:oauth:pending:{state}"))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)
     }
 
     async fn publish_invalidation(&self, workspace: &str, connector: &str) {

@@ -30,6 +30,19 @@ pub struct CredentialRecord {
     /// Unix seconds.
     pub created_at: u64,
     pub updated_at: u64,
+    /// OAuth 2.0 token state (non-secret): set for oauth2 connectors only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oauth: Option<OAuthMeta>,
+}
+
+/// What sluice knows about an OAuth token without opening the record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OAuthMeta {
+    /// When the access token expires (unix seconds).
+    pub expires_at: u64,
+    /// The provider refused the refresh token (`invalid_grant`): no refresh is attempted
+    /// until the workspace connects again.
+    pub needs_reauthorization: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,6 +109,37 @@ pub trait CredentialStore: Send + Sync {
 
     /// Tell every other replica to reload the definitions.
     async fn publish_definitions_changed(&self) {}
+
+    /// Take the cross-replica lock for refreshing (workspace, connector)'s OAuth token.
+    /// `Some(fence)`: held, with a fencing token that increases with every acquisition;
+    /// `None`: another replica holds it. Single-process stores always grant it.
+    async fn acquire_refresh_lock(
+        &self,
+        _workspace: &str,
+        _connector: &str,
+        _ttl: std::time::Duration,
+    ) -> Result<Option<u64>, StoreError> {
+        Ok(Some(0))
+    }
+
+    /// Write `record` only while `fence` still holds the refresh lock. `false`: lost it.
+    async fn put_fenced(&self, record: &CredentialRecord, _fence: u64) -> Result<bool, StoreError> {
+        self.put(record).await.map(|()| true)
+    }
+
+    /// Release the refresh lock if `fence` still holds it.
+    async fn release_refresh_lock(&self, _workspace: &str, _connector: &str, _fence: u64) {}
+
+    /// Keep a pending OAuth authorization (`state` → sealed payload) for `ttl`.
+    async fn put_pending_authorization(
+        &self,
+        state: &str,
+        payload: &[u8],
+        ttl: std::time::Duration,
+    ) -> Result<(), StoreError>;
+
+    /// Take (and delete) a pending authorization: each `state` works once.
+    async fn take_pending_authorization(&self, state: &str) -> Result<Option<Vec<u8>>, StoreError>;
 }
 
 pub(crate) fn encode(record: &CredentialRecord) -> Vec<u8> {
