@@ -199,8 +199,15 @@ async fn run_serves_and_never_logs_a_secret() {
         .unwrap()
         .port();
     let path = env.dir.path().join("run.toml");
+    // OAuth too: a canary client secret, and canary tokens that are always due for refresh.
+    {
+        let mut m = env.upstream.oauth.lock().unwrap();
+        m.token_prefix = format!("{CANARY}-");
+        m.expires_in = Some(30);
+    }
     let extra = format!(
-        "[[connector]]\nconnector_id = \"closed\"\ndisplay_name = \"Closed\"\nauth_type = \"none\"\nallowed_domains = [\"api.saas.test\"]\nallowed_ports = [{closed}]\n"
+        "[[connector]]\nconnector_id = \"closed\"\ndisplay_name = \"Closed\"\nauth_type = \"none\"\nallowed_domains = [\"api.saas.test\"]\nallowed_ports = [{closed}]\n{}",
+        env.oauth_connectors(60_000, &format!("{CANARY}-client-secret"))
     );
     let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -367,9 +374,41 @@ async fn run_serves_and_never_logs_a_secret() {
         .unwrap();
     assert!(meta.contains("api_key") && !meta.contains(CANARY), "{meta}");
 
+    // OAuth: connect (client credentials), then a request that refreshes first.
+    let connected = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .post(format!("{admin}/admin/workspaces/ws_7/oauth/cc/connect"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(connected.status(), 200);
+    assert!(!connected.text().await.unwrap().contains(CANARY));
+    let oauthed = send(&good, env.url("api.saas.test", "/api/oauth"), "cc", "ws_7")
+        .await
+        .unwrap();
+    assert_eq!(oauthed.status(), 200);
+    assert!(!oauthed.text().await.unwrap().contains(CANARY));
+    assert_eq!(
+        env.upstream.oauth.lock().unwrap().token_calls,
+        2,
+        "connect, then a refresh"
+    );
+    let last = env.upstream.requests().last().cloned().unwrap();
+    assert_eq!(
+        last.header("authorization"),
+        Some(format!("Bearer {CANARY}-at-2").as_str())
+    );
+    let final_request = send(&good, env.url("other.saas.test", "/last"), "narrow", "ws_7")
+        .await
+        .unwrap();
+    assert_eq!(final_request.status(), 200);
+
     // The audit line of the last request is written after its response: wait for it, then stop.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !log.lock().unwrap().contains("\"path\":\"/k\"") {
+    while !log.lock().unwrap().contains("\"path\":\"/last\"") {
         assert!(
             Instant::now() < deadline,
             "the last request was never logged"

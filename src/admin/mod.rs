@@ -6,6 +6,7 @@
 //! Secret values go in (PUT) and never come out: reads return metadata only.
 
 mod definitions;
+mod oauth;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -263,9 +264,15 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> ApiResult {
             },
             Method::PUT => put_credential(state, ws, conn, &body).await,
             Method::DELETE => {
+                // OAuth tokens are revoked at the provider (RFC 7009) before the record goes.
+                let revoked = oauth::revoke_before_delete(state, ws, conn).await?;
                 if state.vault.delete(ws, conn).await? {
-                    info!(target: "sluice::audit", workspace = *ws, connector = *conn, "credential deleted through the admin API");
-                    Ok((StatusCode::OK, serde_json::json!({ "deleted": true })))
+                    info!(target: "sluice::audit", workspace = *ws, connector = *conn, ?revoked, "credential deleted through the admin API");
+                    let mut body = serde_json::json!({ "deleted": true });
+                    if let Some(r) = revoked {
+                        body["revoked"] = r.into();
+                    }
+                    Ok((StatusCode::OK, body))
                 } else {
                     Err(ApiError::not_found(format!(
                         "no credential for {ws}/{conn}"
@@ -278,6 +285,9 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> ApiResult {
             StatusCode::OK,
             serde_json::from_str(OPENAPI).expect("the bundled OpenAPI document is JSON"),
         )),
+        (&Method::POST, ["admin", "workspaces", ws, "oauth", conn, "connect"]) => {
+            oauth::connect(state, ws, conn).await
+        }
         (&Method::POST, ["admin", "keys", "rotate"]) => {
             let (resealed, current) = state.vault.rotate().await?;
             info!(target: "sluice::audit", resealed, current, active_key = state.vault.keyring().active_id(), "credentials re-sealed to the active key");
@@ -312,12 +322,34 @@ async fn handle(state: Arc<AdminState>, req: Request<Incoming>) -> Response<Full
         );
         return resp;
     }
+    // The OAuth callback is reached by the user's browser: the single-use state is its
+    // credential, not the admin token.
+    if req.method() == Method::GET && req.uri().path() == "/oauth/callback" {
+        let query = req.uri().query().unwrap_or("").to_string();
+        return match oauth::callback(&state, &query).await {
+            Ok((status, body)) => json_response(status, &body),
+            Err(e) => error_response(&e),
+        };
+    }
     if !authorized(&state, &req) {
         return error_response(&ApiError::new(
             StatusCode::UNAUTHORIZED,
             "admin_unauthorized",
             "missing or wrong admin token (Authorization: Bearer <token>)",
         ));
+    }
+    if req.method() == Method::GET && req.uri().path() == "/admin/oauth/start" {
+        let query = req.uri().query().unwrap_or("").to_string();
+        return match oauth::start(&state, &query).await {
+            Ok((status, location, body)) => {
+                let mut resp = json_response(status, &body);
+                if let Ok(v) = header::HeaderValue::from_str(&location) {
+                    resp.headers_mut().insert(header::LOCATION, v);
+                }
+                resp
+            }
+            Err(e) => error_response(&e),
+        };
     }
     match route(&state, req).await {
         Ok((status, body)) => json_response(status, &body),

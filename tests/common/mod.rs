@@ -102,11 +102,51 @@ impl Recorded {
     }
 }
 
+/// The OAuth provider the upstream also plays (`/oauth/token`, `/oauth/revoke`), and the rule
+/// its protected API (`/api/…`) applies: only the last access token issued is accepted.
+#[derive(Default)]
+pub struct OAuthMock {
+    /// Token endpoint calls, all grants.
+    pub token_calls: usize,
+    /// `grant_type` of each call.
+    pub grants: Vec<String>,
+    /// How each call authenticated the client: "basic", "post" or "none".
+    pub client_auth: Vec<String>,
+    /// Tokens issued so far (access tokens are `at-N`, refresh tokens `rt-N`).
+    pub issued: usize,
+    /// `expires_in` of the next responses; `None` omits it.
+    pub expires_in: Option<u64>,
+    /// Issue a new refresh token on each refresh, and refuse the old one afterwards.
+    pub rotate_refresh: bool,
+    /// The refresh token the provider accepts (`None`: any).
+    pub valid_refresh: Option<String>,
+    /// The access token the API accepts.
+    pub valid_access: Option<String>,
+    /// Scripted answers for the next calls: (status, OAuth error code).
+    pub fail_next: std::collections::VecDeque<(u16, &'static str)>,
+    /// Latency of the token endpoint.
+    pub delay: Duration,
+    /// The authorization code and PKCE challenge a code exchange must match.
+    pub expected_code: Option<String>,
+    pub expected_challenge: Option<String>,
+    /// The client secret the provider expects.
+    pub client_secret: String,
+    /// Revocation requests: (token, token_type_hint).
+    pub revoked: Vec<(String, String)>,
+    /// Extra parameters seen on token calls (e.g. audience).
+    pub params: Vec<(String, String)>,
+    /// The API refuses every token, even freshly issued ones.
+    pub reject_all_tokens: bool,
+    /// Prefix of every token issued (a canary, in the log test).
+    pub token_prefix: String,
+}
+
 /// A TLS upstream playing the SaaS API.
 pub struct Upstream {
     pub addr: SocketAddr,
     connections: Arc<AtomicUsize>,
     requests: Arc<Mutex<Vec<Recorded>>>,
+    pub oauth: Arc<Mutex<OAuthMock>>,
 }
 
 impl Upstream {
@@ -122,7 +162,8 @@ impl Upstream {
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(AtomicUsize::new(0));
         let requests = Arc::new(Mutex::new(Vec::new()));
-        let (conns, reqs) = (connections.clone(), requests.clone());
+        let oauth = Arc::new(Mutex::new(OAuthMock::default()));
+        let (conns, reqs, mock) = (connections.clone(), requests.clone(), oauth.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
@@ -131,6 +172,7 @@ impl Upstream {
                 conns.fetch_add(1, Ordering::SeqCst);
                 let acceptor = acceptor.clone();
                 let reqs = reqs.clone();
+                let mock = mock.clone();
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
@@ -139,7 +181,8 @@ impl Upstream {
                     let service = service_fn(move |req| {
                         let reqs = reqs.clone();
                         let sni = sni.clone();
-                        async move { Ok::<_, Infallible>(respond(req, sni, reqs).await) }
+                        let mock = mock.clone();
+                        async move { Ok::<_, Infallible>(respond(req, sni, reqs, mock).await) }
                     });
                     let _ = http1::Builder::new()
                         .serve_connection(TokioIo::new(tls), service)
@@ -151,6 +194,7 @@ impl Upstream {
             addr,
             connections,
             requests,
+            oauth,
         }
     }
 
@@ -174,6 +218,7 @@ async fn respond(
     req: Request<Incoming>,
     sni: Option<String>,
     reqs: Arc<Mutex<Vec<Recorded>>>,
+    mock: Arc<Mutex<OAuthMock>>,
 ) -> Response<Full<Bytes>> {
     let method = req.method().to_string();
     let target = req.uri().to_string();
@@ -194,14 +239,53 @@ async fn respond(
         .await
         .map(|b| b.to_bytes().to_vec())
         .unwrap_or_default();
-    reqs.lock().unwrap().push(Recorded {
+    let recorded = Recorded {
         method,
         target,
         headers,
         body,
         sni,
-    });
+    };
+    reqs.lock().unwrap().push(recorded.clone());
     let builder = Response::builder().header("content-type", "application/json");
+    if path == "/oauth/token" {
+        let delay = mock.lock().unwrap().delay;
+        tokio::time::sleep(delay).await;
+        let (status, body) = token_endpoint(&mut mock.lock().unwrap(), &recorded);
+        return builder
+            .status(status)
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap();
+    }
+    if path == "/oauth/revoke" {
+        let form: std::collections::HashMap<String, String> =
+            form_urlencoded::parse(&recorded.body)
+                .into_owned()
+                .collect();
+        mock.lock().unwrap().revoked.push((
+            form.get("token").cloned().unwrap_or_default(),
+            form.get("token_type_hint").cloned().unwrap_or_default(),
+        ));
+        return builder.status(200).body(Full::new(Bytes::new())).unwrap();
+    }
+    if path.starts_with("/api/") {
+        let (valid, reject_all) = {
+            let m = mock.lock().unwrap();
+            (m.valid_access.clone(), m.reject_all_tokens)
+        };
+        let presented = recorded
+            .header("authorization")
+            .and_then(|a| a.strip_prefix("Bearer "));
+        if reject_all || valid.is_none() || presented != valid.as_deref() {
+            return builder
+                .status(401)
+                .header("www-authenticate", "Bearer error=\"invalid_token\"")
+                .body(Full::new(Bytes::from_static(
+                    b"{\"error\":\"invalid_token\"}",
+                )))
+                .unwrap();
+        }
+    }
     match path.as_str() {
         "/redirect" => builder
             .status(302)
@@ -216,6 +300,83 @@ async fn respond(
             .body(Full::new(Bytes::from_static(b"{\"ok\":true}"))),
     }
     .unwrap()
+}
+
+/// The mock provider's token endpoint.
+fn token_endpoint(m: &mut OAuthMock, req: &Recorded) -> (u16, serde_json::Value) {
+    use base64::Engine;
+    use sha2::Digest;
+    let form: std::collections::HashMap<String, String> =
+        form_urlencoded::parse(&req.body).into_owned().collect();
+    m.token_calls += 1;
+    let grant = form.get("grant_type").cloned().unwrap_or_default();
+    m.grants.push(grant.clone());
+    for (k, v) in &form {
+        if ![
+            "grant_type",
+            "client_id",
+            "client_secret",
+            "refresh_token",
+            "code",
+            "code_verifier",
+            "redirect_uri",
+        ]
+        .contains(&k.as_str())
+        {
+            m.params.push((k.clone(), v.clone()));
+        }
+    }
+    let basic = base64::engine::general_purpose::STANDARD
+        .encode(format!("sluice-client:{}", m.client_secret));
+    let auth = if req.header("authorization") == Some(format!("Basic {basic}").as_str()) {
+        "basic"
+    } else if form.get("client_id").map(String::as_str) == Some("sluice-client")
+        && form.get("client_secret") == Some(&m.client_secret)
+    {
+        "post"
+    } else {
+        "none"
+    };
+    m.client_auth.push(auth.to_string());
+    if auth == "none" {
+        return (401, serde_json::json!({ "error": "invalid_client" }));
+    }
+    if let Some((status, error)) = m.fail_next.pop_front() {
+        return (status, serde_json::json!({ "error": error }));
+    }
+    let refused = match grant.as_str() {
+        "client_credentials" => false,
+        "refresh_token" => m
+            .valid_refresh
+            .as_ref()
+            .is_some_and(|v| form.get("refresh_token") != Some(v)),
+        "authorization_code" => {
+            let verifier = form.get("code_verifier").cloned().unwrap_or_default();
+            let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(sha2::Sha256::digest(verifier.as_bytes()));
+            form.get("code") != m.expected_code.as_ref()
+                || Some(&challenge) != m.expected_challenge.as_ref()
+        }
+        _ => true,
+    };
+    if refused {
+        return (400, serde_json::json!({ "error": "invalid_grant" }));
+    }
+    m.issued += 1;
+    let access = format!("{}at-{}", m.token_prefix, m.issued);
+    m.valid_access = Some(access.clone());
+    let mut body = serde_json::json!({ "access_token": access, "token_type": "Bearer" });
+    if let Some(e) = m.expires_in {
+        body["expires_in"] = e.into();
+    }
+    let new_refresh =
+        grant == "authorization_code" || (grant == "refresh_token" && m.rotate_refresh);
+    if new_refresh {
+        let refresh = format!("{}rt-{}", m.token_prefix, m.issued);
+        body["refresh_token"] = refresh.clone().into();
+        m.valid_refresh = Some(refresh);
+    }
+    (200, body)
 }
 
 /// Everything one test needs.
@@ -237,7 +398,8 @@ impl Env {
             )
             .try_init();
         let ca = TestCa::new("sluice test CA");
-        let upstream = Upstream::start(&ca, &["api.saas.test", "other.saas.test"]).await;
+        let upstream =
+            Upstream::start(&ca, &["api.saas.test", "other.saas.test", "auth.saas.test"]).await;
         let dir = tempfile::tempdir().unwrap();
         let ca_file = dir.path().join("ca.pem");
         std::fs::write(&ca_file, ca.pem()).unwrap();
@@ -293,6 +455,8 @@ static_only = true
 "mixed.saas.test" = ["127.0.0.1", "192.168.1.10"]
 "mapped.saas.test" = ["::ffff:10.0.0.1"]
 "untrusted.saas.test" = ["127.0.0.1"]
+"auth.saas.test" = ["127.0.0.1"]
+"privauth.saas.test" = ["10.9.9.9"]
 
 [egress]
 exception_cidrs = ["127.0.0.1/32"]
@@ -397,6 +561,66 @@ create_key_file_if_missing = true
 
     pub async fn start(&self) -> Running {
         self.start_with("", "").await
+    }
+
+    /// Two OAuth connectors on the mock provider (`cc`: client credentials, `ac`: authorization
+    /// code), plus `private_idp`, whose token endpoint resolves to a private address.
+    pub fn oauth_connectors(&self, skew_ms: u64, client_secret: &str) -> String {
+        let env = self;
+        let port = env.upstream.port();
+        let secret = env.dir.path().join("client.secret");
+        std::fs::write(&secret, client_secret).unwrap();
+        env.upstream.oauth.lock().unwrap().client_secret = client_secret.into();
+        format!(
+            r#"
+[[connector]]
+connector_id = "cc"
+display_name = "Client credentials"
+auth_type = "oauth2"
+allowed_domains = ["api.saas.test", "auth.saas.test", "privauth.saas.test"]
+allowed_ports = [{port}]
+[connector.oauth2]
+grant = "client_credentials"
+token_url = "https://auth.saas.test:{port}/oauth/token"
+revocation_url = "https://auth.saas.test:{port}/oauth/revoke"
+client_id = "sluice-client"
+client_secret_file = "{secret}"
+client_auth = "client_secret_post"
+scopes = ["read", "write"]
+token_params = {{ audience = "https://api.saas.test" }}
+refresh_skew_ms = {skew_ms}
+default_lifetime_ms = 7200000
+
+[[connector]]
+connector_id = "ac"
+display_name = "Authorization code"
+auth_type = "oauth2"
+allowed_domains = ["api.saas.test", "auth.saas.test"]
+allowed_ports = [{port}]
+[connector.oauth2]
+grant = "authorization_code"
+authorization_url = "https://auth.saas.test:{port}/oauth/authorize"
+token_url = "https://auth.saas.test:{port}/oauth/token"
+revocation_url = "https://auth.saas.test:{port}/oauth/revoke"
+client_id = "sluice-client"
+client_secret_file = "{secret}"
+redirect_uri = "http://127.0.0.1:9090/oauth/callback"
+refresh_skew_ms = {skew_ms}
+
+[[connector]]
+connector_id = "private_idp"
+display_name = "Token endpoint on a private address"
+auth_type = "oauth2"
+allowed_domains = ["api.saas.test", "privauth.saas.test"]
+allowed_ports = [{port}]
+[connector.oauth2]
+grant = "client_credentials"
+token_url = "https://privauth.saas.test:{port}/oauth/token"
+client_id = "sluice-client"
+client_secret_file = "{secret}"
+"#,
+            secret = secret.display()
+        )
     }
 
     /// `http://<host>:<upstream port><path>`: the URL an app sends through the proxy.
@@ -640,7 +864,11 @@ impl Admin {
                 "http://{}",
                 gw.admin_addr.expect("the gateway runs the admin API")
             ),
-            client: reqwest::Client::builder().no_proxy().build().unwrap(),
+            client: reqwest::Client::builder()
+                .no_proxy()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap(),
             token: token.map(str::to_string),
         }
     }
