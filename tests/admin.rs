@@ -491,6 +491,13 @@ async fn the_served_openapi_document_is_valid_and_covers_every_route() {
         ("/admin/workspaces/{workspace}", "put"),
         ("/admin/workspaces/{workspace}", "delete"),
         ("/admin/openapi.json", "get"),
+        ("/admin/oauth/start", "get"),
+        ("/oauth/callback", "get"),
+        (
+            "/admin/workspaces/{workspace}/oauth/{connector}/connect",
+            "post",
+        ),
+        ("/metrics", "get"),
     ] {
         assert!(
             doc["paths"][path][method].is_object(),
