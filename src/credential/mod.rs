@@ -258,24 +258,22 @@ impl Vault {
         self.store.publish_invalidation(workspace, connector).await;
     }
 
-    /// Store (or replace) a workspace's credential. Values are validated, sealed under the
-    /// active key, and every cache is invalidated.
-    pub async fn put(
+    /// The next version of (workspace, connector)'s record: `fields` sealed under the active
+    /// key, version and timestamps carried on from the stored one.
+    async fn sealed_record(
         &self,
         workspace: &str,
         connector: &str,
         enabled: bool,
         fields: &SecretFields,
-    ) -> Result<Metadata, VaultError> {
-        for name in fields.names() {
-            check_value(name, fields.get(name).map_or("", |s| s.expose()))?;
-        }
+        oauth: Option<store::OAuthMeta>,
+    ) -> Result<CredentialRecord, VaultError> {
         let existing = self.store.get(workspace, connector).await?;
         let (key_id, blob) = self
             .keyring
             .seal(workspace, connector, &fields.to_plaintext());
         let now = now_unix();
-        let record = CredentialRecord {
+        Ok(CredentialRecord {
             group: "connector".into(),
             name: connector.into(),
             workspace: workspace.into(),
@@ -288,8 +286,25 @@ impl Vault {
             fields: fields.names().map(str::to_string).collect(),
             created_at: existing.as_ref().map_or(now, |r| r.created_at),
             updated_at: now,
-            oauth: None,
-        };
+            oauth,
+        })
+    }
+
+    /// Store (or replace) a workspace's credential. Values are validated, sealed under the
+    /// active key, and every cache is invalidated.
+    pub async fn put(
+        &self,
+        workspace: &str,
+        connector: &str,
+        enabled: bool,
+        fields: &SecretFields,
+    ) -> Result<Metadata, VaultError> {
+        for name in fields.names() {
+            check_value(name, fields.get(name).map_or("", |s| s.expose()))?;
+        }
+        let record = self
+            .sealed_record(workspace, connector, enabled, fields, None)
+            .await?;
         self.store.put(&record).await?;
         self.invalidate_everywhere(workspace, connector).await;
         Ok(Metadata::from(&record))
@@ -325,26 +340,9 @@ impl Vault {
         meta: store::OAuthMeta,
         fence: Option<u64>,
     ) -> Result<Option<Connected>, VaultError> {
-        let existing = self.store.get(workspace, connector).await?;
-        let (key_id, blob) = self
-            .keyring
-            .seal(workspace, connector, &fields.to_plaintext());
-        let now = now_unix();
-        let record = CredentialRecord {
-            group: "connector".into(),
-            name: connector.into(),
-            workspace: workspace.into(),
-            value: RecordValue {
-                enabled: true,
-                encrypted_config: blob,
-            },
-            key_id,
-            version: existing.as_ref().map_or(1, |r| r.version + 1),
-            fields: fields.names().map(str::to_string).collect(),
-            created_at: existing.as_ref().map_or(now, |r| r.created_at),
-            updated_at: now,
-            oauth: Some(meta),
-        };
+        let record = self
+            .sealed_record(workspace, connector, true, fields, Some(meta))
+            .await?;
         let written = match fence {
             Some(f) => self.store.put_fenced(&record, f).await?,
             None => self.store.put(&record).await.map(|()| true)?,
