@@ -26,6 +26,8 @@ pub struct RequestCtx {
     pub vetted: Option<Vetted>,
     /// What to inject upstream, rendered from the workspace's credential before connecting.
     pub injected: Option<Injected>,
+    /// The rate-limit bucket this request drew from (its response teaches it).
+    pub bucket: Option<crate::ratelimit::BucketKey>,
     /// OAuth connectors: the token state injected, kept for a forced refresh after a 401.
     pub oauth: Option<Arc<Connected>>,
     /// An upstream 401 asked for one forced refresh and one retry; `oauth_retried` makes it one.
@@ -47,6 +49,7 @@ impl RequestCtx {
             target: None,
             vetted: None,
             injected: None,
+            bucket: None,
             oauth: None,
             oauth_force: false,
             oauth_retried: false,

@@ -98,6 +98,9 @@ error_codes! {
     UpstreamTlsFailed => ("upstream_tls_failed", 502),
     /// The upstream broke the HTTP exchange.
     UpstreamProtocolError => ("upstream_protocol_error", 502),
+    /// The API's rate limit: the wait would exceed the connector's maximum, or its queue is
+    /// full. `Retry-After` says when to try again.
+    RateLimited => ("rate_limited", 429),
     /// The credential store cannot be reached and nothing usable is cached.
     CredentialStoreUnavailable => ("credential_store_unavailable", 503),
     /// The access token expired (or was rejected) and a new one could not be had now.
@@ -143,6 +146,8 @@ impl fmt::Display for ErrorCode {
 pub struct Refusal {
     pub code: ErrorCode,
     pub message: String,
+    /// `Retry-After` seconds, when this refusal knows better than its code's default.
+    pub retry_after: Option<u64>,
 }
 
 impl Refusal {
@@ -150,7 +155,15 @@ impl Refusal {
         Self {
             code,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    pub fn with_retry_after(mut self, wait: std::time::Duration) -> Self {
+        // Whole seconds, rounded up, at least 1.
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        self.retry_after = Some(secs.max(1));
+        self
     }
 
     /// The JSON body `{"error":{"code","message","request_id"}}`.

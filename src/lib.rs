@@ -10,6 +10,7 @@
 //! | [`caller`]     | 2. caller authentication and workspace scope                         |
 //! | [`policy`]     | 3–4. connector, workspace, ports, allowlists, DNS, address classes    |
 //! | [`credential`] | 5. sealed credentials: stores, keyring, cache, injection              |
+//! | [`ratelimit`]  | 6. pacing: buckets learned from response headers, bounded FIFO wait   |
 //! | [`upstream`]   | 7. the pinned, verified TLS peer                                      |
 //! | [`proxy`]      | pingora phase wiring                                                  |
 //! | [`ctx`]        | the per-request context                                               |
@@ -33,6 +34,7 @@ pub mod explain;
 pub mod outbound;
 pub mod policy;
 pub mod proxy;
+pub mod ratelimit;
 pub mod request;
 pub mod server;
 pub mod telemetry;

@@ -29,11 +29,14 @@ use crate::credential::{Connected, TenantState, Vault, VaultError};
 use crate::ctx::RequestCtx;
 use crate::error::{ERROR_HEADER, ErrorCode, Refusal};
 use crate::policy::{self, Vetted};
+use crate::ratelimit::headers::learn;
+use crate::ratelimit::{Decision, Limiter, bucket_key};
 use crate::request::{
     STRIPPED_REQUEST_HEADERS, X_CONNECTOR, X_WORKSPACE, check_framing, check_header_values,
     connection_listed,
 };
 use crate::upstream;
+use tokio::time::Instant;
 
 const REQUEST_ID: &str = "x-request-id";
 
@@ -42,6 +45,7 @@ pub struct Sluice {
     config: Arc<ArcSwap<Snapshot>>,
     vault: Option<Arc<Vault>>,
     oauth: Arc<OAuthClient>,
+    limiter: Limiter,
 }
 
 fn token_refusal(e: TokenError) -> Refusal {
@@ -71,6 +75,56 @@ impl Sluice {
             config,
             vault,
             oauth,
+            limiter: Limiter::default(),
+        }
+    }
+
+    /// Step 6: take a token from the bucket, wait for one in the queue, or refuse.
+    /// `Ok(false)`: the client left while waiting.
+    async fn pace(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool, Refusal> {
+        let Some(vetted) = &ctx.vetted else {
+            return Ok(true);
+        };
+        let Some(connector) = ctx.snapshot.connectors.get(&vetted.connector) else {
+            return Ok(true);
+        };
+        let rl = &connector.rate_limit;
+        let key = bucket_key(rl, &vetted.connector, &vetted.workspace);
+        let decision = self.limiter.admit(&key, rl, Instant::now());
+        ctx.bucket = Some(key);
+        match decision {
+            Decision::Go => Ok(true),
+            Decision::Refuse(wait) => Err(Refusal::new(
+                ErrorCode::RateLimited,
+                format!("connector {:?} is at its rate limit", vetted.connector),
+            )
+            .with_retry_after(wait)),
+            Decision::Wait(wait, ticket) => {
+                let waits = &crate::telemetry::METRICS.rate_limit_waits;
+                // Without a body to read, a closed connection is visible while waiting: the
+                // waiter then leaves and its place and slot go to the next.
+                let left = if session.is_body_empty() {
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => false,
+                        _ = session.read_body_or_idle(true) => true,
+                    }
+                } else {
+                    tokio::time::sleep(wait).await;
+                    false
+                };
+                if left {
+                    drop(ticket);
+                    waits
+                        .with_label_values(&[connector.id.as_str(), "left"])
+                        .inc();
+                    return Ok(false);
+                }
+                ticket.used();
+                waits
+                    .with_label_values(&[connector.id.as_str(), "released"])
+                    .inc();
+                Ok(true)
+            }
         }
     }
 
@@ -225,7 +279,10 @@ async fn respond(session: &mut Session, ctx: &RequestCtx, refusal: &Refusal) -> 
     resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
     resp.insert_header(ERROR_HEADER, refusal.code.as_str())?;
     resp.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
-    if let Some(seconds) = refusal.code.retry_after() {
+    if let Some(seconds) = refusal
+        .retry_after
+        .or(refusal.code.retry_after().map(u64::from))
+    {
         resp.insert_header(header::RETRY_AFTER, seconds.to_string())?;
     }
     if refusal.code == ErrorCode::ProxyAuthRequired {
@@ -302,6 +359,19 @@ impl ProxyHttp for Sluice {
                     ctx.vetted = Some(vetted);
                     Err(refusal)
                 }
+            },
+            Err(refusal) => Err(refusal),
+        };
+        let admitted = match admitted {
+            Ok(()) => match self.pace(session, ctx).await {
+                Ok(true) => Ok(()),
+                Ok(false) => {
+                    return Error::e_explain(
+                        ErrorType::ConnectionClosed,
+                        "client left while waiting for the rate limit",
+                    );
+                }
+                Err(refusal) => Err(refusal),
             },
             Err(refusal) => Err(refusal),
         };
@@ -392,6 +462,23 @@ impl ProxyHttp for Sluice {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        // Step 8: every response teaches the bucket.
+        if let (Some(key), Some(connector)) = (
+            &ctx.bucket,
+            ctx.vetted
+                .as_ref()
+                .and_then(|v| ctx.snapshot.connectors.get(&v.connector)),
+        ) {
+            let rl = &connector.rate_limit;
+            let learned = learn(
+                &upstream_response.headers,
+                &rl.headers,
+                std::time::SystemTime::now(),
+            );
+            let too_many = upstream_response.status == http::StatusCode::TOO_MANY_REQUESTS;
+            self.limiter
+                .observe(key, rl, &learned, too_many, Instant::now());
+        }
         if upstream_response.status != http::StatusCode::UNAUTHORIZED
             || ctx.oauth.is_none()
             || ctx.oauth_retried

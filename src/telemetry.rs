@@ -12,6 +12,7 @@ pub struct Metrics {
     registry: Registry,
     pub requests: IntCounterVec,
     pub token_refreshes: IntCounterVec,
+    pub rate_limit_waits: IntCounterVec,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -32,7 +33,15 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         &["connector", "result"],
     )
     .expect("valid metric");
-    for m in [&requests, &token_refreshes] {
+    let rate_limit_waits = IntCounterVec::new(
+        Opts::new(
+            "sluice_rate_limit_waits_total",
+            "Requests that waited in a rate-limit queue, by connector and result (released, left).",
+        ),
+        &["connector", "result"],
+    )
+    .expect("valid metric");
+    for m in [&requests, &token_refreshes, &rate_limit_waits] {
         registry
             .register(Box::new(m.clone()))
             .expect("registered once");
@@ -41,6 +50,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         registry,
         requests,
         token_refreshes,
+        rate_limit_waits,
     }
 });
 

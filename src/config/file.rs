@@ -159,6 +159,8 @@ pub struct ConnectorFile {
     pub inject: crate::credential::inject::InjectFile,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oauth2: Option<crate::credential::oauth::OAuth2File>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<crate::ratelimit::RateLimitFile>,
 }
 
 fn yes() -> bool {

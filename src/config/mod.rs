@@ -81,6 +81,8 @@ pub struct Connector {
     pub injection: Injection,
     /// `auth_type = "oauth2"`: endpoints, client and token lifecycle settings.
     pub oauth2: Option<Arc<crate::credential::oauth::OAuth2>>,
+    /// Pacing: initial bucket, scope, wait limits, which headers to learn from.
+    pub rate_limit: crate::ratelimit::RateLimit,
 }
 
 /// An org and its optional allowlist (`None`: the org adds no restriction).
@@ -694,7 +696,22 @@ fn validate(raw: FileConfig, source: &Path, base: &Path) -> Result<Snapshot, Vec
             }
             (None, _) => None,
         };
+        let rate_limit = match c
+            .rate_limit
+            .as_ref()
+            .map(crate::ratelimit::RateLimit::build)
+        {
+            None => crate::ratelimit::RateLimit::default(),
+            Some(Ok(rl)) => rl,
+            Some(Err(errs)) => {
+                for (k, e) in errs {
+                    errors.push(format!("{key}.rate_limit.{k}"), e);
+                }
+                crate::ratelimit::RateLimit::default()
+            }
+        };
         let connector = Connector {
+            rate_limit,
             oauth2,
             injection,
             id: c.connector_id.clone(),

@@ -291,6 +291,20 @@ async fn respond(
             .status(302)
             .header("location", "https://elsewhere.example/landing")
             .body(Full::new(Bytes::new())),
+        "/rl/remaining0" => builder
+            .status(200)
+            .header("x-ratelimit-limit", "10")
+            .header("x-ratelimit-remaining", "0")
+            .header("x-ratelimit-reset", "3600")
+            .body(Full::new(Bytes::from_static(b"{\"ok\":true}"))),
+        "/rl/429" => builder
+            .status(429)
+            .header("retry-after", "120")
+            .body(Full::new(Bytes::from_static(b"{\"error\":\"slow down\"}"))),
+        "/rl/shopify" => builder
+            .status(200)
+            .header("x-shopify-shop-api-call-limit", "40/40")
+            .body(Full::new(Bytes::from_static(b"{\"ok\":true}"))),
         "/forge" => builder
             .status(200)
             .header("x-sluice-error", "forged_by_upstream")

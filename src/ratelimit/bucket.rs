@@ -1,0 +1,305 @@
+//! A token bucket as GCRA (generic cell rate algorithm) with reservations.
+//!
+//! State is one instant, the theoretical arrival time (`tat`). A request may go when
+//! `tat - tolerance <= now`; each admitted request pushes `tat` one emission interval on. A
+//! request that would have to wait is given a reservation (its own future start time) if the
+//! wait is within `max_wait` and the queue has room; reservations are handed out under the
+//! bucket's own lock in arrival order, so waiters are released first-in first-out. A waiter
+//! that gives up returns its slot.
+//!
+//! Time is passed in: the bucket never reads a clock, so tests are exact.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::headers::Learned;
+
+/// What the bucket says to one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Go now.
+    Now,
+    /// A reservation: go after this long (the caller holds a queue place meanwhile).
+    After(Duration),
+    /// Refused: the wait would exceed the maximum. Retry after this long.
+    TooLong(Duration),
+    /// Refused: the queue is full. Retry after this long.
+    QueueFull(Duration),
+}
+
+#[derive(Debug, Clone)]
+pub struct Bucket {
+    capacity: u32,
+    interval: Duration,
+    tolerance: Duration,
+    tat: Instant,
+    queued: usize,
+}
+
+impl Bucket {
+    /// `capacity` requests at once, refilled at `per_second`.
+    pub fn new(capacity: u32, per_second: f64, now: Instant) -> Self {
+        let capacity = capacity.max(1);
+        let interval = Duration::from_secs_f64(1.0 / per_second.max(1e-9))
+            .min(Duration::from_secs(86_400 * 365));
+        Self {
+            capacity,
+            interval,
+            tolerance: interval * (capacity - 1),
+            tat: now,
+            queued: 0,
+        }
+    }
+
+    /// A bucket for a limit learned from headers: `limit` per `window`.
+    pub fn learned(limit: u64, window: Duration, now: Instant) -> Self {
+        let limit = limit.clamp(1, u32::MAX as u64) as u32;
+        let per_second = limit as f64 / window.as_secs_f64().max(1.0);
+        Self::new(limit, per_second, now)
+    }
+
+    pub fn queued(&self) -> usize {
+        self.queued
+    }
+
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    /// Admit one request at `now`.
+    pub fn admit(&mut self, now: Instant, max_wait: Duration, queue_size: usize) -> Admission {
+        let tat = self.tat.max(now);
+        let allow_at = tat.checked_sub(self.tolerance).unwrap_or(now);
+        if allow_at <= now {
+            self.tat = tat + self.interval;
+            return Admission::Now;
+        }
+        let wait = allow_at - now;
+        if wait > max_wait {
+            return Admission::TooLong(wait);
+        }
+        if self.queued >= queue_size {
+            return Admission::QueueFull(wait);
+        }
+        self.tat = tat + self.interval;
+        self.queued += 1;
+        Admission::After(wait)
+    }
+
+    /// A reservation was used: its waiter leaves the queue.
+    pub fn leave_queue(&mut self) {
+        self.queued = self.queued.saturating_sub(1);
+    }
+
+    /// A waiter gave up before its turn: it leaves the queue and returns its slot.
+    pub fn cancel(&mut self, now: Instant) {
+        self.leave_queue();
+        self.tat = self.tat.checked_sub(self.interval).unwrap_or(now).max(now);
+    }
+
+    /// Hold every request until `until` (a 429, or no requests remaining until a reset).
+    fn hold_until(&mut self, until: Instant) {
+        self.tat = self.tat.max(until + self.tolerance);
+    }
+
+    /// Bring the bucket to the server's view after a response.
+    pub fn observe(&mut self, now: Instant, learned: &Learned, too_many_requests: bool) {
+        if let Some(after) = learned.retry_after {
+            self.hold_until(now + after);
+            return;
+        }
+        match (learned.remaining, learned.reset_after) {
+            (Some(0), Some(reset)) => self.hold_until(now + reset),
+            (Some(0), None) => self.hold_until(now + self.interval),
+            (Some(remaining), _) if !too_many_requests => {
+                // Exactly `remaining` requests may go at once from here.
+                let remaining = remaining.min(self.capacity as u64) as u32;
+                let queued = self.queued as u32;
+                self.tat = now + self.interval * (self.capacity - remaining).saturating_add(queued);
+            }
+            _ if too_many_requests => {
+                let wait = learned.reset_after.unwrap_or(self.interval);
+                self.hold_until(now + wait);
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn burst_then_paced_in_order() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(10, 10.0, t0);
+        let waits: Vec<Admission> = (0..15)
+            .map(|_| b.admit(t0, Duration::from_secs(5), 100))
+            .collect();
+        assert!(
+            waits[..10].iter().all(|a| *a == Admission::Now),
+            "{waits:?}"
+        );
+        for (i, a) in waits[10..].iter().enumerate() {
+            assert_eq!(
+                *a,
+                Admission::After(ms(100 * (i as u64 + 1))),
+                "FIFO: each waits one interval more"
+            );
+        }
+        assert_eq!(b.queued(), 5);
+    }
+
+    #[test]
+    fn fifty_against_ten_per_second() {
+        let t0 = Instant::now();
+        // Paced: a 5 s maximum wait admits all 50.
+        let mut b = Bucket::new(10, 10.0, t0);
+        let r: Vec<_> = (0..50)
+            .map(|_| b.admit(t0, Duration::from_secs(5), 100))
+            .collect();
+        assert_eq!(r.iter().filter(|a| **a == Admission::Now).count(), 10);
+        assert_eq!(
+            r.iter()
+                .filter(|a| matches!(a, Admission::After(_)))
+                .count(),
+            40
+        );
+        assert_eq!(r[49], Admission::After(ms(4000)));
+        // Refused: a 1 s maximum wait admits 10 now and 10 paced; 30 are told when to retry.
+        let mut b = Bucket::new(10, 10.0, t0);
+        let r: Vec<_> = (0..50)
+            .map(|_| b.admit(t0, Duration::from_secs(1), 100))
+            .collect();
+        assert_eq!(r.iter().filter(|a| **a == Admission::Now).count(), 10);
+        assert_eq!(
+            r.iter()
+                .filter(|a| matches!(a, Admission::After(_)))
+                .count(),
+            10
+        );
+        assert_eq!(
+            r.iter()
+                .filter(|a| matches!(a, Admission::TooLong(_)))
+                .count(),
+            30
+        );
+        // A full queue answers at once.
+        let mut b = Bucket::new(1, 1.0, t0);
+        assert_eq!(b.admit(t0, Duration::from_secs(60), 2), Admission::Now);
+        assert_eq!(
+            b.admit(t0, Duration::from_secs(60), 2),
+            Admission::After(ms(1000))
+        );
+        assert_eq!(
+            b.admit(t0, Duration::from_secs(60), 2),
+            Admission::After(ms(2000))
+        );
+        assert_eq!(
+            b.admit(t0, Duration::from_secs(60), 2),
+            Admission::QueueFull(ms(3000))
+        );
+    }
+
+    #[test]
+    fn refills_with_time() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(2, 1.0, t0);
+        assert_eq!(b.admit(t0, Duration::ZERO, 0), Admission::Now);
+        assert_eq!(b.admit(t0, Duration::ZERO, 0), Admission::Now);
+        assert_eq!(b.admit(t0, Duration::ZERO, 0), Admission::TooLong(ms(1000)));
+        assert_eq!(
+            b.admit(t0 + ms(999), Duration::ZERO, 0),
+            Admission::TooLong(ms(1))
+        );
+        assert_eq!(b.admit(t0 + ms(1000), Duration::ZERO, 0), Admission::Now);
+        // Idle for long: back to a full burst, never more.
+        let later = t0 + Duration::from_secs(60);
+        assert_eq!(b.admit(later, Duration::ZERO, 0), Admission::Now);
+        assert_eq!(b.admit(later, Duration::ZERO, 0), Admission::Now);
+        assert!(matches!(
+            b.admit(later, Duration::ZERO, 0),
+            Admission::TooLong(_)
+        ));
+    }
+
+    #[test]
+    fn a_waiter_that_leaves_returns_its_slot() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(1, 1.0, t0);
+        assert_eq!(b.admit(t0, Duration::from_secs(10), 1), Admission::Now);
+        assert_eq!(
+            b.admit(t0, Duration::from_secs(10), 1),
+            Admission::After(ms(1000))
+        );
+        assert!(matches!(
+            b.admit(t0, Duration::from_secs(10), 1),
+            Admission::QueueFull(_)
+        ));
+        b.cancel(t0);
+        assert_eq!(
+            b.admit(t0, Duration::from_secs(10), 1),
+            Admission::After(ms(1000)),
+            "the place and the slot are free again"
+        );
+    }
+
+    #[test]
+    fn follows_remaining_down_to_zero_then_holds_until_reset() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(10, 10.0, t0);
+        let seen = |remaining, reset| Learned {
+            remaining: Some(remaining),
+            reset_after: Some(Duration::from_secs(reset)),
+            limit: Some(10),
+            ..Learned::default()
+        };
+        b.observe(t0, &seen(2, 30), false);
+        assert_eq!(b.admit(t0, Duration::ZERO, 0), Admission::Now);
+        assert_eq!(b.admit(t0, Duration::ZERO, 0), Admission::Now);
+        assert!(
+            matches!(b.admit(t0, Duration::ZERO, 0), Admission::TooLong(_)),
+            "the server's 2 are used"
+        );
+        b.observe(t0, &seen(0, 30), false);
+        assert_eq!(
+            b.admit(t0 + Duration::from_secs(29), Duration::ZERO, 0),
+            Admission::TooLong(Duration::from_secs(1))
+        );
+        assert_eq!(
+            b.admit(t0 + Duration::from_secs(30), Duration::ZERO, 0),
+            Admission::Now,
+            "released at the reset"
+        );
+    }
+
+    #[test]
+    fn too_many_requests_and_retry_after_hold_the_bucket() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(100, 100.0, t0);
+        b.observe(
+            t0,
+            &Learned {
+                retry_after: Some(Duration::from_secs(120)),
+                ..Learned::default()
+            },
+            true,
+        );
+        assert_eq!(
+            b.admit(t0, Duration::ZERO, 0),
+            Admission::TooLong(Duration::from_secs(120))
+        );
+        let mut b = Bucket::new(100, 100.0, t0);
+        b.observe(t0, &Learned::default(), true);
+        assert!(
+            matches!(b.admit(t0, Duration::ZERO, 0), Admission::TooLong(_)),
+            "a bare 429 empties the bucket"
+        );
+    }
+}

@@ -1,0 +1,387 @@
+//! Step 6 of the request path: pace each call to the API's limit.
+//!
+//! One bucket per (connector, workspace), or per connector when the connector says its limit
+//! is per application. A bucket's starting capacity and rate come from
+//! `[connector.rate_limit]`; without them and before any header was seen, requests are not
+//! held back. Every response teaches the bucket ([`headers::learn`]): `Remaining` brings it to
+//! the server's view, zero remaining or a 429 holds requests until the reset or `Retry-After`.
+//! A request that must wait queues (FIFO, bounded by `queue_size`) up to `max_wait`; beyond
+//! that, or with a full queue, it gets 429 `rate_limited` with `Retry-After` at once.
+//!
+//! Each bucket has its own lock, held only for the arithmetic (never across an await).
+
+pub mod bucket;
+pub mod headers;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use bucket::{Admission, Bucket};
+use headers::{HeaderSpec, Learned, ResetFormat};
+
+/// `[connector.rate_limit]` as written.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitFile {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_second: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_wait_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_size: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit_header: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remaining_header: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reset_header: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub used_of_limit_header: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reset_format: Option<String>,
+}
+
+/// A connector's validated pacing rules.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimit {
+    /// Starting (capacity, per second); `None`: unlimited until headers say otherwise.
+    pub initial: Option<(u32, f64)>,
+    /// One bucket for every workspace of the connector.
+    pub per_application: bool,
+    pub max_wait: Duration,
+    pub queue_size: usize,
+    pub headers: HeaderSpec,
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        Self {
+            initial: None,
+            per_application: false,
+            max_wait: Duration::from_millis(1000),
+            queue_size: 64,
+            headers: HeaderSpec::default(),
+        }
+    }
+}
+
+impl RateLimit {
+    pub fn build(f: &RateLimitFile) -> Result<Self, Vec<(String, String)>> {
+        let mut errors = Vec::new();
+        let d = RateLimit::default();
+        let initial = match (f.capacity, f.per_second) {
+            (Some(c), Some(r)) if c > 0 && r > 0.0 && r.is_finite() => Some((c, r)),
+            (None, None) => None,
+            _ => {
+                errors.push((
+                    "capacity".into(),
+                    "set capacity (> 0) and per_second (> 0) together".into(),
+                ));
+                None
+            }
+        };
+        let per_application = match f.scope.as_deref() {
+            None | Some("workspace") => false,
+            Some("application") => true,
+            Some(other) => {
+                errors.push((
+                    "scope".into(),
+                    format!("{other:?} is not workspace or application"),
+                ));
+                false
+            }
+        };
+        let reset_format = match f.reset_format.as_deref().map(ResetFormat::parse) {
+            None => ResetFormat::Auto,
+            Some(Some(r)) => r,
+            Some(None) => {
+                errors.push((
+                    "reset_format".into(),
+                    "not one of auto, delta_seconds, delta_ms, epoch_seconds, epoch_ms".into(),
+                ));
+                ResetFormat::Auto
+            }
+        };
+        let name = |n: &Option<String>, default: &[String]| {
+            n.as_ref()
+                .map_or_else(|| default.to_vec(), |n| vec![n.to_ascii_lowercase()])
+        };
+        let spec = HeaderSpec::default();
+        let rl = RateLimit {
+            initial,
+            per_application,
+            max_wait: f.max_wait_ms.map_or(d.max_wait, Duration::from_millis),
+            queue_size: f.queue_size.unwrap_or(d.queue_size),
+            headers: HeaderSpec {
+                limit: name(&f.limit_header, &spec.limit),
+                remaining: name(&f.remaining_header, &spec.remaining),
+                reset: name(&f.reset_header, &spec.reset),
+                used_of_limit: f
+                    .used_of_limit_header
+                    .as_ref()
+                    .map(|n| n.to_ascii_lowercase()),
+                reset_format,
+            },
+        };
+        if errors.is_empty() {
+            Ok(rl)
+        } else {
+            Err(errors)
+        }
+    }
+}
+
+/// Which bucket a request draws from.
+pub type BucketKey = (String, String);
+
+pub fn bucket_key(rl: &RateLimit, connector: &str, workspace: &str) -> BucketKey {
+    let ws = if rl.per_application { "" } else { workspace };
+    (connector.to_string(), ws.to_string())
+}
+
+/// Every bucket in the process.
+pub struct Limiter {
+    buckets: moka::sync::Cache<BucketKey, Arc<Mutex<Option<Bucket>>>>,
+}
+
+impl Default for Limiter {
+    fn default() -> Self {
+        Self {
+            // Idle buckets are forgotten (and relearned); the bound keeps memory flat.
+            buckets: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_idle(Duration::from_secs(600))
+                .build(),
+        }
+    }
+}
+
+/// A queue place; dropping it before [`Ticket::used`] gives the place and its slot back (the
+/// client went away).
+pub struct Ticket {
+    bucket: Arc<Mutex<Option<Bucket>>>,
+    used: bool,
+}
+
+impl Ticket {
+    pub fn used(mut self) {
+        self.used = true;
+        if let Some(b) = self.bucket.lock().expect("bucket lock").as_mut() {
+            b.leave_queue();
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if !self.used {
+            if let Some(b) = self.bucket.lock().expect("bucket lock").as_mut() {
+                b.cancel(Instant::now());
+            }
+        }
+    }
+}
+
+/// What a request must do.
+pub enum Decision {
+    Go,
+    Wait(Duration, Ticket),
+    /// 429 with this `Retry-After`.
+    Refuse(Duration),
+}
+
+impl Limiter {
+    fn bucket(&self, key: &BucketKey, rl: &RateLimit, now: Instant) -> Arc<Mutex<Option<Bucket>>> {
+        self.buckets.get_with_by_ref(key, || {
+            Arc::new(Mutex::new(rl.initial.map(|(c, r)| Bucket::new(c, r, now))))
+        })
+    }
+
+    /// Admit one request at `now`.
+    pub fn admit(&self, key: &BucketKey, rl: &RateLimit, now: Instant) -> Decision {
+        let bucket = self.bucket(key, rl, now);
+        let admission = match bucket.lock().expect("bucket lock").as_mut() {
+            None => return Decision::Go,
+            Some(b) => b.admit(now, rl.max_wait, rl.queue_size),
+        };
+        match admission {
+            Admission::Now => Decision::Go,
+            Admission::After(wait) => Decision::Wait(
+                wait,
+                Ticket {
+                    bucket,
+                    used: false,
+                },
+            ),
+            Admission::TooLong(wait) | Admission::QueueFull(wait) => Decision::Refuse(wait),
+        }
+    }
+
+    /// Learn from a response.
+    pub fn observe(
+        &self,
+        key: &BucketKey,
+        rl: &RateLimit,
+        learned: &Learned,
+        too_many_requests: bool,
+        now: Instant,
+    ) {
+        if learned.is_empty() && !too_many_requests {
+            return;
+        }
+        let bucket = self.bucket(key, rl, now);
+        let mut guard = bucket.lock().expect("bucket lock");
+        if guard.is_none() {
+            // First sight of a limit: a bucket of that size over its window (or a minute).
+            let limit = learned.limit.or(learned.remaining.map(|r| r.max(1)));
+            let window = learned
+                .window
+                .or(learned.reset_after)
+                .filter(|w| !w.is_zero())
+                .unwrap_or(Duration::from_secs(60));
+            match limit {
+                Some(limit) => *guard = Some(Bucket::learned(limit, window, now)),
+                None if too_many_requests || learned.retry_after.is_some() => {
+                    *guard = Some(Bucket::learned(1, Duration::from_secs(1), now))
+                }
+                None => return,
+            }
+        }
+        if let Some(b) = guard.as_mut() {
+            b.observe(now, learned, too_many_requests);
+        }
+    }
+
+    /// Requests waiting in every bucket (for the queue-depth metric).
+    pub fn queued(&self) -> usize {
+        self.buckets
+            .iter()
+            .map(|(_, b)| b.lock().map_or(0, |g| g.as_ref().map_or(0, Bucket::queued)))
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unlimited_until_a_limit_is_seen() {
+        let limiter = Limiter::default();
+        let rl = RateLimit::default();
+        let key = bucket_key(&rl, "c", "w");
+        let t0 = Instant::now();
+        for _ in 0..1000 {
+            assert!(matches!(limiter.admit(&key, &rl, t0), Decision::Go));
+        }
+        let seen = Learned {
+            limit: Some(5),
+            remaining: Some(0),
+            reset_after: Some(Duration::from_secs(10)),
+            ..Learned::default()
+        };
+        limiter.observe(&key, &rl, &seen, false, t0);
+        match limiter.admit(&key, &rl, t0) {
+            Decision::Refuse(wait) => assert_eq!(wait, Duration::from_secs(10)),
+            _ => panic!("held until the reset"),
+        }
+    }
+
+    #[test]
+    fn per_application_buckets_are_shared_by_workspaces() {
+        let rl = RateLimit {
+            initial: Some((1, 0.001)),
+            per_application: true,
+            ..RateLimit::default()
+        };
+        let limiter = Limiter::default();
+        let t0 = Instant::now();
+        assert!(matches!(
+            limiter.admit(&bucket_key(&rl, "c", "w1"), &rl, t0),
+            Decision::Go
+        ));
+        assert!(matches!(
+            limiter.admit(&bucket_key(&rl, "c", "w2"), &rl, t0),
+            Decision::Refuse(_)
+        ));
+        let per_ws = RateLimit {
+            per_application: false,
+            ..rl
+        };
+        assert!(matches!(
+            limiter.admit(&bucket_key(&per_ws, "c", "w3"), &per_ws, t0),
+            Decision::Go
+        ));
+    }
+
+    #[test]
+    fn a_dropped_ticket_frees_its_place() {
+        let rl = RateLimit {
+            initial: Some((1, 1.0)),
+            queue_size: 1,
+            max_wait: Duration::from_secs(10),
+            ..RateLimit::default()
+        };
+        let limiter = Limiter::default();
+        let key = bucket_key(&rl, "c", "w");
+        let t0 = Instant::now();
+        assert!(matches!(limiter.admit(&key, &rl, t0), Decision::Go));
+        let Decision::Wait(_, ticket) = limiter.admit(&key, &rl, t0) else {
+            panic!("queued")
+        };
+        assert!(
+            matches!(limiter.admit(&key, &rl, t0), Decision::Refuse(_)),
+            "queue full"
+        );
+        assert_eq!(limiter.queued(), 1);
+        drop(ticket);
+        assert_eq!(limiter.queued(), 0);
+        assert!(matches!(limiter.admit(&key, &rl, t0), Decision::Wait(..)));
+    }
+
+    #[test]
+    fn config_validation() {
+        assert!(
+            RateLimit::build(&RateLimitFile {
+                capacity: Some(10),
+                ..RateLimitFile::default()
+            })
+            .is_err()
+        );
+        assert!(
+            RateLimit::build(&RateLimitFile {
+                scope: Some("galaxy".into()),
+                ..RateLimitFile::default()
+            })
+            .is_err()
+        );
+        assert!(
+            RateLimit::build(&RateLimitFile {
+                reset_format: Some("fortnights".into()),
+                ..RateLimitFile::default()
+            })
+            .is_err()
+        );
+        let rl = RateLimit::build(&RateLimitFile {
+            capacity: Some(40),
+            per_second: Some(2.0),
+            scope: Some("application".into()),
+            used_of_limit_header: Some("X-Shopify-Shop-Api-Call-Limit".into()),
+            ..RateLimitFile::default()
+        })
+        .unwrap();
+        assert_eq!(rl.initial, Some((40, 2.0)));
+        assert!(rl.per_application);
+        assert_eq!(
+            rl.headers.used_of_limit.as_deref(),
+            Some("x-shopify-shop-api-call-limit")
+        );
+    }
+}
