@@ -26,6 +26,10 @@ pub struct RequestCtx {
     pub vetted: Option<Vetted>,
     /// What to inject upstream, rendered from the workspace's credential before connecting.
     pub injected: Option<Injected>,
+    /// Upstream attempts made so far.
+    pub attempts: u32,
+    /// The wait before the next attempt, when a retry was decided.
+    pub retry_delay: Option<std::time::Duration>,
     /// The rate-limit bucket this request drew from (its response teaches it).
     pub bucket: Option<crate::ratelimit::BucketKey>,
     /// OAuth connectors: the token state injected, kept for a forced refresh after a 401.
@@ -49,6 +53,8 @@ impl RequestCtx {
             target: None,
             vetted: None,
             injected: None,
+            attempts: 0,
+            retry_delay: None,
             bucket: None,
             oauth: None,
             oauth_force: false,

@@ -29,7 +29,8 @@ use crate::credential::{Connected, TenantState, Vault, VaultError};
 use crate::ctx::RequestCtx;
 use crate::error::{ERROR_HEADER, ErrorCode, Refusal};
 use crate::policy::{self, Vetted};
-use crate::ratelimit::headers::learn;
+use crate::ratelimit::headers::{learn, retry_after};
+use crate::ratelimit::retry::{replay_safe, retryable_status};
 use crate::ratelimit::{Decision, Limiter, bucket_key};
 use crate::request::{
     STRIPPED_REQUEST_HEADERS, X_CONNECTOR, X_WORKSPACE, check_framing, check_header_values,
@@ -337,6 +338,41 @@ fn refusal_for(e: &Error, ctx: &RequestCtx) -> Option<Refusal> {
     ))
 }
 
+impl Sluice {
+    /// The connector's retry policy decides whether attempt `ctx.attempts` gets a successor;
+    /// when it does, the wait is kept for `upstream_peer` and the retry is counted.
+    fn decide_retry(
+        &self,
+        ctx: &mut RequestCtx,
+        retry_after: Option<std::time::Duration>,
+        reason: &str,
+    ) -> bool {
+        let Some(connector) = ctx
+            .vetted
+            .as_ref()
+            .and_then(|v| ctx.snapshot.connectors.get(&v.connector))
+        else {
+            return false;
+        };
+        match connector.retry.next_delay(
+            ctx.attempts,
+            ctx.started.elapsed(),
+            retry_after,
+            rand::random::<f64>(),
+        ) {
+            Some(delay) => {
+                crate::telemetry::METRICS
+                    .retries
+                    .with_label_values(&[connector.id.as_str(), reason])
+                    .inc();
+                ctx.retry_delay = Some(delay);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 #[async_trait]
 impl ProxyHttp for Sluice {
     type CTX = RequestCtx;
@@ -390,6 +426,10 @@ impl ProxyHttp for Sluice {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
+        ctx.attempts += 1;
+        if let Some(delay) = ctx.retry_delay.take() {
+            tokio::time::sleep(delay).await;
+        }
         if std::mem::take(&mut ctx.oauth_force) {
             // The retry after a 401: one forced refresh, then the request again.
             let (Some(vetted), Some(current)) = (ctx.vetted.clone(), ctx.oauth.clone()) else {
@@ -479,6 +519,24 @@ impl ProxyHttp for Sluice {
             self.limiter
                 .observe(key, rl, &learned, too_many, Instant::now());
         }
+        // Transient statuses: another attempt when it is safe and the policy allows it.
+        if retryable_status(upstream_response.status) {
+            let req = session.req_header();
+            let safe = replay_safe(&req.method, req.headers.contains_key("idempotency-key"))
+                && !session.as_downstream().retry_buffer_truncated();
+            let retry_after = retry_after(&upstream_response.headers, std::time::SystemTime::now());
+            if safe && self.decide_retry(ctx, retry_after, "status") {
+                let mut e = Error::explain(
+                    ErrorType::Custom("upstream_retryable_status"),
+                    format!(
+                        "upstream answered {}: retrying",
+                        upstream_response.status.as_u16()
+                    ),
+                );
+                e.set_retry(true);
+                return Err(e);
+            }
+        }
         if upstream_response.status != http::StatusCode::UNAUTHORIZED
             || ctx.oauth.is_none()
             || ctx.oauth_retried
@@ -515,18 +573,24 @@ impl ProxyHttp for Sluice {
         ctx: &mut RequestCtx,
         client_reused: bool,
     ) -> Box<Error> {
+        let _ = client_reused;
         let mut e = e.more_context(format!("Peer: {peer}"));
-        if ctx.oauth_force {
-            // The 401 retry: the upstream refused the credential, so replaying is safe for
-            // any method, as long as the body is all in the retry buffer.
-            e.set_retry(!session.as_ref().retry_buffer_truncated());
-        } else if !session.req_header().method.is_idempotent()
-            || session.as_ref().retry_buffer_truncated()
-        {
-            e.set_retry(false);
+        let truncated = session.as_ref().retry_buffer_truncated();
+        let retry = if ctx.oauth_force || ctx.retry_delay.is_some() {
+            // Decided already (a 401 with OAuth, or a retryable status): the upstream
+            // answered without processing, so the replay is safe while the body is buffered.
+            !truncated
         } else {
-            e.retry.decide_reuse(client_reused);
+            // Broken mid-exchange: only requests that are safe to send twice.
+            let req = session.req_header();
+            replay_safe(&req.method, req.headers.contains_key("idempotency-key"))
+                && !truncated
+                && self.decide_retry(ctx, None, "io")
+        };
+        if !retry {
+            ctx.retry_delay = None;
         }
+        e.set_retry(retry);
         e
     }
 
@@ -534,11 +598,12 @@ impl ProxyHttp for Sluice {
         &self,
         _session: &mut Session,
         _peer: &HttpPeer,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        // Connect failures are reported, not retried (retry policy: the traffic-shaping issue).
-        e.set_retry(false);
+        // Nothing reached the upstream: any method may be tried again, within the policy.
+        let retry = self.decide_retry(ctx, None, "connect");
+        e.set_retry(retry);
         e
     }
 

@@ -45,10 +45,10 @@ fn server_conf(snap: &Snapshot, bundle: Option<&CaBundle>) -> ServerConf {
         threads: snap.listener.threads,
         ca_file: bundle.map(|b| b.path().to_string_lossy().into_owned()),
         upstream_keepalive_pool_size: snap.upstream.pool_size,
-        // pingora's `max_retries` is the number of attempts, not of retries: 2 allows the one
-        // retry after an OAuth 401. Other retries stay off until traffic shaping defines them
-        // (fail_to_connect and error_while_proxy decide).
-        max_retries: 2,
+        // pingora's `max_retries` is the number of attempts, not of retries. Each connector's
+        // retry policy stops earlier; fail_to_connect, upstream_response_filter and
+        // error_while_proxy decide.
+        max_retries: crate::ratelimit::retry::MAX_ATTEMPTS as usize,
         ..ServerConf::default()
     }
 }

@@ -13,6 +13,7 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     pub token_refreshes: IntCounterVec,
     pub rate_limit_waits: IntCounterVec,
+    pub retries: IntCounterVec,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -41,7 +42,15 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         &["connector", "result"],
     )
     .expect("valid metric");
-    for m in [&requests, &token_refreshes, &rate_limit_waits] {
+    let retries = IntCounterVec::new(
+        Opts::new(
+            "sluice_retries_total",
+            "Upstream retries by connector and reason (connect, status, io, oauth_401).",
+        ),
+        &["connector", "reason"],
+    )
+    .expect("valid metric");
+    for m in [&requests, &token_refreshes, &rate_limit_waits, &retries] {
         registry
             .register(Box::new(m.clone()))
             .expect("registered once");
@@ -51,6 +60,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         requests,
         token_refreshes,
         rate_limit_waits,
+        retries,
     }
 });
 

@@ -161,6 +161,8 @@ pub struct ConnectorFile {
     pub oauth2: Option<crate::credential::oauth::OAuth2File>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<crate::ratelimit::RateLimitFile>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<crate::ratelimit::retry::RetryFile>,
 }
 
 fn yes() -> bool {

@@ -83,6 +83,8 @@ pub struct Connector {
     pub oauth2: Option<Arc<crate::credential::oauth::OAuth2>>,
     /// Pacing: initial bucket, scope, wait limits, which headers to learn from.
     pub rate_limit: crate::ratelimit::RateLimit,
+    /// Which failures are tried again, when, and for how long.
+    pub retry: crate::ratelimit::retry::RetryPolicy,
 }
 
 /// An org and its optional allowlist (`None`: the org adds no restriction).
@@ -710,7 +712,22 @@ fn validate(raw: FileConfig, source: &Path, base: &Path) -> Result<Snapshot, Vec
                 crate::ratelimit::RateLimit::default()
             }
         };
+        let retry = match c
+            .retry
+            .as_ref()
+            .map(crate::ratelimit::retry::RetryPolicy::build)
+        {
+            None => crate::ratelimit::retry::RetryPolicy::default(),
+            Some(Ok(r)) => r,
+            Some(Err(errs)) => {
+                for (k, e) in errs {
+                    errors.push(format!("{key}.retry.{k}"), e);
+                }
+                crate::ratelimit::retry::RetryPolicy::default()
+            }
+        };
         let connector = Connector {
+            retry,
             rate_limit,
             oauth2,
             injection,

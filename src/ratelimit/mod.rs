@@ -12,6 +12,7 @@
 
 pub mod bucket;
 pub mod headers;
+pub mod retry;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -246,7 +246,33 @@ async fn respond(
         body,
         sni,
     };
-    reqs.lock().unwrap().push(recorded.clone());
+    let seen_before = {
+        let mut all = reqs.lock().unwrap();
+        let n = all.iter().filter(|r| r.target == recorded.target).count();
+        all.push(recorded.clone());
+        n
+    };
+    // `/flaky/<n>/…`: 503 for the first n requests to this exact target, then 200.
+    // `/status/<code>`: always that status.
+    let mut parts = path.trim_start_matches('/').split('/');
+    match (
+        parts.next(),
+        parts.next().and_then(|n| n.parse::<u16>().ok()),
+    ) {
+        (Some("flaky"), Some(n)) if seen_before < n as usize => {
+            return Response::builder()
+                .status(503)
+                .body(Full::new(Bytes::from_static(b"{\"flaky\":true}")))
+                .unwrap();
+        }
+        (Some("status"), Some(code)) => {
+            return Response::builder()
+                .status(code)
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+        }
+        _ => {}
+    }
     let builder = Response::builder().header("content-type", "application/json");
     if path == "/oauth/token" {
         let delay = mock.lock().unwrap().delay;

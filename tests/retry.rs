@@ -1,0 +1,183 @@
+//! Retries end to end against a scripted upstream. Backoff arithmetic is tested exactly in
+//! `src/ratelimit/retry.rs`; here the delays are short and only outcomes are asserted.
+
+mod common;
+
+use common::*;
+
+fn connectors(port: u16, closed: u16) -> String {
+    format!(
+        r#"
+[[connector]]
+connector_id = "retrying"
+display_name = "Retries"
+auth_type = "none"
+allowed_domains = ["api.saas.test"]
+allowed_ports = [{port}, {closed}]
+[connector.retry]
+max_attempts = 3
+base_delay_ms = 10
+max_delay_ms = 50
+"#
+    )
+}
+
+fn hits(env: &Env, target: &str) -> usize {
+    env.upstream
+        .requests()
+        .iter()
+        .filter(|r| r.target == target)
+        .count()
+}
+
+async fn send(
+    gw: &sluice::server::Running,
+    method: reqwest::Method,
+    url: String,
+    idempotency_key: bool,
+) -> (u16, Option<String>) {
+    let mut rb = client(gw, Some(("ops", OPS_TOKEN)))
+        .request(method, url)
+        .header("X-Connector", "retrying")
+        .header("X-Workspace", "ws_7")
+        .body("payload");
+    if idempotency_key {
+        rb = rb.header("Idempotency-Key", "k-123");
+    }
+    let r = rb.send().await.unwrap();
+    let code = r
+        .headers()
+        .get("x-sluice-error")
+        .map(|v| v.to_str().unwrap().to_string());
+    (r.status().as_u16(), code)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_requests_are_retried_on_transient_statuses() {
+    let env = Env::new().await;
+    let gw = env
+        .start_with("", &connectors(env.upstream.port(), 1))
+        .await;
+    use reqwest::Method;
+    // Two 503s, then 200: three attempts.
+    let (status, _) = send(
+        &gw,
+        Method::GET,
+        env.url("api.saas.test", "/flaky/2/get"),
+        false,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(hits(&env, "/flaky/2/get"), 3);
+    // PUT replays its body.
+    let (status, _) = send(
+        &gw,
+        Method::PUT,
+        env.url("api.saas.test", "/flaky/1/put"),
+        false,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let puts: Vec<_> = env
+        .upstream
+        .requests()
+        .into_iter()
+        .filter(|r| r.target == "/flaky/1/put")
+        .collect();
+    assert_eq!(puts.len(), 2);
+    assert!(puts.iter().all(|r| r.body == b"payload"));
+    // Still failing after the attempt limit: the last answer is relayed.
+    let (status, code) = send(
+        &gw,
+        Method::GET,
+        env.url("api.saas.test", "/flaky/9/exhaust"),
+        false,
+    )
+    .await;
+    assert_eq!((status, code), (503, None));
+    assert_eq!(hits(&env, "/flaky/9/exhaust"), 3, "max_attempts = 3");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_idempotent_and_client_errors_are_not_retried() {
+    let env = Env::new().await;
+    let gw = env
+        .start_with("", &connectors(env.upstream.port(), 1))
+        .await;
+    use reqwest::Method;
+    let (status, _) = send(
+        &gw,
+        Method::POST,
+        env.url("api.saas.test", "/flaky/1/post"),
+        false,
+    )
+    .await;
+    assert_eq!(status, 503, "a POST reached the upstream: never sent twice");
+    assert_eq!(hits(&env, "/flaky/1/post"), 1);
+    let (status, _) = send(
+        &gw,
+        Method::POST,
+        env.url("api.saas.test", "/flaky/1/keyed"),
+        true,
+    )
+    .await;
+    assert_eq!(status, 200, "an Idempotency-Key makes it safe");
+    assert_eq!(hits(&env, "/flaky/1/keyed"), 2);
+    for code in [400, 404, 409, 500] {
+        let path = format!("/status/{code}");
+        let (status, _) = send(&gw, Method::GET, env.url("api.saas.test", &path), false).await;
+        assert_eq!(status, code);
+        assert_eq!(hits(&env, &path), 1, "{code} is not retried");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_failures_are_retried_then_reported() {
+    let env = Env::new().await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let gw = env
+        .start_with("", &connectors(env.upstream.port(), closed))
+        .await;
+    let metrics = || async {
+        reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .unwrap()
+            .get(format!("http://{}/metrics", gw.admin_addr.unwrap()))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let count = |text: &str| -> u64 {
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix("sluice_retries_total{connector=\"retrying\",reason=\"connect\"} ")
+            })
+            .map_or(0, |n| n.trim().parse().unwrap())
+    };
+    let before = count(&metrics().await);
+    // Even a POST: nothing reached the upstream.
+    let (status, code) = send(
+        &gw,
+        reqwest::Method::POST,
+        format!("http://api.saas.test:{closed}/x"),
+        false,
+    )
+    .await;
+    assert_eq!(
+        (status, code.as_deref()),
+        (502, Some("upstream_connect_failed"))
+    );
+    assert_eq!(
+        count(&metrics().await) - before,
+        2,
+        "three attempts: two retries"
+    );
+}
