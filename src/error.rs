@@ -105,6 +105,8 @@ error_codes! {
     CredentialStoreUnavailable => ("credential_store_unavailable", 503),
     /// The access token expired (or was rejected) and a new one could not be had now.
     OAuthRefreshFailed => ("oauth_refresh_failed", 503),
+    /// The upstream host is failing: its circuit breaker is open (with `Retry-After`).
+    CircuitOpen => ("circuit_open", 503),
     /// The stored credential does not open (missing master key, tampered or copied record).
     CredentialUnreadable => ("credential_unreadable", 500),
     /// The upstream did not answer in time.

@@ -29,9 +29,10 @@ use crate::credential::{Connected, TenantState, Vault, VaultError};
 use crate::ctx::RequestCtx;
 use crate::error::{ERROR_HEADER, ErrorCode, Refusal};
 use crate::policy::{self, Vetted};
+use crate::ratelimit::breaker::{Outcome, Pass};
 use crate::ratelimit::headers::{learn, retry_after};
 use crate::ratelimit::retry::{replay_safe, retryable_status};
-use crate::ratelimit::{Decision, Limiter, bucket_key};
+use crate::ratelimit::{Breakers, Decision, Limiter, bucket_key};
 use crate::request::{
     STRIPPED_REQUEST_HEADERS, X_CONNECTOR, X_WORKSPACE, check_framing, check_header_values,
     connection_listed,
@@ -47,6 +48,7 @@ pub struct Sluice {
     vault: Option<Arc<Vault>>,
     oauth: Arc<OAuthClient>,
     limiter: Limiter,
+    breakers: Breakers,
 }
 
 fn token_refusal(e: TokenError) -> Refusal {
@@ -77,6 +79,26 @@ impl Sluice {
             vault,
             oauth,
             limiter: Limiter::default(),
+            breakers: Breakers::default(),
+        }
+    }
+
+    /// Tell the upstream host's breaker how an attempt went.
+    fn record(&self, ctx: &RequestCtx, outcome: Outcome) {
+        let Some(vetted) = &ctx.vetted else { return };
+        let Some(connector) = ctx.snapshot.connectors.get(&vetted.connector) else {
+            return;
+        };
+        let key = (vetted.connector.clone(), vetted.sni.clone());
+        if let Some(to) = self
+            .breakers
+            .record(&key, outcome, &connector.breaker, Instant::now())
+        {
+            tracing::warn!(connector = %vetted.connector, host = %vetted.sni, state = to, "circuit breaker changed state");
+            crate::telemetry::METRICS
+                .circuit_transitions
+                .with_label_values(&[connector.id.as_str(), to])
+                .inc();
         }
     }
 
@@ -458,6 +480,22 @@ impl ProxyHttp for Sluice {
                 "no vetted destination for request",
             )
         })?;
+        if let Some(connector) = ctx.snapshot.connectors.get(&vetted.connector) {
+            let key = (vetted.connector.clone(), vetted.sni.clone());
+            if let Pass::Reject(wait) =
+                self.breakers
+                    .admit(&key, &connector.breaker, Instant::now())
+            {
+                ctx.pending_refusal = Some(
+                    Refusal::new(
+                        ErrorCode::CircuitOpen,
+                        format!("{} is failing; its circuit breaker is open", vetted.sni),
+                    )
+                    .with_retry_after(wait),
+                );
+                return Error::e_explain(ErrorType::InternalError, "circuit open");
+            }
+        }
         Ok(Box::new(upstream::peer(vetted, &ctx.snapshot.upstream)))
     }
 
@@ -502,6 +540,16 @@ impl ProxyHttp for Sluice {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        // The breaker learns from every attempt: transient statuses fail, 429 is the bucket's.
+        let status = upstream_response.status;
+        self.record(
+            ctx,
+            match status.as_u16() {
+                502..=504 => Outcome::Failure,
+                429 => Outcome::Neutral,
+                _ => Outcome::Success,
+            },
+        );
         // Step 8: every response teaches the bucket.
         if let (Some(key), Some(connector)) = (
             &ctx.bucket,
@@ -576,7 +624,12 @@ impl ProxyHttp for Sluice {
         let _ = client_reused;
         let mut e = e.more_context(format!("Peer: {peer}"));
         let truncated = session.as_ref().retry_buffer_truncated();
-        let retry = if ctx.oauth_force || ctx.retry_delay.is_some() {
+        let decided = ctx.oauth_force || ctx.retry_delay.is_some();
+        if !decided && e.esource() == &ErrorSource::Upstream {
+            // A broken exchange (reset, timeout): the host is failing.
+            self.record(ctx, Outcome::Failure);
+        }
+        let retry = if decided {
             // Decided already (a 401 with OAuth, or a retryable status): the upstream
             // answered without processing, so the replay is safe while the body is buffered.
             !truncated
@@ -601,6 +654,7 @@ impl ProxyHttp for Sluice {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        self.record(ctx, Outcome::Failure);
         // Nothing reached the upstream: any method may be tried again, within the policy.
         let retry = self.decide_retry(ctx, None, "connect");
         e.set_retry(retry);

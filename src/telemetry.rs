@@ -14,6 +14,7 @@ pub struct Metrics {
     pub token_refreshes: IntCounterVec,
     pub rate_limit_waits: IntCounterVec,
     pub retries: IntCounterVec,
+    pub circuit_transitions: IntCounterVec,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -50,7 +51,21 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         &["connector", "reason"],
     )
     .expect("valid metric");
-    for m in [&requests, &token_refreshes, &rate_limit_waits, &retries] {
+    let circuit_transitions = IntCounterVec::new(
+        Opts::new(
+            "sluice_circuit_transitions_total",
+            "Circuit breaker state changes by connector and new state (open, half_open, closed).",
+        ),
+        &["connector", "to"],
+    )
+    .expect("valid metric");
+    for m in [
+        &requests,
+        &token_refreshes,
+        &rate_limit_waits,
+        &retries,
+        &circuit_transitions,
+    ] {
         registry
             .register(Box::new(m.clone()))
             .expect("registered once");
@@ -61,6 +76,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         token_refreshes,
         rate_limit_waits,
         retries,
+        circuit_transitions,
     }
 });
 

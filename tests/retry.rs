@@ -18,6 +18,18 @@ allowed_ports = [{port}, {closed}]
 max_attempts = 3
 base_delay_ms = 10
 max_delay_ms = 50
+
+[[connector]]
+connector_id = "fragile"
+display_name = "Opens after two failures"
+auth_type = "none"
+allowed_domains = ["api.saas.test", "other.saas.test"]
+allowed_ports = [{port}]
+[connector.retry]
+max_attempts = 1
+[connector.circuit_breaker]
+failure_threshold = 2
+open_ms = 60000
 "#
     )
 }
@@ -180,4 +192,49 @@ async fn connect_failures_are_retried_then_reported() {
         2,
         "three attempts: two retries"
     );
+}
+
+async fn fragile(
+    gw: &sluice::server::Running,
+    url: String,
+) -> (u16, Option<String>, Option<String>) {
+    let r = client(gw, Some(("ops", OPS_TOKEN)))
+        .get(url)
+        .header("X-Connector", "fragile")
+        .header("X-Workspace", "ws_7")
+        .send()
+        .await
+        .unwrap();
+    let h = |n: &str| r.headers().get(n).map(|v| v.to_str().unwrap().to_string());
+    (r.status().as_u16(), h("x-sluice-error"), h("retry-after"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consecutive_failures_open_the_circuit_and_client_errors_do_not() {
+    let env = Env::new().await;
+    let gw = env
+        .start_with("", &connectors(env.upstream.port(), 1))
+        .await;
+    // 4xx are the caller's problem: they never open the breaker (other.saas.test's breaker).
+    for _ in 0..4 {
+        let (status, code, _) = fragile(&gw, env.url("other.saas.test", "/status/404")).await;
+        assert_eq!((status, code), (404, None));
+    }
+    assert_eq!(hits(&env, "/status/404"), 4);
+    // Two 503s in a row from api.saas.test open its breaker.
+    for _ in 0..2 {
+        let (status, code, _) = fragile(&gw, env.url("api.saas.test", "/status/503")).await;
+        assert_eq!((status, code), (503, None), "the upstream's own 503");
+    }
+    let (status, code, retry) = fragile(&gw, env.url("api.saas.test", "/fast-fail")).await;
+    assert_eq!((status, code.as_deref()), (503, Some("circuit_open")));
+    assert!((59..=60).contains(&retry.unwrap().parse::<u64>().unwrap()));
+    assert_eq!(
+        hits(&env, "/fast-fail"),
+        0,
+        "failed fast, without touching the upstream"
+    );
+    // The breaker is per host: other.saas.test still passes.
+    let (status, _, _) = fragile(&gw, env.url("other.saas.test", "/ok")).await;
+    assert_eq!(status, 200);
 }

@@ -163,6 +163,8 @@ pub struct ConnectorFile {
     pub rate_limit: Option<crate::ratelimit::RateLimitFile>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<crate::ratelimit::retry::RetryFile>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<crate::ratelimit::breaker::BreakerFile>,
 }
 
 fn yes() -> bool {

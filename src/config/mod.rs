@@ -85,6 +85,8 @@ pub struct Connector {
     pub rate_limit: crate::ratelimit::RateLimit,
     /// Which failures are tried again, when, and for how long.
     pub retry: crate::ratelimit::retry::RetryPolicy,
+    /// When an upstream host is failing, fail fast for a while.
+    pub breaker: crate::ratelimit::breaker::BreakerPolicy,
 }
 
 /// An org and its optional allowlist (`None`: the org adds no restriction).
@@ -726,7 +728,22 @@ fn validate(raw: FileConfig, source: &Path, base: &Path) -> Result<Snapshot, Vec
                 crate::ratelimit::retry::RetryPolicy::default()
             }
         };
+        let breaker = match c
+            .circuit_breaker
+            .as_ref()
+            .map(crate::ratelimit::breaker::BreakerPolicy::build)
+        {
+            None => crate::ratelimit::breaker::BreakerPolicy::default(),
+            Some(Ok(b)) => b,
+            Some(Err(errs)) => {
+                for (k, e) in errs {
+                    errors.push(format!("{key}.circuit_breaker.{k}"), e);
+                }
+                crate::ratelimit::breaker::BreakerPolicy::default()
+            }
+        };
         let connector = Connector {
+            breaker,
             retry,
             rate_limit,
             oauth2,

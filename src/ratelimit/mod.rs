@@ -10,6 +10,7 @@
 //!
 //! Each bucket has its own lock, held only for the arithmetic (never across an await).
 
+pub mod breaker;
 pub mod bucket;
 pub mod headers;
 pub mod retry;
@@ -266,6 +267,55 @@ impl Limiter {
             .iter()
             .map(|(_, b)| b.lock().map_or(0, |g| g.as_ref().map_or(0, Bucket::queued)))
             .sum()
+    }
+}
+
+/// Every circuit breaker in the process, per (connector, upstream host).
+pub struct Breakers {
+    map: moka::sync::Cache<(String, String), Arc<Mutex<breaker::Breaker>>>,
+}
+
+impl Default for Breakers {
+    fn default() -> Self {
+        Self {
+            map: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_idle(Duration::from_secs(3600))
+                .build(),
+        }
+    }
+}
+
+impl Breakers {
+    fn get(&self, key: &(String, String)) -> Arc<Mutex<breaker::Breaker>> {
+        self.map
+            .get_with_by_ref(key, || Arc::new(Mutex::new(breaker::Breaker::default())))
+    }
+
+    pub fn admit(
+        &self,
+        key: &(String, String),
+        policy: &breaker::BreakerPolicy,
+        now: Instant,
+    ) -> breaker::Pass {
+        self.get(key)
+            .lock()
+            .expect("breaker lock")
+            .admit(now, policy)
+    }
+
+    /// Record an outcome; returns the new state when it changed.
+    pub fn record(
+        &self,
+        key: &(String, String),
+        outcome: breaker::Outcome,
+        policy: &breaker::BreakerPolicy,
+        now: Instant,
+    ) -> Option<&'static str> {
+        self.get(key)
+            .lock()
+            .expect("breaker lock")
+            .record(now, outcome, policy)
     }
 }
 
