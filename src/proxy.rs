@@ -73,12 +73,13 @@ impl Sluice {
         config: Arc<ArcSwap<Snapshot>>,
         vault: Option<Arc<Vault>>,
         oauth: Arc<OAuthClient>,
+        shared_budgets: Option<Arc<crate::credential::redis::RedisStore>>,
     ) -> Self {
         Self {
             config,
             vault,
             oauth,
-            limiter: Limiter::default(),
+            limiter: Limiter::new(shared_budgets),
             breakers: Breakers::default(),
         }
     }
@@ -113,7 +114,7 @@ impl Sluice {
         };
         let rl = &connector.rate_limit;
         let key = bucket_key(rl, &vetted.connector, &vetted.workspace);
-        let decision = self.limiter.admit(&key, rl, Instant::now());
+        let decision = self.limiter.admit(&key, rl, Instant::now()).await;
         ctx.bucket = Some(key);
         match decision {
             Decision::Go => Ok(true),
@@ -565,7 +566,8 @@ impl ProxyHttp for Sluice {
             );
             let too_many = upstream_response.status == http::StatusCode::TOO_MANY_REQUESTS;
             self.limiter
-                .observe(key, rl, &learned, too_many, Instant::now());
+                .observe(key, rl, &learned, too_many, Instant::now())
+                .await;
         }
         // Transient statuses: another attempt when it is safe and the policy allows it.
         if retryable_status(upstream_response.status) {

@@ -62,6 +62,7 @@ fn build_proxy(parts: &Parts, conf: &Arc<ServerConf>) -> HttpProxy<Sluice> {
             parts.config.clone(),
             parts.vault.clone(),
             parts.oauth.clone(),
+            parts.redis.clone(),
         ),
     );
     proxy.server_options = Some(server_options());
@@ -82,6 +83,8 @@ struct Parts {
     config: Arc<ArcSwap<Snapshot>>,
     vault: Option<Arc<Vault>>,
     oauth: Arc<OAuthClient>,
+    /// The Redis store, when credentials live there (it also holds shared rate budgets).
+    redis: Option<Arc<crate::credential::redis::RedisStore>>,
     admin_addr: Option<SocketAddr>,
 }
 
@@ -148,6 +151,7 @@ async fn assemble(snapshot: Snapshot) -> Result<Parts, String> {
         config,
         vault,
         oauth,
+        redis,
         admin_addr,
     })
 }

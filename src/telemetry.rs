@@ -15,6 +15,7 @@ pub struct Metrics {
     pub rate_limit_waits: IntCounterVec,
     pub retries: IntCounterVec,
     pub circuit_transitions: IntCounterVec,
+    pub rate_limit_fallbacks: IntCounterVec,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -59,7 +60,16 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         &["connector", "to"],
     )
     .expect("valid metric");
+    let rate_limit_fallbacks = IntCounterVec::new(
+        Opts::new(
+            "sluice_rate_limit_fallbacks_total",
+            "Shared (Redis) rate-limit budgets that were unreachable, so the local bucket decided.",
+        ),
+        &["connector"],
+    )
+    .expect("valid metric");
     for m in [
+        &rate_limit_fallbacks,
         &requests,
         &token_refreshes,
         &rate_limit_waits,
@@ -77,6 +87,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         rate_limit_waits,
         retries,
         circuit_transitions,
+        rate_limit_fallbacks,
     }
 });
 

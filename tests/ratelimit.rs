@@ -209,3 +209,82 @@ async fn a_used_of_limit_header_drains_a_bucket_shared_by_every_workspace() {
         "40/40 used: the application's bucket is empty for every workspace"
     );
 }
+
+const SHARED: &str = r#"
+[[connector]]
+connector_id = "budget"
+display_name = "One budget for every replica"
+auth_type = "none"
+allowed_domains = ["api.saas.test"]
+allowed_ports = [PORT]
+[connector.rate_limit]
+capacity = 10
+per_second = 0.001
+max_wait_ms = 0
+shared = true
+"#;
+
+async fn budget(gw: &sluice::server::Running, env: &Env) -> u16 {
+    call(gw, env, "/budget", "budget", "ws_7").await.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_budget_is_one_bucket_across_replicas() {
+    let env = Env::new().await;
+    let redis = RedisServer::start().await;
+    let extra = SHARED.replace("PORT", &env.upstream.port().to_string());
+    let a = env.start_on_redis(&redis.url(), &extra).await;
+    let b = env.start_on_redis(&redis.url(), &extra).await;
+    let mut ok = 0;
+    for i in 0..30 {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        if budget(gw, &env).await == 200 {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 10, "ten in all, not ten per replica");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_a_shared_budget_falls_back_to_the_local_bucket_and_says_so() {
+    let env = Env::new().await;
+    let mut redis = RedisServer::start().await;
+    let extra = SHARED.replace("PORT", &env.upstream.port().to_string());
+    let gw = env.start_on_redis(&redis.url(), &extra).await;
+    redis.stop();
+    let metrics = || async {
+        reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .unwrap()
+            .get(format!("http://{}/metrics", gw.admin_addr.unwrap()))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let fallbacks = |text: &str| -> u64 {
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix("sluice_rate_limit_fallbacks_total{connector=\"budget\"} ")
+            })
+            .map_or(0, |n| n.trim().parse().unwrap())
+    };
+    let before = fallbacks(&metrics().await);
+    let mut statuses = Vec::new();
+    for _ in 0..12 {
+        statuses.push(budget(&gw, &env).await);
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        10,
+        "the local bucket still paces: {statuses:?}"
+    );
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 2);
+    assert!(
+        fallbacks(&metrics().await) - before >= 12,
+        "every decision fell back and was counted"
+    );
+}

@@ -974,6 +974,19 @@ fn validate(raw: FileConfig, source: &Path, base: &Path) -> Result<Snapshot, Vec
         }
         Credentials { store, keys, vault }
     });
+    let on_redis = matches!(
+        credentials.as_ref().map(|c| &c.store),
+        Some(StoreKind::Redis { .. })
+    );
+    for c in connectors
+        .values()
+        .filter(|c| c.rate_limit.shared && !on_redis)
+    {
+        errors.push(
+            format!("connector[{}].rate_limit.shared", c.id),
+            "a shared budget lives in Redis: it needs [credentials] store = \"redis\"",
+        );
+    }
     if credentials.is_none() {
         let mut needing: Vec<&str> = connectors
             .values()

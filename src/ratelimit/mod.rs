@@ -15,8 +15,13 @@ pub mod bucket;
 pub mod headers;
 pub mod retry;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tracing::warn;
+
+use crate::credential::redis::RedisStore;
 
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
@@ -48,6 +53,8 @@ pub struct RateLimitFile {
     pub used_of_limit_header: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reset_format: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shared: Option<bool>,
 }
 
 /// A connector's validated pacing rules.
@@ -60,6 +67,8 @@ pub struct RateLimit {
     pub max_wait: Duration,
     pub queue_size: usize,
     pub headers: HeaderSpec,
+    /// The bucket lives in Redis, shared by every replica.
+    pub shared: bool,
 }
 
 impl Default for RateLimit {
@@ -70,6 +79,7 @@ impl Default for RateLimit {
             max_wait: Duration::from_millis(1000),
             queue_size: 64,
             headers: HeaderSpec::default(),
+            shared: false,
         }
     }
 }
@@ -111,6 +121,13 @@ impl RateLimit {
                 ResetFormat::Auto
             }
         };
+        let shared = f.shared.unwrap_or(false);
+        if shared && initial.is_none() {
+            errors.push((
+                "shared".into(),
+                "a shared budget needs capacity and per_second".into(),
+            ));
+        }
         let name = |n: &Option<String>, default: &[String]| {
             n.as_ref()
                 .map_or_else(|| default.to_vec(), |n| vec![n.to_ascii_lowercase()])
@@ -131,6 +148,7 @@ impl RateLimit {
                     .map(|n| n.to_ascii_lowercase()),
                 reset_format,
             },
+            shared,
         };
         if errors.is_empty() {
             Ok(rl)
@@ -148,44 +166,95 @@ pub fn bucket_key(rl: &RateLimit, connector: &str, workspace: &str) -> BucketKey
     (connector.to_string(), ws.to_string())
 }
 
-/// Every bucket in the process.
+/// Every bucket in the process, and the Redis store for shared budgets.
 pub struct Limiter {
     buckets: moka::sync::Cache<BucketKey, Arc<Mutex<Option<Bucket>>>>,
+    /// Waiters per shared bucket in this replica (the queue bound is per replica).
+    queues: moka::sync::Cache<BucketKey, Arc<AtomicUsize>>,
+    shared: Option<Arc<RedisStore>>,
+    /// After a failed Redis call, local buckets decide until then (no timeout per request).
+    shared_down_until: Mutex<Option<Instant>>,
 }
+
+/// How long a Redis failure sends shared budgets to the local buckets before trying again.
+const SHARED_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 impl Default for Limiter {
     fn default() -> Self {
-        Self {
-            // Idle buckets are forgotten (and relearned); the bound keeps memory flat.
-            buckets: moka::sync::Cache::builder()
-                .max_capacity(100_000)
-                .time_to_idle(Duration::from_secs(600))
-                .build(),
-        }
+        Self::new(None)
     }
+}
+
+/// GCRA parameters of a (capacity, per second) bucket: emission interval and burst tolerance.
+fn gcra(capacity: u32, per_second: f64) -> (Duration, Duration) {
+    let interval = Duration::from_secs_f64(1.0 / per_second.max(1e-9));
+    (interval, interval * capacity.max(1).saturating_sub(1))
+}
+
+fn shared_key(key: &BucketKey) -> String {
+    format!("sluice:rl:{{{}:{}}}", key.0, key.1)
+}
+
+enum Place {
+    Local(Arc<Mutex<Option<Bucket>>>),
+    Shared {
+        redis: Arc<RedisStore>,
+        key: String,
+        interval: Duration,
+        tolerance: Duration,
+        queued: Arc<AtomicUsize>,
+    },
 }
 
 /// A queue place; dropping it before [`Ticket::used`] gives the place and its slot back (the
 /// client went away).
 pub struct Ticket {
-    bucket: Arc<Mutex<Option<Bucket>>>,
+    place: Place,
     used: bool,
 }
 
 impl Ticket {
     pub fn used(mut self) {
         self.used = true;
-        if let Some(b) = self.bucket.lock().expect("bucket lock").as_mut() {
-            b.leave_queue();
+        match &self.place {
+            Place::Local(bucket) => {
+                if let Some(b) = bucket.lock().expect("bucket lock").as_mut() {
+                    b.leave_queue();
+                }
+            }
+            Place::Shared { queued, .. } => {
+                queued.fetch_sub(1, Ordering::SeqCst);
+            }
         }
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        if !self.used {
-            if let Some(b) = self.bucket.lock().expect("bucket lock").as_mut() {
-                b.cancel(Instant::now());
+        if self.used {
+            return;
+        }
+        match &self.place {
+            Place::Local(bucket) => {
+                if let Some(b) = bucket.lock().expect("bucket lock").as_mut() {
+                    b.cancel(Instant::now());
+                }
+            }
+            Place::Shared {
+                redis,
+                key,
+                interval,
+                tolerance,
+                queued,
+            } => {
+                queued.fetch_sub(1, Ordering::SeqCst);
+                let (redis, key, interval, tolerance) =
+                    (redis.clone(), key.clone(), *interval, *tolerance);
+                tokio::spawn(async move {
+                    let _ = redis
+                        .gcra_adjust(&key, "give", interval.as_millis() as u64, tolerance)
+                        .await;
+                });
             }
         }
     }
@@ -200,14 +269,96 @@ pub enum Decision {
 }
 
 impl Limiter {
+    pub fn new(shared: Option<Arc<RedisStore>>) -> Self {
+        Self {
+            // Idle buckets are forgotten (and relearned); the bound keeps memory flat.
+            buckets: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_idle(Duration::from_secs(600))
+                .build(),
+            queues: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_idle(Duration::from_secs(600))
+                .build(),
+            shared,
+            shared_down_until: Mutex::new(None),
+        }
+    }
+
     fn bucket(&self, key: &BucketKey, rl: &RateLimit, now: Instant) -> Arc<Mutex<Option<Bucket>>> {
         self.buckets.get_with_by_ref(key, || {
             Arc::new(Mutex::new(rl.initial.map(|(c, r)| Bucket::new(c, r, now))))
         })
     }
 
+    /// The Redis store and GCRA parameters, when this bucket is shared and Redis is not
+    /// known to be down.
+    fn shared_params(
+        &self,
+        key: &BucketKey,
+        rl: &RateLimit,
+    ) -> Option<(&Arc<RedisStore>, Duration, Duration)> {
+        let redis = self.shared.as_ref().filter(|_| rl.shared)?;
+        let down_until = *self.shared_down_until.lock().expect("lock");
+        if down_until.is_some_and(|until| Instant::now() < until) {
+            Self::count_fallback(key);
+            return None;
+        }
+        let (capacity, per_second) = rl.initial?;
+        let (interval, tolerance) = gcra(capacity, per_second);
+        Some((redis, interval, tolerance))
+    }
+
+    fn count_fallback(key: &BucketKey) {
+        crate::telemetry::METRICS
+            .rate_limit_fallbacks
+            .with_label_values(&[key.0.as_str()])
+            .inc();
+    }
+
+    /// A Redis call failed: count it, say so, and let local buckets decide for a while.
+    fn fell_back(&self, key: &BucketKey, error: &dyn std::fmt::Display) {
+        warn!(connector = %key.0, error = %error, "shared rate-limit budget unreachable; using this replica's bucket");
+        Self::count_fallback(key);
+        *self.shared_down_until.lock().expect("lock") = Some(Instant::now() + SHARED_RETRY_AFTER);
+    }
+
     /// Admit one request at `now`.
-    pub fn admit(&self, key: &BucketKey, rl: &RateLimit, now: Instant) -> Decision {
+    pub async fn admit(&self, key: &BucketKey, rl: &RateLimit, now: Instant) -> Decision {
+        if let Some((redis, interval, tolerance)) = self.shared_params(key, rl) {
+            let skey = shared_key(key);
+            match redis
+                .gcra_admit(&skey, interval, tolerance, rl.max_wait)
+                .await
+            {
+                Ok(0) => return Decision::Go,
+                Ok(wait) if wait < 0 => {
+                    return Decision::Refuse(Duration::from_millis(wait.unsigned_abs()));
+                }
+                Ok(wait) => {
+                    let wait = Duration::from_millis(wait as u64);
+                    let queued = self
+                        .queues
+                        .get_with_by_ref(key, || Arc::new(AtomicUsize::new(0)));
+                    if queued.fetch_add(1, Ordering::SeqCst) >= rl.queue_size {
+                        queued.fetch_sub(1, Ordering::SeqCst);
+                        let _ = redis
+                            .gcra_adjust(&skey, "give", interval.as_millis() as u64, tolerance)
+                            .await;
+                        return Decision::Refuse(wait);
+                    }
+                    let place = Place::Shared {
+                        redis: redis.clone(),
+                        key: skey,
+                        interval,
+                        tolerance,
+                        queued,
+                    };
+                    return Decision::Wait(wait, Ticket { place, used: false });
+                }
+                Err(e) => self.fell_back(key, &e),
+            }
+        }
         let bucket = self.bucket(key, rl, now);
         let admission = match bucket.lock().expect("bucket lock").as_mut() {
             None => return Decision::Go,
@@ -218,7 +369,7 @@ impl Limiter {
             Admission::After(wait) => Decision::Wait(
                 wait,
                 Ticket {
-                    bucket,
+                    place: Place::Local(bucket),
                     used: false,
                 },
             ),
@@ -226,8 +377,8 @@ impl Limiter {
         }
     }
 
-    /// Learn from a response.
-    pub fn observe(
+    /// Learn from a response (the local bucket always; the shared one too, best effort).
+    pub async fn observe(
         &self,
         key: &BucketKey,
         rl: &RateLimit,
@@ -237,6 +388,36 @@ impl Limiter {
     ) {
         if learned.is_empty() && !too_many_requests {
             return;
+        }
+        if let Some((redis, interval, tolerance)) = self.shared_params(key, rl) {
+            let capacity = rl.initial.map_or(1, |(c, _)| c as u64);
+            let hold = learned.retry_after.or(match learned.remaining {
+                Some(0) => Some(learned.reset_after.unwrap_or(interval)),
+                _ if too_many_requests => Some(learned.reset_after.unwrap_or(interval)),
+                _ => None,
+            });
+            let adjusted = match (hold, learned.remaining) {
+                (Some(hold), _) => {
+                    redis
+                        .gcra_adjust(&shared_key(key), "hold", hold.as_millis() as u64, tolerance)
+                        .await
+                }
+                (None, Some(remaining)) => {
+                    let used = capacity.saturating_sub(remaining.min(capacity));
+                    redis
+                        .gcra_adjust(
+                            &shared_key(key),
+                            "set",
+                            (interval * used as u32).as_millis() as u64,
+                            tolerance,
+                        )
+                        .await
+                }
+                (None, None) => Ok(()),
+            };
+            if let Err(e) = adjusted {
+                self.fell_back(key, &e);
+            }
         }
         let bucket = self.bucket(key, rl, now);
         let mut guard = bucket.lock().expect("bucket lock");
@@ -263,10 +444,17 @@ impl Limiter {
 
     /// Requests waiting in every bucket (for the queue-depth metric).
     pub fn queued(&self) -> usize {
-        self.buckets
+        let local: usize = self
+            .buckets
             .iter()
             .map(|(_, b)| b.lock().map_or(0, |g| g.as_ref().map_or(0, Bucket::queued)))
-            .sum()
+            .sum();
+        let shared: usize = self
+            .queues
+            .iter()
+            .map(|(_, q)| q.load(Ordering::SeqCst))
+            .sum();
+        local + shared
     }
 }
 
@@ -323,14 +511,14 @@ impl Breakers {
 mod tests {
     use super::*;
 
-    #[test]
-    fn unlimited_until_a_limit_is_seen() {
+    #[tokio::test]
+    async fn unlimited_until_a_limit_is_seen() {
         let limiter = Limiter::default();
         let rl = RateLimit::default();
         let key = bucket_key(&rl, "c", "w");
         let t0 = Instant::now();
         for _ in 0..1000 {
-            assert!(matches!(limiter.admit(&key, &rl, t0), Decision::Go));
+            assert!(matches!(limiter.admit(&key, &rl, t0).await, Decision::Go));
         }
         let seen = Learned {
             limit: Some(5),
@@ -338,15 +526,15 @@ mod tests {
             reset_after: Some(Duration::from_secs(10)),
             ..Learned::default()
         };
-        limiter.observe(&key, &rl, &seen, false, t0);
-        match limiter.admit(&key, &rl, t0) {
+        limiter.observe(&key, &rl, &seen, false, t0).await;
+        match limiter.admit(&key, &rl, t0).await {
             Decision::Refuse(wait) => assert_eq!(wait, Duration::from_secs(10)),
             _ => panic!("held until the reset"),
         }
     }
 
-    #[test]
-    fn per_application_buckets_are_shared_by_workspaces() {
+    #[tokio::test]
+    async fn per_application_buckets_are_shared_by_workspaces() {
         let rl = RateLimit {
             initial: Some((1, 0.001)),
             per_application: true,
@@ -355,11 +543,11 @@ mod tests {
         let limiter = Limiter::default();
         let t0 = Instant::now();
         assert!(matches!(
-            limiter.admit(&bucket_key(&rl, "c", "w1"), &rl, t0),
+            limiter.admit(&bucket_key(&rl, "c", "w1"), &rl, t0).await,
             Decision::Go
         ));
         assert!(matches!(
-            limiter.admit(&bucket_key(&rl, "c", "w2"), &rl, t0),
+            limiter.admit(&bucket_key(&rl, "c", "w2"), &rl, t0).await,
             Decision::Refuse(_)
         ));
         let per_ws = RateLimit {
@@ -367,13 +555,15 @@ mod tests {
             ..rl
         };
         assert!(matches!(
-            limiter.admit(&bucket_key(&per_ws, "c", "w3"), &per_ws, t0),
+            limiter
+                .admit(&bucket_key(&per_ws, "c", "w3"), &per_ws, t0)
+                .await,
             Decision::Go
         ));
     }
 
-    #[test]
-    fn a_dropped_ticket_frees_its_place() {
+    #[tokio::test]
+    async fn a_dropped_ticket_frees_its_place() {
         let rl = RateLimit {
             initial: Some((1, 1.0)),
             queue_size: 1,
@@ -383,18 +573,21 @@ mod tests {
         let limiter = Limiter::default();
         let key = bucket_key(&rl, "c", "w");
         let t0 = Instant::now();
-        assert!(matches!(limiter.admit(&key, &rl, t0), Decision::Go));
-        let Decision::Wait(_, ticket) = limiter.admit(&key, &rl, t0) else {
+        assert!(matches!(limiter.admit(&key, &rl, t0).await, Decision::Go));
+        let Decision::Wait(_, ticket) = limiter.admit(&key, &rl, t0).await else {
             panic!("queued")
         };
         assert!(
-            matches!(limiter.admit(&key, &rl, t0), Decision::Refuse(_)),
+            matches!(limiter.admit(&key, &rl, t0).await, Decision::Refuse(_)),
             "queue full"
         );
         assert_eq!(limiter.queued(), 1);
         drop(ticket);
         assert_eq!(limiter.queued(), 0);
-        assert!(matches!(limiter.admit(&key, &rl, t0), Decision::Wait(..)));
+        assert!(matches!(
+            limiter.admit(&key, &rl, t0).await,
+            Decision::Wait(..)
+        ));
     }
 
     #[test]
