@@ -172,6 +172,14 @@ async fn each_auth_type_injects_exactly_the_credential() {
     );
 }
 
+/// (connector, class, outcome) each skipped-states case counts once.
+const EXPECTED: [(&str, &str, &str); 4] = [
+    ("bearer", "skipped", "credential_not_configured"),
+    ("basic", "skipped", "workspace_opted_out"),
+    ("off", "skipped", "connector_disabled"),
+    ("bearer", "refused", "credential_incomplete"),
+];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skipped_tenant_states_never_reach_the_upstream() {
     let env = Env::new().await;
@@ -186,28 +194,15 @@ async fn skipped_tenant_states_never_reach_the_upstream() {
     .await;
     put_credential(&gw, "ws_7", "bearer", true, &[("token", CANARY)]).await;
 
-    let metrics = || async {
-        reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .unwrap()
-            .get(format!("http://{}/metrics", gw.admin_addr.unwrap()))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+    let series = |connector: &str, class: &str, code: &str| {
+        format!(
+            r#"sluice_requests_total{{class="{class}",connector="{connector}",outcome="{code}"}}"#
+        )
     };
-    let count = |text: &str, connector: &str, class: &str, code: &str| -> u64 {
-        let series = format!(
-            "sluice_requests_total{{class=\"{class}\",connector=\"{connector}\",outcome=\"{code}\"}} "
-        );
-        text.lines()
-            .find_map(|l| l.strip_prefix(series.as_str()))
-            .map_or(0, |n| n.trim().parse().unwrap())
-    };
-    let before = metrics().await;
+    let mut before = Vec::new();
+    for (connector, class, code) in EXPECTED {
+        before.push(metric(&gw, &series(connector, class, code)).await);
+    }
     let cases = [
         ("bearer", "ws_other", 403, "credential_not_configured"),
         ("basic", "ws_7", 403, "workspace_opted_out"),
@@ -233,19 +228,11 @@ async fn skipped_tenant_states_never_reach_the_upstream() {
     assert_eq!(env.upstream.connections(), 0);
 
     // Counted as skipped, not as failures; an incomplete credential is a refusal.
-    let after = metrics().await;
-    for (connector, class, code) in [
-        ("bearer", "skipped", "credential_not_configured"),
-        ("basic", "skipped", "workspace_opted_out"),
-        ("off", "skipped", "connector_disabled"),
-        ("bearer", "refused", "credential_incomplete"),
-    ] {
-        assert_eq!(
-            count(&after, connector, class, code) - count(&before, connector, class, code),
-            1,
-            "{connector} {code}:\n{after}"
-        );
+    for ((connector, class, code), before) in EXPECTED.iter().zip(before) {
+        let after = metric(&gw, &series(connector, class, code)).await;
+        assert_eq!(after - before, 1, "{connector} {code}");
     }
+    let after = metrics_text(&gw).await;
     assert!(!after.contains(CANARY));
 }
 

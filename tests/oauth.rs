@@ -338,23 +338,9 @@ async fn authorization_code_with_pkce_state_rotation_invalid_grant_and_revocatio
         .call(Method::GET, "/admin/workspaces/ws_7/credentials/ac", None)
         .await;
     assert_eq!(meta["needs_reauthorization"], true);
-    let metrics = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
-        .get(format!("http://{}/metrics", gw.admin_addr.unwrap()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains(
-            "sluice_oauth_token_refreshes_total{connector=\"ac\",result=\"needs_reauthorization\"}"
-        ),
-        "{metrics}"
-    );
+    let series =
+        r#"sluice_oauth_token_refreshes_total{connector="ac",result="needs_reauthorization"}"#;
+    assert_eq!(metric(&gw, series).await, 1);
 
     // Disconnect: the tokens are revoked at the provider, then the record is deleted.
     let (status, _, body) = admin

@@ -252,27 +252,8 @@ async fn without_redis_a_shared_budget_falls_back_to_the_local_bucket_and_says_s
     let extra = SHARED.replace("PORT", &env.upstream.port().to_string());
     let gw = env.start_on_redis(&redis.url(), &extra).await;
     redis.stop();
-    let metrics = || async {
-        reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .unwrap()
-            .get(format!("http://{}/metrics", gw.admin_addr.unwrap()))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
-    let fallbacks = |text: &str| -> u64 {
-        text.lines()
-            .find_map(|l| {
-                l.strip_prefix("sluice_rate_limit_fallbacks_total{connector=\"budget\"} ")
-            })
-            .map_or(0, |n| n.trim().parse().unwrap())
-    };
-    let before = fallbacks(&metrics().await);
+    let series = r#"sluice_rate_limit_fallbacks_total{connector="budget"}"#;
+    let before = metric(&gw, series).await;
     let mut statuses = Vec::new();
     for _ in 0..12 {
         statuses.push(budget(&gw, &env).await);
@@ -284,7 +265,7 @@ async fn without_redis_a_shared_budget_falls_back_to_the_local_bucket_and_says_s
     );
     assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 2);
     assert!(
-        fallbacks(&metrics().await) - before >= 12,
+        metric(&gw, series).await - before >= 12,
         "every decision fell back and was counted"
     );
 }

@@ -154,27 +154,8 @@ async fn connect_failures_are_retried_then_reported() {
     let gw = env
         .start_with("", &connectors(env.upstream.port(), closed))
         .await;
-    let metrics = || async {
-        reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .unwrap()
-            .get(format!("http://{}/metrics", gw.admin_addr.unwrap()))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
-    let count = |text: &str| -> u64 {
-        text.lines()
-            .find_map(|l| {
-                l.strip_prefix("sluice_retries_total{connector=\"retrying\",reason=\"connect\"} ")
-            })
-            .map_or(0, |n| n.trim().parse().unwrap())
-    };
-    let before = count(&metrics().await);
+    let series = r#"sluice_retries_total{connector="retrying",reason="connect"}"#;
+    let before = metric(&gw, series).await;
     // Even a POST: nothing reached the upstream.
     let (status, code) = send(
         &gw,
@@ -188,7 +169,7 @@ async fn connect_failures_are_retried_then_reported() {
         (502, Some("upstream_connect_failed"))
     );
     assert_eq!(
-        count(&metrics().await) - before,
+        metric(&gw, series).await - before,
         2,
         "three attempts: two retries"
     );

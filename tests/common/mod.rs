@@ -938,3 +938,31 @@ impl Admin {
         (status, code, json)
     }
 }
+
+/// The value of one series on the gateway's `/metrics` (0 when absent), e.g.
+/// `sluice_retries_total{connector="x",reason="connect"}` (labels in alphabetical order).
+pub async fn metric(gw: &Running, series: &str) -> u64 {
+    let text = metrics_text(gw).await;
+    let prefix = format!("{series} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+/// The whole `/metrics` page.
+pub async fn metrics_text(gw: &Running) -> String {
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!(
+            "http://{}/metrics",
+            gw.admin_addr.expect("admin listener")
+        ))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
