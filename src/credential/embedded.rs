@@ -19,6 +19,9 @@ pub struct EmbeddedStore {
     db: Arc<Database>,
     /// Pending OAuth authorizations live only in memory: one process, minutes of life.
     pending: moka::sync::Cache<String, Arc<Vec<u8>>>,
+    /// Refresh locks: key → (fencing token, expiry). One process, so memory is the truth.
+    locks: std::sync::Mutex<std::collections::HashMap<String, (u64, std::time::Instant)>>,
+    fences: std::sync::atomic::AtomicU64,
 }
 
 fn key(workspace: &str, connector: &str) -> String {
@@ -48,6 +51,8 @@ impl EmbeddedStore {
                 .max_capacity(10_000)
                 .time_to_live(std::time::Duration::from_secs(3600))
                 .build(),
+            locks: std::sync::Mutex::new(std::collections::HashMap::new()),
+            fences: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -151,6 +156,47 @@ impl CredentialStore for EmbeddedStore {
 
     async fn delete_definition(&self, kind: &str, id: &str) -> Result<bool, StoreError> {
         self.remove(DEFINITIONS, key(kind, id)).await
+    }
+
+    async fn acquire_refresh_lock(
+        &self,
+        workspace: &str,
+        connector: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Option<u64>, StoreError> {
+        let now = std::time::Instant::now();
+        let mut locks = self.locks.lock().expect("lock table");
+        let k = key(workspace, connector);
+        if locks.get(&k).is_some_and(|(_, until)| *until > now) {
+            return Ok(None);
+        }
+        let fence = self
+            .fences
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        locks.insert(k, (fence, now + ttl));
+        Ok(Some(fence))
+    }
+
+    async fn put_fenced(&self, record: &CredentialRecord, fence: u64) -> Result<bool, StoreError> {
+        let held = {
+            let locks = self.locks.lock().expect("lock table");
+            locks
+                .get(&key(&record.workspace, &record.name))
+                .is_some_and(|(f, until)| *f == fence && *until > std::time::Instant::now())
+        };
+        if !held {
+            return Ok(false);
+        }
+        self.put(record).await.map(|()| true)
+    }
+
+    async fn release_refresh_lock(&self, workspace: &str, connector: &str, fence: u64) {
+        let mut locks = self.locks.lock().expect("lock table");
+        let k = key(workspace, connector);
+        if locks.get(&k).is_some_and(|(f, _)| *f == fence) {
+            locks.remove(&k);
+        }
     }
 
     async fn put_pending_authorization(

@@ -395,31 +395,79 @@ impl Vault {
     /// Returns (re-sealed, already current).
     pub async fn rotate(&self) -> Result<(usize, usize), VaultError> {
         let (mut resealed, mut current) = (0, 0);
-        for r in self.store.list().await? {
-            if r.key_id == self.keyring.active_id() {
+        for listed in self.store.list().await? {
+            if listed.key_id == self.keyring.active_id() {
                 current += 1;
                 continue;
             }
-            let fields = self.open(&r)?;
-            let (key_id, blob) = self
-                .keyring
-                .seal(&r.workspace, &r.name, &fields.to_plaintext());
-            let record = CredentialRecord {
-                key_id,
-                value: RecordValue {
-                    enabled: r.value.enabled,
-                    encrypted_config: blob,
-                },
-                version: r.version + 1,
-                updated_at: now_unix(),
-                ..r
-            };
-            self.store.put(&record).await?;
-            self.invalidate_everywhere(&record.workspace, &record.name)
-                .await;
-            resealed += 1;
+            let (ws, conn) = (listed.workspace.clone(), listed.name.clone());
+            // Under the same fenced lock OAuth refreshes take, so a refresh (in any replica)
+            // cannot land between this read and this write and be overwritten.
+            let fence = self.lock_for_rewrite(&ws, &conn).await?;
+            let outcome = self.reseal(&ws, &conn, fence).await;
+            self.store.release_refresh_lock(&ws, &conn, fence).await;
+            match outcome? {
+                true => resealed += 1,
+                false => current += 1,
+            }
         }
         Ok((resealed, current))
+    }
+
+    /// The refresh lock for (workspace, connector), waiting up to ten seconds for a holder.
+    async fn lock_for_rewrite(&self, workspace: &str, connector: &str) -> Result<u64, VaultError> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(fence) = self
+                .store
+                .acquire_refresh_lock(workspace, connector, Duration::from_secs(30))
+                .await?
+            {
+                return Ok(fence);
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(StoreError::Unavailable(format!(
+                    "{workspace}/{connector} stayed locked by a refresh"
+                ))
+                .into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Re-read and re-seal one record under the active key while `fence` holds its lock.
+    /// `false`: it was already current (or gone) by then.
+    async fn reseal(
+        &self,
+        workspace: &str,
+        connector: &str,
+        fence: u64,
+    ) -> Result<bool, VaultError> {
+        let Some(r) = self.store.get(workspace, connector).await? else {
+            return Ok(false);
+        };
+        if r.key_id == self.keyring.active_id() {
+            return Ok(false);
+        }
+        let fields = self.open(&r)?;
+        let (key_id, blob) = self
+            .keyring
+            .seal(workspace, connector, &fields.to_plaintext());
+        let record = CredentialRecord {
+            key_id,
+            value: RecordValue {
+                enabled: r.value.enabled,
+                encrypted_config: blob,
+            },
+            version: r.version + 1,
+            updated_at: now_unix(),
+            ..r
+        };
+        if !self.store.put_fenced(&record, fence).await? {
+            return Err(StoreError::Unavailable("lost the lock while re-sealing".into()).into());
+        }
+        self.invalidate_everywhere(workspace, connector).await;
+        Ok(true)
     }
 }
 
@@ -689,5 +737,64 @@ mod tests {
             &*only_new.lookup("ws", "b").await.unwrap(),
             TenantState::OptedOut
         ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rotation_never_overwrites_a_refresh_holding_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn CredentialStore> =
+            Arc::new(embedded::EmbeddedStore::open(&dir.path().join("r.redb")).unwrap());
+        let settings = VaultSettings {
+            cache_capacity: 10,
+            cache_ttl: Duration::from_secs(60),
+            max_staleness: Duration::from_secs(60),
+            read_timeout: Duration::from_secs(5),
+        };
+        let old = Keyring::generate_line("old").unwrap();
+        let new = Keyring::generate_line("new").unwrap();
+        let before = Vault::new(store.clone(), Keyring::parse(&old).unwrap(), &settings);
+        before.put("ws", "c", true, &fields("v1")).await.unwrap();
+
+        // A refresh holds the lock when rotation starts.
+        let fence = store
+            .acquire_refresh_lock("ws", "c", Duration::from_secs(30))
+            .await
+            .unwrap()
+            .unwrap();
+        let after = Arc::new(Vault::new(
+            store.clone(),
+            Keyring::parse(&format!("{}\n{}", &*new, &*old)).unwrap(),
+            &settings,
+        ));
+        let rotation = tokio::spawn({
+            let after = after.clone();
+            async move { after.rotate().await }
+        });
+        // The refresh writes v2 under its fence, then lets go.
+        let meta = store::OAuthMeta {
+            expires_at: 0,
+            needs_reauthorization: false,
+        };
+        assert!(
+            before
+                .put_oauth("ws", "c", &fields("v2"), meta, Some(fence))
+                .await
+                .unwrap()
+                .is_some()
+        );
+        store.release_refresh_lock("ws", "c", fence).await;
+        assert_eq!(rotation.await.unwrap().unwrap(), (1, 0));
+
+        let only_new = Vault::new(store, Keyring::parse(&new).unwrap(), &settings);
+        match &*only_new.lookup("ws", "c").await.unwrap() {
+            TenantState::Connected(c) => {
+                assert_eq!(
+                    c.fields.get("api_key").unwrap().expose(),
+                    "v2",
+                    "the refresh survived"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }
