@@ -38,6 +38,7 @@ use crate::request::{
     connection_listed,
 };
 use crate::upstream;
+use std::time::Duration;
 use tokio::time::Instant;
 
 const REQUEST_ID: &str = "x-request-id";
@@ -114,7 +115,10 @@ impl Sluice {
         };
         let rl = &connector.rate_limit;
         let key = bucket_key(rl, &vetted.connector, &vetted.workspace);
-        let decision = self.limiter.admit(&key, rl, Instant::now()).await;
+        let decision = self
+            .limiter
+            .admit(&key, rl, &vetted.workspace, Instant::now())
+            .await;
         ctx.bucket = Some(key);
         match decision {
             Decision::Go => Ok(true),
@@ -123,6 +127,32 @@ impl Sluice {
                 format!("connector {:?} is at its rate limit", vetted.connector),
             )
             .with_retry_after(wait)),
+            Decision::Turn(mut turn) => {
+                let waits = &crate::telemetry::METRICS.rate_limit_waits;
+                let released = if session.is_body_empty() {
+                    tokio::select! {
+                        r = &mut turn => r.is_ok(),
+                        _ = session.read_body_or_idle(true) => {
+                            // Dropping the receiver frees the place and the turn.
+                            waits.with_label_values(&[connector.id.as_str(), "left"]).inc();
+                            return Ok(false);
+                        }
+                    }
+                } else {
+                    turn.await.is_ok()
+                };
+                if !released {
+                    return Err(Refusal::new(
+                        ErrorCode::RateLimited,
+                        format!("connector {:?} is at its rate limit", vetted.connector),
+                    )
+                    .with_retry_after(Duration::from_secs(1)));
+                }
+                waits
+                    .with_label_values(&[connector.id.as_str(), "released"])
+                    .inc();
+                Ok(true)
+            }
             Decision::Wait(wait, ticket) => {
                 let waits = &crate::telemetry::METRICS.rate_limit_waits;
                 // Without a body to read, a closed connection is visible while waiting: the

@@ -182,6 +182,33 @@ async fn remaining_zero_holds_requests_until_the_reset() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_header_form_is_learned_end_to_end() {
+    let env = Env::new().await;
+    let gw = env.start_with("", &connectors(env.upstream.port())).await;
+    // Each form, in its own workspace's bucket: after it, that workspace is held for an hour.
+    for (path, workspace) in [
+        ("/rl/ietf", "ws_7"),
+        ("/rl/structured", "ws_42"),
+        ("/rl/503-date", "ws_other"),
+    ] {
+        let status = call(&gw, &env, path, "learner", workspace).await.0;
+        assert!(status == 200 || status == 503, "{path}: {status}");
+        let (status, code, retry) = call(&gw, &env, "/held", "learner", workspace).await;
+        assert_eq!(
+            (status, code.as_deref()),
+            (429, Some("rate_limited")),
+            "{path}"
+        );
+        let retry: u64 = retry.unwrap().parse().unwrap();
+        assert!(
+            (3590..=3600).contains(&retry),
+            "{path}: Retry-After {retry}"
+        );
+    }
+    assert!(!env.upstream.requests().iter().any(|r| r.target == "/held"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_429_is_relayed_and_holds_the_bucket_for_retry_after() {
     let env = Env::new().await;
     let gw = env.start_with("", &connectors(env.upstream.port())).await;

@@ -87,6 +87,17 @@ impl Bucket {
         Admission::After(wait)
     }
 
+    /// How long until a token is free (zero: now). Reserves nothing.
+    pub fn time_to_token(&self, now: Instant) -> Duration {
+        let allow_at = self.tat.max(now).checked_sub(self.tolerance).unwrap_or(now);
+        allow_at.saturating_duration_since(now)
+    }
+
+    /// How long the `n`-th waiter from now would wait, one interval per waiter ahead.
+    pub fn estimate(&self, now: Instant, ahead: usize) -> Duration {
+        self.time_to_token(now) + self.interval * ahead as u32
+    }
+
     /// A reservation was used: its waiter leaves the queue.
     pub fn leave_queue(&mut self) {
         self.queued = self.queued.saturating_sub(1);

@@ -12,6 +12,7 @@
 
 pub mod breaker;
 pub mod bucket;
+pub mod fair;
 pub mod headers;
 pub mod retry;
 
@@ -166,9 +167,33 @@ pub fn bucket_key(rl: &RateLimit, connector: &str, workspace: &str) -> BucketKey
     (connector.to_string(), ws.to_string())
 }
 
+/// The bucket a first sight of a limit creates: that size over its window (or a minute); a
+/// bare 429 or `Retry-After` makes a one-per-second bucket to hold.
+pub(crate) fn first_bucket(
+    learned: &Learned,
+    too_many_requests: bool,
+    now: Instant,
+) -> Option<Bucket> {
+    let limit = learned.limit.or(learned.remaining.map(|r| r.max(1)));
+    let window = learned
+        .window
+        .or(learned.reset_after)
+        .filter(|w| !w.is_zero())
+        .unwrap_or(Duration::from_secs(60));
+    match limit {
+        Some(limit) => Some(Bucket::learned(limit, window, now)),
+        None if too_many_requests || learned.retry_after.is_some() => {
+            Some(Bucket::learned(1, Duration::from_secs(1), now))
+        }
+        None => None,
+    }
+}
+
 /// Every bucket in the process, and the Redis store for shared budgets.
 pub struct Limiter {
     buckets: moka::sync::Cache<BucketKey, Arc<Mutex<Option<Bucket>>>>,
+    /// Per-application buckets: workspaces waiting take turns.
+    fair: moka::sync::Cache<BucketKey, Arc<fair::FairBucket>>,
     /// Waiters per shared bucket in this replica (the queue bound is per replica).
     queues: moka::sync::Cache<BucketKey, Arc<AtomicUsize>>,
     shared: Option<Arc<RedisStore>>,
@@ -264,6 +289,9 @@ impl Drop for Ticket {
 pub enum Decision {
     Go,
     Wait(Duration, Ticket),
+    /// Wait for this workspace's turn (per-application buckets); dropping it gives the
+    /// place up.
+    Turn(tokio::sync::oneshot::Receiver<()>),
     /// 429 with this `Retry-After`.
     Refuse(Duration),
 }
@@ -280,6 +308,10 @@ impl Limiter {
                 .max_capacity(100_000)
                 .time_to_idle(Duration::from_secs(600))
                 .build(),
+            fair: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_idle(Duration::from_secs(600))
+                .build(),
             shared,
             shared_down_until: Mutex::new(None),
         }
@@ -288,6 +320,12 @@ impl Limiter {
     fn bucket(&self, key: &BucketKey, rl: &RateLimit, now: Instant) -> Arc<Mutex<Option<Bucket>>> {
         self.buckets.get_with_by_ref(key, || {
             Arc::new(Mutex::new(rl.initial.map(|(c, r)| Bucket::new(c, r, now))))
+        })
+    }
+
+    fn fair_bucket(&self, key: &BucketKey, rl: &RateLimit, now: Instant) -> Arc<fair::FairBucket> {
+        self.fair.get_with_by_ref(key, || {
+            fair::FairBucket::new(rl.initial.map(|(c, r)| Bucket::new(c, r, now)))
         })
     }
 
@@ -323,8 +361,14 @@ impl Limiter {
         *self.shared_down_until.lock().expect("lock") = Some(Instant::now() + SHARED_RETRY_AFTER);
     }
 
-    /// Admit one request at `now`.
-    pub async fn admit(&self, key: &BucketKey, rl: &RateLimit, now: Instant) -> Decision {
+    /// Admit one request of `workspace` at `now`.
+    pub async fn admit(
+        &self,
+        key: &BucketKey,
+        rl: &RateLimit,
+        workspace: &str,
+        now: Instant,
+    ) -> Decision {
         if let Some((redis, interval, tolerance)) = self.shared_params(key, rl) {
             let skey = shared_key(key);
             match redis
@@ -358,6 +402,18 @@ impl Limiter {
                 }
                 Err(e) => self.fell_back(key, &e),
             }
+        }
+        if rl.per_application {
+            return match self.fair_bucket(key, rl, now).admit(
+                workspace,
+                now,
+                rl.max_wait,
+                rl.queue_size,
+            ) {
+                fair::FairDecision::Go => Decision::Go,
+                fair::FairDecision::Wait(rx) => Decision::Turn(rx),
+                fair::FairDecision::Refuse(wait) => Decision::Refuse(wait),
+            };
         }
         let bucket = self.bucket(key, rl, now);
         let admission = match bucket.lock().expect("bucket lock").as_mut() {
@@ -419,23 +475,15 @@ impl Limiter {
                 self.fell_back(key, &e);
             }
         }
+        if rl.per_application {
+            self.fair_bucket(key, rl, now)
+                .observe(now, learned, too_many_requests);
+            return;
+        }
         let bucket = self.bucket(key, rl, now);
         let mut guard = bucket.lock().expect("bucket lock");
         if guard.is_none() {
-            // First sight of a limit: a bucket of that size over its window (or a minute).
-            let limit = learned.limit.or(learned.remaining.map(|r| r.max(1)));
-            let window = learned
-                .window
-                .or(learned.reset_after)
-                .filter(|w| !w.is_zero())
-                .unwrap_or(Duration::from_secs(60));
-            match limit {
-                Some(limit) => *guard = Some(Bucket::learned(limit, window, now)),
-                None if too_many_requests || learned.retry_after.is_some() => {
-                    *guard = Some(Bucket::learned(1, Duration::from_secs(1), now))
-                }
-                None => return,
-            }
+            *guard = first_bucket(learned, too_many_requests, now);
         }
         if let Some(b) = guard.as_mut() {
             b.observe(now, learned, too_many_requests);
@@ -518,7 +566,10 @@ mod tests {
         let key = bucket_key(&rl, "c", "w");
         let t0 = Instant::now();
         for _ in 0..1000 {
-            assert!(matches!(limiter.admit(&key, &rl, t0).await, Decision::Go));
+            assert!(matches!(
+                limiter.admit(&key, &rl, "w", t0).await,
+                Decision::Go
+            ));
         }
         let seen = Learned {
             limit: Some(5),
@@ -527,7 +578,7 @@ mod tests {
             ..Learned::default()
         };
         limiter.observe(&key, &rl, &seen, false, t0).await;
-        match limiter.admit(&key, &rl, t0).await {
+        match limiter.admit(&key, &rl, "w", t0).await {
             Decision::Refuse(wait) => assert_eq!(wait, Duration::from_secs(10)),
             _ => panic!("held until the reset"),
         }
@@ -543,11 +594,15 @@ mod tests {
         let limiter = Limiter::default();
         let t0 = Instant::now();
         assert!(matches!(
-            limiter.admit(&bucket_key(&rl, "c", "w1"), &rl, t0).await,
+            limiter
+                .admit(&bucket_key(&rl, "c", "w1"), &rl, "w1", t0)
+                .await,
             Decision::Go
         ));
         assert!(matches!(
-            limiter.admit(&bucket_key(&rl, "c", "w2"), &rl, t0).await,
+            limiter
+                .admit(&bucket_key(&rl, "c", "w2"), &rl, "w2", t0)
+                .await,
             Decision::Refuse(_)
         ));
         let per_ws = RateLimit {
@@ -556,7 +611,7 @@ mod tests {
         };
         assert!(matches!(
             limiter
-                .admit(&bucket_key(&per_ws, "c", "w3"), &per_ws, t0)
+                .admit(&bucket_key(&per_ws, "c", "w3"), &per_ws, "w3", t0)
                 .await,
             Decision::Go
         ));
@@ -573,19 +628,22 @@ mod tests {
         let limiter = Limiter::default();
         let key = bucket_key(&rl, "c", "w");
         let t0 = Instant::now();
-        assert!(matches!(limiter.admit(&key, &rl, t0).await, Decision::Go));
-        let Decision::Wait(_, ticket) = limiter.admit(&key, &rl, t0).await else {
+        assert!(matches!(
+            limiter.admit(&key, &rl, "w", t0).await,
+            Decision::Go
+        ));
+        let Decision::Wait(_, ticket) = limiter.admit(&key, &rl, "w", t0).await else {
             panic!("queued")
         };
         assert!(
-            matches!(limiter.admit(&key, &rl, t0).await, Decision::Refuse(_)),
+            matches!(limiter.admit(&key, &rl, "w", t0).await, Decision::Refuse(_)),
             "queue full"
         );
         assert_eq!(limiter.queued(), 1);
         drop(ticket);
         assert_eq!(limiter.queued(), 0);
         assert!(matches!(
-            limiter.admit(&key, &rl, t0).await,
+            limiter.admit(&key, &rl, "w", t0).await,
             Decision::Wait(..)
         ));
     }

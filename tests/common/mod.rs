@@ -327,6 +327,24 @@ async fn respond(
             .status(429)
             .header("retry-after", "120")
             .body(Full::new(Bytes::from_static(b"{\"error\":\"slow down\"}"))),
+        "/rl/ietf" => builder
+            .status(200)
+            .header("ratelimit-limit", "10")
+            .header("ratelimit-remaining", "0")
+            .header("ratelimit-reset", "3600")
+            .body(Full::new(Bytes::from_static(b"{\"ok\":true}"))),
+        "/rl/structured" => builder
+            .status(200)
+            .header("ratelimit", "\"default\";r=0;t=3600")
+            .header("ratelimit-policy", "\"default\";q=10;w=3600")
+            .body(Full::new(Bytes::from_static(b"{\"ok\":true}"))),
+        "/rl/503-date" => builder
+            .status(503)
+            .header(
+                "retry-after",
+                httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(3600)),
+            )
+            .body(Full::new(Bytes::new())),
         "/rl/shopify" => builder
             .status(200)
             .header("x-shopify-shop-api-call-limit", "40/40")

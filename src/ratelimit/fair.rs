@@ -1,0 +1,287 @@
+//! Fair turns for workspaces sharing a per-application bucket.
+//!
+//! When the bucket has a token and nobody waits, a request goes at once. Otherwise it joins
+//! its workspace's FIFO queue, and one dispatcher task per bucket hands each new token to the
+//! next workspace in round-robin order, so a workspace with a hundred waiting requests cannot
+//! starve one with a single request. The queue bound and the maximum wait apply to the
+//! bucket as a whole (estimated from the number of waiters ahead). A waiter whose client left
+//! is skipped and its place freed; the token goes to the next in turn.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::bucket::{Admission, Bucket};
+
+#[derive(Default)]
+struct Waiting {
+    /// Workspaces with waiters, in turn order.
+    order: VecDeque<String>,
+    queues: HashMap<String, VecDeque<oneshot::Sender<()>>>,
+    dispatching: bool,
+}
+
+impl Waiting {
+    /// Drop waiters whose client left; returns how many remain.
+    fn purge(&mut self) -> usize {
+        for q in self.queues.values_mut() {
+            q.retain(|tx| !tx.is_closed());
+        }
+        self.queues.retain(|_, q| !q.is_empty());
+        let queues = &self.queues;
+        self.order.retain(|ws| queues.contains_key(ws));
+        self.queues.values().map(VecDeque::len).sum()
+    }
+
+    /// The next live waiter in round-robin order.
+    fn next(&mut self) -> Option<oneshot::Sender<()>> {
+        while let Some(ws) = self.order.pop_front() {
+            let Some(q) = self.queues.get_mut(&ws) else {
+                continue;
+            };
+            while let Some(tx) = q.pop_front() {
+                if tx.is_closed() {
+                    continue;
+                }
+                if q.is_empty() {
+                    self.queues.remove(&ws);
+                } else {
+                    self.order.push_back(ws);
+                }
+                return Some(tx);
+            }
+            self.queues.remove(&ws);
+        }
+        None
+    }
+}
+
+/// A per-application bucket with fair turns. `None`: unlimited (nothing configured or
+/// learned yet).
+pub struct FairBucket {
+    state: Mutex<(Option<Bucket>, Waiting)>,
+}
+
+/// What a request must do.
+pub enum FairDecision {
+    Go,
+    /// Wait until this resolves (dropping it gives the place up).
+    Wait(oneshot::Receiver<()>),
+    /// 429 with this `Retry-After`.
+    Refuse(Duration),
+}
+
+impl FairBucket {
+    pub fn new(bucket: Option<Bucket>) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new((bucket, Waiting::default())),
+        })
+    }
+
+    /// Learn from a response (see [`super::Limiter::observe`]).
+    pub fn observe(
+        &self,
+        now: Instant,
+        learned: &super::headers::Learned,
+        too_many_requests: bool,
+    ) {
+        let mut guard = self.state.lock().expect("fair lock");
+        let bucket = &mut guard.0;
+        if bucket.is_none() {
+            *bucket = super::first_bucket(learned, too_many_requests, now);
+        }
+        if let Some(b) = bucket.as_mut() {
+            b.observe(now, learned, too_many_requests);
+        }
+    }
+
+    pub fn queued(&self) -> usize {
+        self.state
+            .lock()
+            .expect("fair lock")
+            .1
+            .queues
+            .values()
+            .map(VecDeque::len)
+            .sum()
+    }
+
+    /// Admit one request of `workspace`.
+    pub fn admit(
+        self: &Arc<Self>,
+        workspace: &str,
+        now: Instant,
+        max_wait: Duration,
+        queue_size: usize,
+    ) -> FairDecision {
+        let mut guard = self.state.lock().expect("fair lock");
+        let (bucket, waiting) = &mut *guard;
+        let Some(bucket) = bucket.as_mut() else {
+            return FairDecision::Go;
+        };
+        let ahead = waiting.purge();
+        if ahead == 0 && bucket.admit(now, Duration::ZERO, 0) == Admission::Now {
+            return FairDecision::Go;
+        }
+        let estimate = bucket.estimate(now, ahead);
+        if ahead >= queue_size || estimate > max_wait {
+            return FairDecision::Refuse(estimate);
+        }
+        let (tx, rx) = oneshot::channel();
+        let q = waiting.queues.entry(workspace.to_string()).or_default();
+        if q.is_empty() {
+            waiting.order.push_back(workspace.to_string());
+        }
+        q.push_back(tx);
+        if !waiting.dispatching {
+            waiting.dispatching = true;
+            let me = self.clone();
+            tokio::spawn(async move { me.dispatch().await });
+        }
+        FairDecision::Wait(rx)
+    }
+
+    /// Hand out tokens as they come, one workspace at a time, until nobody waits.
+    async fn dispatch(self: Arc<Self>) {
+        loop {
+            let wait = {
+                let mut guard = self.state.lock().expect("fair lock");
+                let (bucket, waiting) = &mut *guard;
+                if waiting.purge() == 0 {
+                    waiting.dispatching = false;
+                    return;
+                }
+                bucket
+                    .as_ref()
+                    .map_or(Duration::ZERO, |b| b.time_to_token(Instant::now()))
+            };
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+            let mut guard = self.state.lock().expect("fair lock");
+            let (bucket, waiting) = &mut *guard;
+            let now = Instant::now();
+            match bucket.as_mut() {
+                // The limit went away: everyone may go.
+                None => {
+                    while let Some(tx) = waiting.next() {
+                        let _ = tx.send(());
+                    }
+                }
+                Some(bucket) if bucket.time_to_token(now).is_zero() => {
+                    if let Some(tx) = waiting.next() {
+                        bucket.admit(now, Duration::ZERO, 0);
+                        // A receiver dropped since `next` looked gives the token back.
+                        if tx.send(()).is_err() {
+                            bucket.cancel(now);
+                        }
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn workspaces_take_turns() {
+        let fair = FairBucket::new(Some(Bucket::new(1, 10.0, Instant::now())));
+        let now = Instant::now();
+        assert!(matches!(
+            fair.admit("a", now, Duration::from_secs(10), 100),
+            FairDecision::Go
+        ));
+        // Workspace a floods the queue, then b asks once.
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for ws in ["a", "a", "a", "a", "a", "b"] {
+            let FairDecision::Wait(rx) = fair.admit(ws, now, Duration::from_secs(10), 100) else {
+                panic!("queued");
+            };
+            let order = order.clone();
+            tasks.push(tokio::spawn(async move {
+                rx.await.unwrap();
+                order.lock().unwrap().push(ws);
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(
+            *order.lock().unwrap(),
+            ["a", "b", "a", "a", "a", "a"],
+            "b's turn comes second"
+        );
+        assert_eq!(fair.queued(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn released_at_the_bucket_rate_and_bounded() {
+        let fair = FairBucket::new(Some(Bucket::new(1, 10.0, Instant::now())));
+        let t0 = Instant::now();
+        assert!(matches!(
+            fair.admit("a", t0, Duration::from_millis(250), 2),
+            FairDecision::Go
+        ));
+        let FairDecision::Wait(first) = fair.admit("a", t0, Duration::from_millis(250), 2) else {
+            panic!()
+        };
+        let FairDecision::Wait(second) = fair.admit("b", t0, Duration::from_millis(250), 2) else {
+            panic!()
+        };
+        assert!(
+            matches!(
+                fair.admit("c", t0, Duration::from_millis(250), 2),
+                FairDecision::Refuse(_)
+            ),
+            "queue full"
+        );
+        first.await.unwrap();
+        assert_eq!(t0.elapsed(), Duration::from_millis(100), "one interval");
+        second.await.unwrap();
+        assert_eq!(t0.elapsed(), Duration::from_millis(200), "two intervals");
+        // Beyond the maximum wait: refused at once.
+        let now = Instant::now();
+        let FairDecision::Wait(_w1) = fair.admit("a", now, Duration::from_millis(150), 10) else {
+            panic!()
+        };
+        assert!(matches!(
+            fair.admit("a", now, Duration::from_millis(150), 10),
+            FairDecision::Refuse(_)
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_that_leaves_frees_its_place_and_turn() {
+        let fair = FairBucket::new(Some(Bucket::new(1, 10.0, Instant::now())));
+        let t0 = Instant::now();
+        assert!(matches!(
+            fair.admit("a", t0, Duration::from_secs(1), 1),
+            FairDecision::Go
+        ));
+        let FairDecision::Wait(gone) = fair.admit("a", t0, Duration::from_secs(1), 1) else {
+            panic!()
+        };
+        assert!(matches!(
+            fair.admit("b", t0, Duration::from_secs(1), 1),
+            FairDecision::Refuse(_)
+        ));
+        drop(gone);
+        let FairDecision::Wait(b) = fair.admit("b", t0, Duration::from_secs(1), 1) else {
+            panic!("the place was freed");
+        };
+        b.await.unwrap();
+        assert_eq!(
+            t0.elapsed(),
+            Duration::from_millis(100),
+            "b got the next token"
+        );
+    }
+}
