@@ -16,6 +16,7 @@ pub struct Metrics {
     pub retries: IntCounterVec,
     pub circuit_transitions: IntCounterVec,
     pub rate_limit_fallbacks: IntCounterVec,
+    pub config_reloads: IntCounterVec,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -68,7 +69,16 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         &["connector"],
     )
     .expect("valid metric");
+    let config_reloads = IntCounterVec::new(
+        Opts::new(
+            "sluice_config_reloads_total",
+            "Config file reloads by result (ok, unchanged, invalid: the old configuration stays).",
+        ),
+        &["result"],
+    )
+    .expect("valid metric");
     for m in [
+        &config_reloads,
         &rate_limit_fallbacks,
         &requests,
         &token_refreshes,
@@ -88,6 +98,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         retries,
         circuit_transitions,
         rate_limit_fallbacks,
+        config_reloads,
     }
 });
 

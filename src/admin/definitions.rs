@@ -17,26 +17,154 @@ use crate::config::file::{ConnectorFile, OrgFile, WorkspaceFile};
 use crate::config::{ConfigErrors, Definitions, Origin, Snapshot};
 use crate::credential::store::CredentialStore;
 
-/// Rebuilds the live snapshot from the TOML text and the store's definitions.
+/// Rebuilds the live snapshot: from the config file (SIGHUP, file changes) and from the
+/// store's definitions (admin API changes, here or in another replica). Every candidate is
+/// validated whole before it is swapped in; requests in flight keep the snapshot they had.
 pub struct Reloader {
     config: Arc<ArcSwap<Snapshot>>,
-    store: Arc<dyn CredentialStore>,
+    store: Option<Arc<dyn CredentialStore>>,
+    /// Serialises rebuilds: a file reload and a definitions reload never interleave.
+    rebuild: tokio::sync::Mutex<()>,
+}
+
+/// What a file reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileReload {
+    Applied { restart_needed: Vec<&'static str> },
+    Unchanged,
+    Invalid(String),
+}
+
+/// Settings a running sluice cannot change: they are reported, and take effect on restart.
+fn restart_needed(old: &Snapshot, new: &Snapshot) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    if old.listener.address != new.listener.address {
+        changed.push("listener.address");
+    }
+    if old.listener.threads != new.listener.threads {
+        changed.push("listener.threads");
+    }
+    if old.listener.dev_mode_unauthenticated != new.listener.dev_mode_unauthenticated {
+        changed.push("listener.dev_mode_unauthenticated");
+    }
+    if old.upstream.extra_ca_file != new.upstream.extra_ca_file {
+        changed.push("upstream.extra_ca_file");
+    }
+    if old.upstream.pool_size != new.upstream.pool_size {
+        changed.push("upstream.pool_size");
+    }
+    if old.credentials.as_ref().map(|c| (&c.store, &c.keys))
+        != new.credentials.as_ref().map(|c| (&c.store, &c.keys))
+    {
+        changed.push("credentials");
+    }
+    if old.admin.as_ref().map(|a| (a.address, a.token_sha256))
+        != new.admin.as_ref().map(|a| (a.address, a.token_sha256))
+    {
+        changed.push("admin");
+    }
+    changed
+}
+
+/// The admin-API definitions a snapshot holds.
+fn api_definitions(snap: &Snapshot) -> Definitions {
+    let api = |o: &Origin| *o == Origin::Api;
+    Definitions {
+        connectors: snap
+            .sources
+            .connectors
+            .values()
+            .filter(|(o, _)| api(o))
+            .map(|(_, c)| c.clone())
+            .collect(),
+        orgs: snap
+            .sources
+            .orgs
+            .values()
+            .filter(|(o, _)| api(o))
+            .map(|(_, c)| c.clone())
+            .collect(),
+        workspaces: snap
+            .sources
+            .workspaces
+            .values()
+            .filter(|(o, _)| api(o))
+            .map(|(_, c)| c.clone())
+            .collect(),
+    }
 }
 
 impl Reloader {
-    pub fn new(config: Arc<ArcSwap<Snapshot>>, store: Arc<dyn CredentialStore>) -> Self {
-        Self { config, store }
+    pub fn new(config: Arc<ArcSwap<Snapshot>>, store: Option<Arc<dyn CredentialStore>>) -> Self {
+        Self {
+            config,
+            store,
+            rebuild: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The config file this reloader reads.
+    pub fn source(&self) -> std::path::PathBuf {
+        self.config.load().source.clone()
+    }
+
+    /// The text of the configuration in force.
+    pub fn current_text(&self) -> Arc<str> {
+        self.config.load().toml_text.clone()
+    }
+
+    /// Re-read the config file; swap in the result only when it is valid.
+    pub async fn reload_file(&self) -> FileReload {
+        let _serial = self.rebuild.lock().await;
+        let current = self.config.load_full();
+        let outcome = match tokio::fs::read_to_string(&current.source).await {
+            Err(e) => {
+                FileReload::Invalid(format!("{}: cannot read: {e}", current.source.display()))
+            }
+            Ok(text) if *text == *current.toml_text => FileReload::Unchanged,
+            Ok(text) => {
+                match Snapshot::from_toml_with(&text, &current.source, &api_definitions(&current)) {
+                    Err(errors) => FileReload::Invalid(errors.to_string()),
+                    Ok(mut next) => {
+                        let restart_needed = restart_needed(&current, &next);
+                        // What cannot change live keeps its running value.
+                        next.listener.address = current.listener.address;
+                        self.config.store(Arc::new(next));
+                        FileReload::Applied { restart_needed }
+                    }
+                }
+            }
+        };
+        let result = match &outcome {
+            FileReload::Applied { restart_needed } => {
+                info!(file = %current.source.display(), "configuration reloaded");
+                if !restart_needed.is_empty() {
+                    warn!(settings = ?restart_needed, "changed settings that take effect only after a restart");
+                }
+                "ok"
+            }
+            FileReload::Unchanged => "unchanged",
+            FileReload::Invalid(why) => {
+                for line in why.lines() {
+                    tracing::error!(reason = %line, "configuration reload refused; the previous configuration stays in force");
+                }
+                "invalid"
+            }
+        };
+        crate::telemetry::METRICS
+            .config_reloads
+            .with_label_values(&[result])
+            .inc();
+        outcome
     }
 
     /// The definitions currently in the store.
     pub async fn load(&self) -> Result<Definitions, String> {
+        let Some(store) = &self.store else {
+            return Ok(Definitions::default());
+        };
         let mut defs = Definitions::default();
-        for (kind, id, json) in self
-            .store
-            .list_definitions()
-            .await
-            .map_err(|e| e.to_string())?
-        {
+        for (kind, id, json) in store.list_definitions().await.map_err(|e| e.to_string())? {
             let bad = |e: serde_json::Error| format!("stored {kind} {id:?} does not parse: {e}");
             match kind.as_str() {
                 "connector" => defs
@@ -68,6 +196,7 @@ impl Reloader {
 
     /// Reload definitions from the store and swap the snapshot.
     pub async fn reload(&self) -> Result<(), String> {
+        let _serial = self.rebuild.lock().await;
         let defs = self.load().await?;
         let next = self.build(&defs).map_err(|e| e.to_string())?;
         self.config.store(Arc::new(next));
@@ -181,7 +310,13 @@ async fn apply(
             errors.join("; ")
         ))
     })?;
-    let store = reloader.store.as_ref();
+    let store = reloader.store.as_deref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            "no store",
+        )
+    })?;
     let persisted = match &new {
         Some(json) => store
             .put_definition(kind.as_str(), id, json)
