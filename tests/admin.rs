@@ -498,6 +498,8 @@ async fn the_served_openapi_document_is_valid_and_covers_every_route() {
             "post",
         ),
         ("/metrics", "get"),
+        ("/healthz", "get"),
+        ("/readyz", "get"),
     ] {
         assert!(
             doc["paths"][path][method].is_object(),

@@ -481,3 +481,57 @@ async fn a_redis_outage_serves_cached_credentials_and_recovers() {
         Some("after-outage")
     );
 }
+
+async fn probe(gw: &sluice::server::Running, path: &str) -> (u16, serde_json::Value) {
+    let r = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!("http://{}{path}", gw.admin_addr.unwrap()))
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_the_store_and_the_cache() {
+    let env = Env::new().await;
+    let mut redis = RedisServer::start().await;
+    let warm = env
+        .start_on_redis(&redis.url(), &connectors(env.upstream.port()))
+        .await;
+    let cold = env
+        .start_on_redis(&redis.url(), &connectors(env.upstream.port()))
+        .await;
+    let (status, body) = probe(&warm, "/readyz").await;
+    assert_eq!(
+        (status, body["credential_store"].as_str()),
+        (200, Some("reachable"))
+    );
+
+    put_credential(&warm, "ws_7", "narrow", true, &[("api_key", "k")]).await;
+    let (status, _, _) = call(
+        &warm,
+        env.url("other.saas.test", "/"),
+        "narrow",
+        "ws_7",
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200, "a credential is now cached in `warm`");
+
+    redis.stop();
+    let (status, body) = probe(&warm, "/readyz").await;
+    assert_eq!(
+        (status, body["credential_store"].as_str()),
+        (200, Some("unreachable; serving cached credentials"))
+    );
+    let (status, body) = probe(&cold, "/readyz").await;
+    assert_eq!(
+        (status, body["ready"].as_bool()),
+        (503, Some(false)),
+        "nothing cached to serve"
+    );
+    assert_eq!(probe(&cold, "/healthz").await.0, 200, "alive all the same");
+}

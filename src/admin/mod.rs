@@ -313,6 +313,29 @@ fn method_not_allowed() -> ApiError {
 }
 
 async fn handle(state: Arc<AdminState>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    // Probes carry no secret and orchestrators hold no token.
+    if req.method() == Method::GET && req.uri().path() == "/healthz" {
+        return json_response(StatusCode::OK, &serde_json::json!({ "status": "alive" }));
+    }
+    if req.method() == Method::GET && req.uri().path() == "/readyz" {
+        use crate::credential::StoreHealth;
+        let (status, store) = match state.vault.health().await {
+            StoreHealth::Reachable => (StatusCode::OK, "reachable"),
+            StoreHealth::ServingFromCache => {
+                (StatusCode::OK, "unreachable; serving cached credentials")
+            }
+            StoreHealth::Unreachable => (StatusCode::SERVICE_UNAVAILABLE, "unreachable"),
+        };
+        let snap = state.config.load();
+        return json_response(
+            status,
+            &serde_json::json!({
+                "ready": status == StatusCode::OK,
+                "config": snap.source.display().to_string(),
+                "credential_store": store,
+            }),
+        );
+    }
     // Metrics carry no secret and scrapers rarely hold tokens: /metrics needs none.
     if req.method() == Method::GET && req.uri().path() == "/metrics" {
         let mut resp = Response::new(Full::new(Bytes::from(crate::telemetry::METRICS.render())));

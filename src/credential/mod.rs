@@ -50,6 +50,14 @@ pub enum TenantState {
     Unconfigured,
 }
 
+/// What `/readyz` reports about the credential store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreHealth {
+    Reachable,
+    ServingFromCache,
+    Unreachable,
+}
+
 /// Why the vault could not answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum VaultError {
@@ -154,6 +162,22 @@ impl Vault {
 
     pub fn keyring(&self) -> &Keyring {
         &self.keyring
+    }
+
+    /// Readiness: the store answers a read within the timeout; or, while it does not,
+    /// credentials loaded within `max_staleness` are still being served.
+    pub async fn health(&self) -> StoreHealth {
+        let probe =
+            tokio::time::timeout(self.read_timeout, self.store.get("_health", "_probe")).await;
+        if matches!(probe, Ok(Ok(_))) {
+            return StoreHealth::Reachable;
+        }
+        self.last_good.run_pending_tasks().await;
+        if self.last_good.entry_count() > 0 {
+            StoreHealth::ServingFromCache
+        } else {
+            StoreHealth::Unreachable
+        }
     }
 
     /// The store behind the caches (definitions live there too).
