@@ -23,6 +23,10 @@ enum Command {
     Run {
         #[arg(long, default_value = "config/sluice.toml")]
         config: PathBuf,
+        /// Take over the listening sockets of a running sluice (zero-downtime upgrade: start
+        /// this, then send SIGQUIT to the old process).
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Validate a config file; print every error, exit non-zero on any.
     CheckConfig { file: PathBuf },
@@ -120,7 +124,7 @@ fn init_logging() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config } => {
+        Command::Run { config, upgrade } => {
             init_logging();
             let snapshot = match Snapshot::load(&config) {
                 Ok(s) => s,
@@ -129,7 +133,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match sluice::server::run(snapshot) {
+            match sluice::server::run(snapshot, upgrade) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("sluice: {e}");

@@ -49,6 +49,11 @@ fn server_conf(snap: &Snapshot, bundle: Option<&CaBundle>) -> ServerConf {
         // retry policy stops earlier; fail_to_connect, upstream_response_filter and
         // error_while_proxy decide.
         max_retries: crate::ratelimit::retry::MAX_ATTEMPTS as usize,
+        // pingora rounds these to whole seconds.
+        grace_period_seconds: Some(snap.listener.shutdown_grace.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(snap.listener.shutdown_timeout.as_secs().max(1)),
+        upgrade_sock: snap.listener.upgrade_sock.to_string_lossy().into_owned(),
+        pid_file: snap.listener.pid_file.to_string_lossy().into_owned(),
         ..ServerConf::default()
     }
 }
@@ -207,8 +212,10 @@ fn watch_config(reloader: Arc<Reloader>) {
     });
 }
 
-/// `sluice run`: serve forever under pingora's server.
-pub fn run(snapshot: Snapshot) -> Result<(), String> {
+/// `sluice run`: serve forever under pingora's server. SIGTERM stops accepting and lets
+/// requests in flight finish (up to `shutdown_grace_ms` + `shutdown_timeout_ms`), then exits 0;
+/// SIGQUIT hands the listening sockets to a new `sluice run --upgrade` (zero downtime).
+pub fn run(snapshot: Snapshot, upgrade: bool) -> Result<(), String> {
     startup_warnings(&snapshot);
     let bundle = snapshot
         .upstream
@@ -229,7 +236,11 @@ pub fn run(snapshot: Snapshot) -> Result<(), String> {
         .map_err(|e| format!("cannot start the background runtime: {e}"))?;
     let parts = background.block_on(assemble(snapshot))?;
 
-    let mut server = pingora::server::Server::new_with_opt_and_conf(None, conf);
+    let opt = pingora::server::configuration::Opt {
+        upgrade,
+        ..pingora::server::configuration::Opt::default()
+    };
+    let mut server = pingora::server::Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
     let proxy = build_proxy(&parts, &server.configuration);
     drop(bundle);

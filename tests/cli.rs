@@ -440,3 +440,91 @@ async fn run_serves_and_never_logs_a_secret() {
         "a caller token reached the log:\n{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_requests_in_flight_finish_then_exits_zero() {
+    let env = Env::new().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let path = env.dir.path().join("term.toml");
+    let config = env.config(
+        port,
+        "shutdown_grace_ms = 3000\nshutdown_timeout_ms = 1000",
+        "",
+    );
+    std::fs::write(&path, config).unwrap();
+    let mut child = Command::new(SLUICE)
+        .args(["run", "--config"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut child = tokio::task::spawn_blocking(move || {
+        wait_listening(port, &mut child);
+        child
+    })
+    .await
+    .unwrap();
+
+    let c = reqwest::Client::builder()
+        .proxy(
+            reqwest::Proxy::http(format!("http://127.0.0.1:{port}"))
+                .unwrap()
+                .basic_auth("app", APP_TOKEN),
+        )
+        .build()
+        .unwrap();
+    let url = env.url("api.saas.test", "/delay/1000");
+    let in_flight = tokio::spawn(async move {
+        c.get(url)
+            .header("X-Connector", "saas")
+            .header("X-Workspace", "ws_42")
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    });
+    // Wait until the request is at the upstream, then ask sluice to stop.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !env
+        .upstream
+        .requests()
+        .iter()
+        .any(|r| r.target == "/delay/1000")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the request never reached the upstream"
+        );
+        tokio::task::yield_now().await;
+    }
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    assert_eq!(
+        in_flight.await.unwrap().unwrap(),
+        200,
+        "the request in flight finished"
+    );
+    let status = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sluice did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "exit status {status}");
+}

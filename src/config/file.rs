@@ -81,6 +81,10 @@ pub struct ListenerFile {
     #[serde(default)]
     pub dev_mode_unauthenticated: bool,
     pub threads: Option<usize>,
+    pub shutdown_grace_ms: Option<u64>,
+    pub shutdown_timeout_ms: Option<u64>,
+    pub upgrade_sock: Option<PathBuf>,
+    pub pid_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -109,6 +109,14 @@ pub struct Listener {
     pub address: SocketAddr,
     pub dev_mode_unauthenticated: bool,
     pub threads: usize,
+    /// After SIGTERM, sluice stops accepting and gives requests in flight this long (pingora
+    /// waits the whole period, then stops its runtimes; whatever is still running is cut).
+    pub shutdown_grace: Duration,
+    /// The limit for the final step (stopping runtimes and blocking work).
+    pub shutdown_timeout: Duration,
+    /// Where a new sluice picks up the listening sockets in a zero-downtime upgrade.
+    pub upgrade_sock: PathBuf,
+    pub pid_file: PathBuf,
 }
 
 /// `[upstream]`: how sluice talks to SaaS APIs.
@@ -442,6 +450,16 @@ fn validate(raw: FileConfig, source: &Path, base: &Path) -> Result<Snapshot, Vec
         address,
         dev_mode_unauthenticated: raw.listener.dev_mode_unauthenticated,
         threads,
+        shutdown_grace: Duration::from_millis(raw.listener.shutdown_grace_ms.unwrap_or(30_000)),
+        shutdown_timeout: Duration::from_millis(raw.listener.shutdown_timeout_ms.unwrap_or(5_000)),
+        upgrade_sock: raw.listener.upgrade_sock.as_ref().map_or_else(
+            || PathBuf::from("/tmp/sluice_upgrade.sock"),
+            |p| resolve_path(base, p),
+        ),
+        pid_file: raw.listener.pid_file.as_ref().map_or_else(
+            || PathBuf::from("/tmp/sluice.pid"),
+            |p| resolve_path(base, p),
+        ),
     };
 
     // [upstream]

@@ -271,6 +271,10 @@ async fn respond(
                 .body(Full::new(Bytes::new()))
                 .unwrap();
         }
+        // `/delay/<ms>`: answer 200 after that long (a slow API).
+        (Some("delay"), Some(ms)) => {
+            tokio::time::sleep(Duration::from_millis(u64::from(ms))).await;
+        }
         _ => {}
     }
     let builder = Response::builder().header("content-type", "application/json");
@@ -493,6 +497,8 @@ impl Env {
 [listener]
 address = "127.0.0.1:{gateway_port}"
 threads = 1
+upgrade_sock = "{dir}/upgrade-{gateway_port}.sock"
+pid_file = "{dir}/sluice-{gateway_port}.pid"
 {listener_extra}
 
 [upstream]
