@@ -16,16 +16,18 @@ fn repo(path: &str) -> String {
 }
 
 #[test]
-fn check_config_accepts_the_example() {
-    let out = Command::new(SLUICE)
-        .args(["check-config", &repo("config/sluice.example.toml")])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+fn check_config_accepts_the_shipped_configs() {
+    for file in ["config/sluice.example.toml", "config/compose.toml"] {
+        let out = Command::new(SLUICE)
+            .args(["check-config", &repo(file)])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 #[test]
