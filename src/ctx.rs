@@ -19,6 +19,10 @@ pub struct RequestCtx {
     /// Accepted from a well-formed `X-Request-Id`, or generated; returned to the app.
     pub request_id: String,
     pub started: Instant,
+    /// Phase boundaries, for the access line's timings.
+    pub policy_done: Option<Instant>,
+    pub credential_done: Option<Instant>,
+    pub wait_done: Option<Instant>,
     pub caller: Option<Arc<Caller>>,
     /// Where the app asked to go, once the target parsed (also for refused requests).
     pub target: Option<Target>,
@@ -49,6 +53,9 @@ impl RequestCtx {
             snapshot,
             request_id: String::new(),
             started: Instant::now(),
+            policy_done: None,
+            credential_done: None,
+            wait_done: None,
             caller: None,
             target: None,
             vetted: None,

@@ -325,6 +325,14 @@ fn request_id(session: &Session) -> String {
     }
 }
 
+/// Milliseconds between two phase marks (0 when the phase did not happen).
+fn phase_ms(from: Option<std::time::Instant>, to: Option<std::time::Instant>) -> u64 {
+    match (from, to) {
+        (Some(a), Some(b)) => b.saturating_duration_since(a).as_millis() as u64,
+        _ => 0,
+    }
+}
+
 /// Write sluice's own JSON error response.
 async fn respond(session: &mut Session, ctx: &RequestCtx, refusal: &Refusal) -> Result<()> {
     let body: Bytes = refusal.body(&ctx.request_id);
@@ -436,7 +444,9 @@ impl ProxyHttp for Sluice {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         ctx.request_id = request_id(session);
-        let admitted = match self.admit(session, ctx).await {
+        let admitted = self.admit(session, ctx).await;
+        ctx.policy_done = Some(std::time::Instant::now());
+        let admitted = match admitted {
             Ok(vetted) => match self.credential(ctx, &vetted).await {
                 Ok((injected, oauth)) => {
                     ctx.injected = injected;
@@ -451,6 +461,7 @@ impl ProxyHttp for Sluice {
             },
             Err(refusal) => Err(refusal),
         };
+        ctx.credential_done = Some(std::time::Instant::now());
         let admitted = match admitted {
             Ok(()) => match self.pace(session, ctx).await {
                 Ok(true) => Ok(()),
@@ -464,6 +475,7 @@ impl ProxyHttp for Sluice {
             },
             Err(refusal) => Err(refusal),
         };
+        ctx.wait_done = Some(std::time::Instant::now());
         match admitted {
             Ok(()) => Ok(false),
             Err(refusal) => {
@@ -785,6 +797,12 @@ impl ProxyHttp for Sluice {
             outcome = code,
             outcome_class = outcome_class,
             upstream = %upstream,
+            org = ctx.vetted.as_ref().map_or("", |v| v.org.as_str()),
+            retries = ctx.attempts.saturating_sub(1),
+            policy_ms = phase_ms(Some(ctx.started), ctx.policy_done),
+            credential_ms = phase_ms(ctx.policy_done, ctx.credential_done),
+            wait_ms = phase_ms(ctx.credential_done, ctx.wait_done),
+            upstream_ms = phase_ms(ctx.wait_done.filter(|_| ctx.attempts > 0), Some(std::time::Instant::now())),
             duration_ms = ctx.started.elapsed().as_millis() as u64,
         );
         // Only configured connector ids become label values.

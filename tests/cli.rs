@@ -403,6 +403,16 @@ async fn run_serves_and_never_logs_a_secret() {
         last.header("authorization"),
         Some(format!("Bearer {CANARY}-at-2").as_str())
     );
+    // Header values that try to forge log fields: every line must stay one JSON object.
+    let forged = good
+        .get(env.url("api.saas.test", "/forge-log"))
+        .header("X-Connector", "saas\",\"forged\":\"1")
+        .header("X-Workspace", "ws_42")
+        .header("X-Request-Id", "r\",\"level\":\"ERROR\",\"forged\":\"1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 400);
     let final_request = send(&good, env.url("other.saas.test", "/last"), "narrow", "ws_7")
         .await
         .unwrap();
