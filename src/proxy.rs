@@ -129,6 +129,9 @@ impl Sluice {
             .with_retry_after(wait)),
             Decision::Turn(mut turn) => {
                 let waits = &crate::telemetry::METRICS.rate_limit_waits;
+                let depth = &crate::telemetry::METRICS.queue_depth;
+                depth.inc();
+                let _leave = DepthGuard(depth);
                 let released = if session.is_body_empty() {
                     tokio::select! {
                         r = &mut turn => r.is_ok(),
@@ -155,6 +158,9 @@ impl Sluice {
             }
             Decision::Wait(wait, ticket) => {
                 let waits = &crate::telemetry::METRICS.rate_limit_waits;
+                let depth = &crate::telemetry::METRICS.queue_depth;
+                depth.inc();
+                let _leave = DepthGuard(depth);
                 // Without a body to read, a closed connection is visible while waiting: the
                 // waiter then leaves and its place and slot go to the next.
                 let left = if session.is_body_empty() {
@@ -322,6 +328,15 @@ fn request_id(session: &Session) -> String {
             String::from_utf8_lossy(v.as_bytes()).into_owned()
         }
         _ => format!("{:032x}", rand::random::<u128>()),
+    }
+}
+
+/// Decrements the queue-depth gauge however the wait ends.
+struct DepthGuard<'a>(&'a prometheus::IntGauge);
+
+impl Drop for DepthGuard<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -577,6 +592,26 @@ impl ProxyHttp for Sluice {
         Ok(())
     }
 
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        reused: bool,
+        _peer: &HttpPeer,
+        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        _digest: Option<&pingora::protocols::Digest>,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(v) = &ctx.vetted {
+            if let Some((id, _)) = ctx.snapshot.connectors.get_key_value(&v.connector) {
+                crate::telemetry::METRICS
+                    .upstream_connections
+                    .with_label_values(&[id.as_str(), if reused { "reused" } else { "opened" }])
+                    .inc();
+            }
+        }
+        Ok(())
+    }
+
     async fn upstream_response_filter(
         &self,
         session: &mut Session,
@@ -811,10 +846,21 @@ impl ProxyHttp for Sluice {
             .connectors
             .get_key_value(connector.as_str())
             .map_or("", |(k, _)| k.as_str());
-        crate::telemetry::METRICS
+        let metrics = &crate::telemetry::METRICS;
+        metrics
             .requests
             .with_label_values(&[connector_label, code, outcome_class])
             .inc();
+        metrics
+            .request_seconds
+            .with_label_values(&[connector_label, outcome_class])
+            .observe(ctx.started.elapsed().as_secs_f64());
+        if let (Some(start), true) = (ctx.wait_done, ctx.attempts > 0) {
+            metrics
+                .upstream_seconds
+                .with_label_values(&[connector_label])
+                .observe(start.elapsed().as_secs_f64());
+        }
         if let Some(r) = &ctx.refusal {
             info!(target: "sluice::audit", request_id = %ctx.request_id, decision = outcome_class, host = %host, code = r.code.as_str(), reason = %r.message);
         } else if ctx.vetted.is_some() {

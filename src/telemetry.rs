@@ -6,7 +6,9 @@
 
 use std::sync::LazyLock;
 
-use prometheus::{Encoder, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
 
 pub struct Metrics {
     registry: Registry,
@@ -17,6 +19,21 @@ pub struct Metrics {
     pub circuit_transitions: IntCounterVec,
     pub rate_limit_fallbacks: IntCounterVec,
     pub config_reloads: IntCounterVec,
+    pub request_seconds: HistogramVec,
+    pub upstream_seconds: HistogramVec,
+    pub credential_cache: IntCounterVec,
+    pub store_errors: IntCounterVec,
+    pub upstream_connections: IntCounterVec,
+    pub queue_depth: IntGauge,
+}
+
+/// Seconds; from 1 ms to 60 s.
+const BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -77,7 +94,56 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         &["result"],
     )
     .expect("valid metric");
+    let request_seconds = HistogramVec::new(
+        HistogramOpts::new(
+            "sluice_request_duration_seconds",
+            "Whole requests through sluice, by connector and class (forwarded, skipped, refused).",
+        )
+        .buckets(BUCKETS.to_vec()),
+        &["connector", "class"],
+    )
+    .expect("valid metric");
+    let upstream_seconds = HistogramVec::new(
+        HistogramOpts::new(
+            "sluice_upstream_duration_seconds",
+            "Time from the first upstream attempt to the end of the request, by connector.",
+        )
+        .buckets(BUCKETS.to_vec()),
+        &["connector"],
+    )
+    .expect("valid metric");
+    let credential_cache = counter(
+        "sluice_credential_cache_total",
+        "Credential lookups by result (hit, miss).",
+        &["result"],
+    );
+    let store_errors = counter(
+        "sluice_credential_store_errors_total",
+        "Credential store reads that failed or timed out.",
+        &["store"],
+    );
+    let upstream_connections = counter(
+        "sluice_upstream_connections_total",
+        "Upstream connections used, by connector and whether pooled (opened, reused).",
+        &["connector", "connection"],
+    );
+    let queue_depth = IntGauge::new(
+        "sluice_rate_limit_queue_depth",
+        "Requests waiting in rate-limit queues in this process.",
+    )
+    .expect("valid metric");
+    registry
+        .register(Box::new(queue_depth.clone()))
+        .expect("registered once");
+    for h in [&request_seconds, &upstream_seconds] {
+        registry
+            .register(Box::new(h.clone()))
+            .expect("registered once");
+    }
     for m in [
+        &credential_cache,
+        &store_errors,
+        &upstream_connections,
         &config_reloads,
         &rate_limit_fallbacks,
         &requests,
@@ -99,6 +165,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         circuit_transitions,
         rate_limit_fallbacks,
         config_reloads,
+        request_seconds,
+        upstream_seconds,
+        credential_cache,
+        store_errors,
+        upstream_connections,
+        queue_depth,
     }
 });
 

@@ -15,9 +15,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq && apt-get install -y -qq "${missing[@]}"
 fi
-# Python `requests` (a real client for the proxy) and openapi-spec-validator (checks the
-# admin API's OpenAPI 3.1 document).
-for module in requests:requests openapi_spec_validator:openapi-spec-validator; do
+# Python `requests` (a real client for the proxy), openapi-spec-validator (checks the admin
+# API's OpenAPI 3.1 document) and prometheus-client (parses /metrics).
+for module in requests:requests openapi_spec_validator:openapi-spec-validator prometheus_client:prometheus-client; do
   if ! python3 -c "import ${module%%:*}" 2>/dev/null; then
     python3 -m pip install --quiet "${module#*:}" \
       || python3 -m pip install --quiet --break-system-packages "${module#*:}"

@@ -192,6 +192,11 @@ impl Vault {
         connector: &str,
     ) -> Result<Arc<TenantState>, VaultError> {
         let key = (workspace.to_string(), connector.to_string());
+        let hit = self.fresh.contains_key(&key);
+        crate::telemetry::METRICS
+            .credential_cache
+            .with_label_values(&[if hit { "hit" } else { "miss" }])
+            .inc();
         match self
             .fresh
             .try_get_with_by_ref(&key, self.load(workspace, connector))
@@ -221,8 +226,19 @@ impl Vault {
             match tokio::time::timeout(self.read_timeout, self.store.get(workspace, connector))
                 .await
             {
-                Ok(r) => r?,
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => {
+                    crate::telemetry::METRICS
+                        .store_errors
+                        .with_label_values(&["read"])
+                        .inc();
+                    return Err(e.into());
+                }
                 Err(_) => {
+                    crate::telemetry::METRICS
+                        .store_errors
+                        .with_label_values(&["timeout"])
+                        .inc();
                     return Err(StoreError::Unavailable(format!(
                         "read timed out after {:?}",
                         self.read_timeout
