@@ -92,15 +92,25 @@ impl Sluice {
             return;
         };
         let key = (vetted.connector.clone(), vetted.sni.clone());
-        if let Some(to) = self
-            .breakers
-            .record(&key, outcome, &connector.breaker, Instant::now())
+        if let Some((from, to)) =
+            self.breakers
+                .record(&key, outcome, &connector.breaker, Instant::now())
         {
             tracing::warn!(connector = %vetted.connector, host = %vetted.sni, state = to, "circuit breaker changed state");
-            crate::telemetry::METRICS
+            let metrics = &crate::telemetry::METRICS;
+            metrics
                 .circuit_transitions
                 .with_label_values(&[connector.id.as_str(), to])
                 .inc();
+            // "Open" in the gauge means not closed: open or probing.
+            let open = metrics
+                .circuits_open
+                .with_label_values(&[connector.id.as_str()]);
+            match (from, to) {
+                ("closed", _) => open.inc(),
+                (_, "closed") => open.dec(),
+                _ => {}
+            }
         }
     }
 
@@ -847,9 +857,17 @@ impl ProxyHttp for Sluice {
             .get_key_value(connector.as_str())
             .map_or("", |(k, _)| k.as_str());
         let metrics = &crate::telemetry::METRICS;
+        let status_class = match status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            500..=599 => "5xx",
+            _ => "none",
+        };
         metrics
             .requests
-            .with_label_values(&[connector_label, code, outcome_class])
+            .with_label_values(&[connector_label, code, outcome_class, status_class])
             .inc();
         metrics
             .request_seconds

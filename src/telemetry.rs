@@ -25,6 +25,7 @@ pub struct Metrics {
     pub store_errors: IntCounterVec,
     pub upstream_connections: IntCounterVec,
     pub queue_depth: IntGauge,
+    pub circuits_open: prometheus::IntGaugeVec,
 }
 
 /// Seconds; from 1 ms to 60 s.
@@ -41,9 +42,9 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let requests = IntCounterVec::new(
         Opts::new(
             "sluice_requests_total",
-            "Requests by connector, outcome code and class (forwarded, skipped, refused).",
+            "Requests by connector, outcome code, class (forwarded, skipped, refused) and HTTP status class (2xx…5xx).",
         ),
-        &["connector", "outcome", "class"],
+        &["connector", "outcome", "class", "status"],
     )
     .expect("valid metric");
     let token_refreshes = IntCounterVec::new(
@@ -135,6 +136,17 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     registry
         .register(Box::new(queue_depth.clone()))
         .expect("registered once");
+    let circuits_open = prometheus::IntGaugeVec::new(
+        Opts::new(
+            "sluice_circuits_open",
+            "Circuit breakers open (or probing) per connector, across its upstream hosts.",
+        ),
+        &["connector"],
+    )
+    .expect("valid metric");
+    registry
+        .register(Box::new(circuits_open.clone()))
+        .expect("registered once");
     for h in [&request_seconds, &upstream_seconds] {
         registry
             .register(Box::new(h.clone()))
@@ -171,6 +183,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         store_errors,
         upstream_connections,
         queue_depth,
+        circuits_open,
     }
 });
 

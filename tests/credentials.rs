@@ -196,7 +196,7 @@ async fn skipped_tenant_states_never_reach_the_upstream() {
 
     let series = |connector: &str, class: &str, code: &str| {
         format!(
-            r#"sluice_requests_total{{class="{class}",connector="{connector}",outcome="{code}"}}"#
+            r#"sluice_requests_total{{class="{class}",connector="{connector}",outcome="{code}",status="4xx"}}"#
         )
     };
     let mut before = Vec::new();

@@ -215,6 +215,10 @@ async fn consecutive_failures_open_the_circuit_and_client_errors_do_not() {
         0,
         "failed fast, without touching the upstream"
     );
+    assert_eq!(
+        metric(&gw, r#"sluice_circuits_open{connector="fragile"}"#).await,
+        1
+    );
     // The breaker is per host: other.saas.test still passes.
     let (status, _, _) = fragile(&gw, env.url("other.saas.test", "/ok")).await;
     assert_eq!(status, 200);

@@ -130,13 +130,13 @@ impl Breaker {
         }
     }
 
-    /// Record an attempt's outcome; returns the new state's label when it changed.
+    /// Record an attempt's outcome; returns (old, new) state labels when it changed.
     pub fn record(
         &mut self,
         now: Instant,
         outcome: Outcome,
         policy: &BreakerPolicy,
-    ) -> Option<&'static str> {
+    ) -> Option<(&'static str, &'static str)> {
         let before = self.label();
         self.state = match (self.state, outcome) {
             (_, Outcome::Neutral) => self.state,
@@ -156,7 +156,7 @@ impl Breaker {
             },
             (open @ State::Open { .. }, Outcome::Failure) => open,
         };
-        (self.label() != before).then(|| self.label())
+        (self.label() != before).then(|| (before, self.label()))
     }
 }
 
@@ -186,7 +186,10 @@ mod tests {
             "a success in between reset the count"
         );
         b.record(t0, Outcome::Neutral, &p);
-        assert_eq!(b.record(t0, Outcome::Failure, &p), Some("open"));
+        assert_eq!(
+            b.record(t0, Outcome::Failure, &p).map(|(_, to)| to),
+            Some("open")
+        );
         assert_eq!(
             b.admit(t0 + Duration::from_secs(10), &p),
             Pass::Reject(Duration::from_secs(20))
@@ -208,7 +211,10 @@ mod tests {
             "only one probe at a time"
         );
         // The probe fails: open again for a full period.
-        assert_eq!(b.record(t1, Outcome::Failure, &p), Some("open"));
+        assert_eq!(
+            b.record(t1, Outcome::Failure, &p).map(|(_, to)| to),
+            Some("open")
+        );
         assert_eq!(
             b.admit(t1 + Duration::from_secs(29), &p),
             Pass::Reject(Duration::from_secs(1))
@@ -216,7 +222,10 @@ mod tests {
         // The next probe succeeds: closed.
         let t2 = t1 + Duration::from_secs(30);
         assert_eq!(b.admit(t2, &p), Pass::Probe);
-        assert_eq!(b.record(t2, Outcome::Success, &p), Some("closed"));
+        assert_eq!(
+            b.record(t2, Outcome::Success, &p).map(|(_, to)| to),
+            Some("closed")
+        );
         assert_eq!(b.admit(t2, &p), Pass::Allow);
     }
 

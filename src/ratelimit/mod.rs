@@ -540,14 +540,14 @@ impl Breakers {
             .admit(now, policy)
     }
 
-    /// Record an outcome; returns the new state when it changed.
+    /// Record an outcome; returns (old, new) states when it changed.
     pub fn record(
         &self,
         key: &(String, String),
         outcome: breaker::Outcome,
         policy: &breaker::BreakerPolicy,
         now: Instant,
-    ) -> Option<&'static str> {
+    ) -> Option<(&'static str, &'static str)> {
         self.get(key)
             .lock()
             .expect("breaker lock")
