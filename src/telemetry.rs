@@ -188,6 +188,31 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
 });
 
 impl Metrics {
+    /// Every metric name sluice exports (histograms without their suffixes).
+    pub fn names(&self) -> Vec<String> {
+        use prometheus::core::Collector;
+        let collectors: [&dyn Collector; 14] = [
+            &self.requests,
+            &self.token_refreshes,
+            &self.rate_limit_waits,
+            &self.retries,
+            &self.circuit_transitions,
+            &self.rate_limit_fallbacks,
+            &self.config_reloads,
+            &self.request_seconds,
+            &self.upstream_seconds,
+            &self.credential_cache,
+            &self.store_errors,
+            &self.upstream_connections,
+            &self.queue_depth,
+            &self.circuits_open,
+        ];
+        collectors
+            .iter()
+            .flat_map(|c| c.desc().into_iter().map(|d| d.fq_name.clone()))
+            .collect()
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = Vec::new();
@@ -195,5 +220,39 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut out)
             .expect("text encoding cannot fail");
         String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every query of the Grafana dashboard names metrics sluice exports.
+    #[test]
+    fn the_dashboard_queries_existing_metrics() {
+        let dashboard: serde_json::Value =
+            serde_json::from_str(include_str!("../config/grafana-dashboard.json")).unwrap();
+        let names = METRICS.names();
+        let mut checked = 0;
+        for panel in dashboard["panels"].as_array().unwrap() {
+            for target in panel["targets"].as_array().unwrap() {
+                let expr = target["expr"].as_str().unwrap();
+                for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                    if !word.starts_with("sluice_") {
+                        continue;
+                    }
+                    let base = word
+                        .trim_end_matches("_bucket")
+                        .trim_end_matches("_count")
+                        .trim_end_matches("_sum");
+                    assert!(
+                        names.iter().any(|n| n == base),
+                        "{word} in {expr:?} is not exported"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked >= 14, "every panel queries sluice metrics");
     }
 }
