@@ -16,6 +16,7 @@
 //! `example.com`: list the apex separately when it is wanted. A wildcard needs at least two
 //! labels after it (`*.com` is refused), and `*` may only be the whole leftmost label.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -197,21 +198,90 @@ impl fmt::Display for DomainPattern {
     }
 }
 
+/// Lists up to this long are scanned; longer ones are looked up through hash indexes. A scan
+/// of a few patterns is a handful of byte compares, cheaper than hashing even one suffix.
+const SCAN_LIMIT: usize = 8;
+
 /// A validated allowlist. A host matches when any pattern matches it; IP literals never match.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+///
+/// When several patterns match, the one reported is the exact name if listed, else the most
+/// specific wildcard (the longest suffix), whatever the order they were written in. Long lists
+/// (an org allowlist naming every connector's domains, say) are indexed: an exact lookup plus
+/// one lookup per label of the host, independent of the list's length.
+#[derive(Debug, Clone, Default)]
 pub struct DomainList {
     patterns: Vec<DomainPattern>,
+    /// Exact name → index in `patterns`; empty for short lists.
+    exact: HashMap<String, usize>,
+    /// Wildcard suffix → index in `patterns`; empty for short lists.
+    wildcard: HashMap<String, usize>,
 }
+
+impl PartialEq for DomainList {
+    fn eq(&self, other: &Self) -> bool {
+        self.patterns == other.patterns
+    }
+}
+
+impl Eq for DomainList {}
 
 impl DomainList {
     pub fn new(patterns: Vec<DomainPattern>) -> Self {
-        Self { patterns }
+        let mut exact = HashMap::new();
+        let mut wildcard = HashMap::new();
+        if patterns.len() > SCAN_LIMIT {
+            for (i, p) in patterns.iter().enumerate() {
+                // A duplicate keeps its first index; both are the same pattern.
+                match p {
+                    DomainPattern::Exact(n) => exact.entry(n.clone()).or_insert(i),
+                    DomainPattern::Wildcard(s) => wildcard.entry(s.clone()).or_insert(i),
+                };
+            }
+        }
+        Self {
+            patterns,
+            exact,
+            wildcard,
+        }
     }
 
-    /// The first pattern matching `host`, if any (explain prints it).
+    /// The pattern matching `host`, if any (explain prints it): the exact entry, else the
+    /// longest wildcard suffix.
     pub fn matching(&self, host: &Host) -> Option<&DomainPattern> {
         let name = host.as_name()?;
-        self.patterns.iter().find(|p| p.matches(name))
+        if self.patterns.len() <= SCAN_LIMIT {
+            return self.scan(name);
+        }
+        if let Some(&i) = self.exact.get(name) {
+            return Some(&self.patterns[i]);
+        }
+        // Suffixes after each dot, longest first: `a.b.example.com` tries `b.example.com`,
+        // `example.com`, `com`. Each has at least one label in front of it, as a wildcard needs.
+        let mut rest = name;
+        while let Some(dot) = rest.find('.') {
+            rest = &rest[dot + 1..];
+            if let Some(&i) = self.wildcard.get(rest) {
+                return Some(&self.patterns[i]);
+            }
+        }
+        None
+    }
+
+    /// The same answer as the index, by looking at every pattern.
+    fn scan(&self, name: &str) -> Option<&DomainPattern> {
+        let mut best: Option<&DomainPattern> = None;
+        for p in &self.patterns {
+            if !p.matches(name) {
+                continue;
+            }
+            match (p, best) {
+                (DomainPattern::Exact(_), _) => return Some(p),
+                (DomainPattern::Wildcard(s), Some(DomainPattern::Wildcard(b)))
+                    if s.len() <= b.len() => {}
+                _ => best = Some(p),
+            }
+        }
+        best
     }
 
     pub fn patterns(&self) -> &[DomainPattern] {
@@ -370,6 +440,96 @@ mod tests {
         assert!(parse_host("[fe80::1%25eth0]").is_err());
         assert!(parse_host("[::1").is_err());
         assert!(parse_host("::1").is_err());
+    }
+
+    #[test]
+    fn most_specific_pattern_is_reported_whatever_the_order() {
+        let host = parse_host("a.eu.example.com").unwrap();
+        let l = list(&["*.example.com", "*.eu.example.com"]);
+        assert_eq!(l.matching(&host).unwrap().to_string(), "*.eu.example.com");
+        let l = list(&["*.example.com", "a.eu.example.com", "*.eu.example.com"]);
+        assert_eq!(l.matching(&host).unwrap().to_string(), "a.eu.example.com");
+    }
+
+    /// Long lists go through the index; it must give exactly what a scan gives.
+    #[test]
+    fn indexed_lists_answer_as_a_scan_does() {
+        let mut patterns: Vec<String> = (0..500)
+            .map(|i| {
+                if i % 2 == 0 {
+                    format!("api{i}.saas{}.example", i % 7)
+                } else {
+                    format!("*.tenant{i}.saas{}.example", i % 7)
+                }
+            })
+            .collect();
+        patterns.extend(["*.saas3.example".into(), "saas3.example".into()]);
+        let refs: Vec<&str> = patterns.iter().map(String::as_str).collect();
+        let indexed = list(&refs);
+        assert!(indexed.patterns().len() > SCAN_LIMIT);
+        for host in [
+            "api0.saas0.example",
+            "api2.saas2.example",
+            "x.api0.saas0.example",
+            "api1.saas1.example",
+            "x.tenant1.saas1.example",
+            "x.y.tenant1.saas1.example",
+            "tenant1.saas1.example",
+            "saas3.example",
+            "deep.x.saas3.example",
+            "api3.saas3.example",
+            "example",
+            "evil.example",
+            "tenant1.saas1.example.evil",
+        ] {
+            let h = parse_host(host).unwrap();
+            assert_eq!(
+                indexed.matching(&h),
+                indexed.scan(host),
+                "index and scan disagree on {host}"
+            );
+        }
+        let hit = |h: &str| {
+            indexed
+                .matching(&parse_host(h).unwrap())
+                .map(|p| p.to_string())
+        };
+        assert_eq!(
+            hit("api4.saas4.example").as_deref(),
+            Some("api4.saas4.example")
+        );
+        assert_eq!(
+            hit("x.tenant1.saas1.example").as_deref(),
+            Some("*.tenant1.saas1.example")
+        );
+        assert_eq!(hit("tenant1.saas1.example"), None, "apex of a wildcard");
+        assert_eq!(
+            hit("api1.saas1.example"),
+            None,
+            "odd entries are wildcards only"
+        );
+        assert_eq!(
+            hit("deep.x.saas3.example").as_deref(),
+            Some("*.saas3.example")
+        );
+        assert_eq!(hit("saas3.example").as_deref(), Some("saas3.example"));
+    }
+
+    proptest::proptest! {
+        /// Random lists over a tiny alphabet, so hosts and patterns overlap often.
+        #[test]
+        fn index_and_scan_agree(
+            patterns in proptest::collection::vec("(\\*\\.)?[ab]{1,2}(\\.[ab]{1,2}){1,3}", 9..40),
+            hosts in proptest::collection::vec("[ab]{1,2}(\\.[ab]{1,2}){0,4}", 1..20),
+        ) {
+            let parsed: Vec<DomainPattern> =
+                patterns.iter().filter_map(|p| DomainPattern::parse(p).ok()).collect();
+            let l = DomainList::new(parsed);
+            for h in &hosts {
+                let host = parse_host(h).unwrap();
+                proptest::prop_assert_eq!(l.matching(&host), l.scan(h));
+            }
+        }
     }
 
     #[test]

@@ -1,0 +1,723 @@
+#!/usr/bin/env python3
+"""Side-by-side load bench: direct, nginx, and sluice, on one machine, in one run.
+
+    python3 benches/load.py                 # everything, ~3 minutes after the release build
+    python3 benches/load.py --duration 20   # longer runs, steadier numbers
+
+What it starts (Python standard library and Debian packages only; installed when missing):
+
+* a TLS upstream playing the SaaS API: nginx returning a fixed small JSON body, logging
+  `$connection $connection_requests` so connections opened and reused can be counted;
+* nginx as a header-injecting forward proxy to it (absolute-form requests in, HTTPS with a
+  verified certificate and upstream keepalive out, `Authorization` injected): the hand-written
+  alternative sluice is measured against;
+* sluice, release build, with one connector whose credentials sit in the store, in four
+  set-ups: warm cache (embedded store), cold cache on Redis (a real redis-server; the cache
+  holds one entry and the load cycles through 1,000 workspaces, so nearly every request reads
+  and decrypts from Redis), and a rate limit that makes requests wait for their turn;
+* wrk, with a Lua script sending absolute-form requests with X-Connector, X-Workspace and
+  Proxy-Authorization (sluice authenticates the caller on every request; nginx does not).
+
+Placement: the proxy under test is pinned to the last core; wrk, the upstream and Redis share
+the others. For each set-up it measures, after a warm-up:
+
+* max throughput: closed loop, `--connections` connections, `--duration` seconds;
+* latency at a fixed rate: `--rate` requests/s, paced by wrk's `delay()` hook (each of
+  10 connections waits 10,000/rate ms between a response and its next request; wrk measures
+  from send to response, so this is closed-loop pacing, not wrk2's open loop: a slow response
+  delays the next request rather than queueing it);
+* proxy CPU-seconds per 10,000 requests (utime + stime from /proc, every process of the
+  proxy), in both runs;
+* peak RSS (VmHWM, summed over the proxy's processes);
+* upstream connections opened vs reused, from the upstream's own log.
+
+Numbers and the machine they ran on go in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HOST = "api.bench.test"
+PATH = "/crm/v3/objects/contacts/42"
+BODY = '{"id":"42","properties":{"email":"ada@example.com","firstname":"Ada"},"archived":false}'
+# The credential sluice injects: a canary, checked for in sluice's log after the run.
+CANARY = "bench-canary-" + secrets.token_hex(8)
+WORKSPACES = 1000
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+LUA = r"""
+-- Parameters come from the environment, read when the script loads (before wrk decides
+-- whether a delay() hook exists).
+local target = os.getenv("BENCH_TARGET")
+local nws = tonumber(os.getenv("BENCH_WORKSPACES") or "0")
+local token = os.getenv("BENCH_TOKEN") or ""
+local host = os.getenv("BENCH_HOST")
+local delay_ms = tonumber(os.getenv("BENCH_DELAY_MS") or "0")
+local i = 0
+
+if delay_ms > 0 then
+  function delay() return delay_ms end
+end
+
+function setup(thread)
+  thread:set("i", math.random(0, 100000))
+end
+
+function request()
+  local h = { ["Host"] = host, ["Accept"] = "application/json" }
+  if nws > 0 then
+    h["X-Connector"] = "bench"
+    h["X-Workspace"] = "ws_" .. (i % nws)
+    h["Proxy-Authorization"] = "Bearer " .. token
+    i = i + 1
+  end
+  return wrk.format("GET", target, h)
+end
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '{"requests":%d,"duration_us":%d,"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d,"p50_us":%d,"p99_us":%d}\n',
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+def log(msg: str) -> None:
+    print(f"[load] {msg}", file=sys.stderr, flush=True)
+
+
+def run(cmd, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=True, **kw)
+
+
+def ensure_tools() -> None:
+    wanted = {
+        "nginx": "nginx-light",
+        "wrk": "wrk",
+        "redis-server": "redis-server",
+        "openssl": "openssl",
+        "taskset": "util-linux",
+        "curl": "curl",
+    }
+    missing = sorted({pkg for tool, pkg in wanted.items() if shutil.which(tool) is None})
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        sys.exit(f"missing tools; install: apt-get install {' '.join(missing)}")
+    log(f"installing {' '.join(missing)}")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    if subprocess.run(["apt-get", "install", "-y", "-q", *missing], env=env).returncode != 0:
+        run(["apt-get", "update", "-q"], env=env)
+        run(["apt-get", "install", "-y", "-q", *missing], env=env)
+    # Debian starts the packaged nginx and redis on their default ports; the bench runs its own.
+    for svc in ("nginx", "redis-server"):
+        subprocess.run(["systemctl", "stop", svc], stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(what: str, check, timeout: float = 30.0) -> None:
+    """Poll `check` until it returns true; the processes here give no readiness signal."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise SystemExit(f"{what} did not come up within {timeout:.0f}s")
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def make_certs(d: Path) -> None:
+    q = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run(["openssl", "req", "-x509", *ec, "-keyout", d / "ca.key", "-out", d / "ca.pem",
+         "-days", "2", "-subj", "/CN=sluice bench CA",
+         "-addext", "basicConstraints=critical,CA:TRUE",
+         "-addext", "keyUsage=critical,keyCertSign,cRLSign"], **q)
+    run(["openssl", "req", *ec, "-keyout", d / "up.key", "-out", d / "up.csr",
+         "-subj", f"/CN={HOST}"], **q)
+    (d / "up.ext").write_text(
+        f"subjectAltName=DNS:{HOST}\nbasicConstraints=CA:FALSE\n"
+        "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n")
+    run(["openssl", "x509", "-req", "-in", d / "up.csr", "-CA", d / "ca.pem",
+         "-CAkey", d / "ca.key", "-CAcreateserial", "-out", d / "up.pem", "-days", "2",
+         "-extfile", d / "up.ext"], **q)
+
+
+def cpus() -> tuple[str, str]:
+    """(cores for load generator + upstream, core for the proxy under test)."""
+    n = os.cpu_count() or 1
+    if n < 2:
+        return "0", "0"
+    return f"0-{n - 2}", str(n - 1)
+
+
+def nginx_common(d: Path, name: str) -> str:
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    return (
+        f"{user}worker_processes 1;\ndaemon off;\npid {d}/{name}.pid;\n"
+        f"error_log {d}/{name}-error.log warn;\n"
+        "events { worker_connections 8192; }\n"
+    )
+
+
+def upstream_conf(d: Path, port: int, log_name: str) -> str:
+    body = BODY.replace("'", "\\'")
+    return nginx_common(d, "upstream") + f"""
+http {{
+    log_format conn '$connection $connection_requests';
+    client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp; fastcgi_temp_path {d}/tmp;
+    uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {d}/up.pem;
+        ssl_certificate_key {d}/up.key;
+        keepalive_requests 1000000000;
+        keepalive_timeout 300s;
+        access_log {d}/{log_name} conn buffer=256k;
+        location / {{
+            default_type application/json;
+            return 200 '{body}';
+        }}
+    }}
+}}
+"""
+
+
+def nginx_proxy_conf(d: Path, port: int, up_port: int) -> str:
+    return nginx_common(d, "proxy") + f"""
+http {{
+    log_format main '$remote_addr [$time_local] "$request" $status $body_bytes_sent '
+                    '$request_time $upstream_connect_time $upstream_response_time';
+    access_log {d}/nginx-proxy-access.log main buffer=64k flush=1s;
+    client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp; fastcgi_temp_path {d}/tmp;
+    uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;
+    upstream saas {{
+        server 127.0.0.1:{up_port};
+        keepalive 256;
+        keepalive_requests 1000000000;
+        keepalive_timeout 300s;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        keepalive_requests 1000000000;
+        location / {{
+            proxy_pass https://saas;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host {HOST};
+            proxy_set_header Authorization "Bearer {CANARY}";
+            proxy_set_header Proxy-Authorization "";
+            proxy_set_header X-Connector "";
+            proxy_set_header X-Workspace "";
+            proxy_ssl_server_name on;
+            proxy_ssl_name {HOST};
+            proxy_ssl_verify on;
+            proxy_ssl_trusted_certificate {d}/ca.pem;
+            proxy_ssl_session_reuse on;
+        }}
+    }}
+}}
+"""
+
+
+@dataclass
+class Sluice:
+    port: int
+    admin_port: int
+    admin_token: str
+    caller_token: str
+
+
+def sluice_conf(d: Path, s: Sluice, up_port: int, store: str, extra_connector: str,
+                cache_capacity: int) -> str:
+    caller_hash = hashlib.sha256(s.caller_token.encode()).hexdigest()
+    admin_hash = hashlib.sha256(s.admin_token.encode()).hexdigest()
+    workspaces = "".join(
+        f'\n[[workspace]]\nworkspace_id = "ws_{i}"\norg = "acme"\n' for i in range(WORKSPACES))
+    return f"""
+[listener]
+address = "127.0.0.1:{s.port}"
+threads = 1
+upgrade_sock = "{d}/sluice-upgrade.sock"
+pid_file = "{d}/sluice.pid"
+
+[upstream]
+extra_ca_file = "{d}/ca.pem"
+pool_size = 256
+
+[dns]
+static_only = true
+
+[dns.static_hosts]
+"{HOST}" = ["127.0.0.1"]
+
+[egress]
+# The upstream is on loopback here; in production it is a public address.
+exception_cidrs = ["127.0.0.1/32"]
+
+[[connector]]
+connector_id = "bench"
+display_name = "Bench SaaS"
+auth_type = "bearer"
+allowed_domains = ["{HOST}"]
+allowed_ports = [{up_port}]
+
+[connector.auth_schema]
+fields = [{{ name = "access_token", label = "Token", type = "password", required = true }}]
+{extra_connector}
+
+[[org]]
+org_id = "acme"
+allowed_domains = ["{HOST}"]
+{workspaces}
+
+[[caller]]
+name = "bench-app"
+token_sha256 = "{caller_hash}"
+workspaces = ["*"]
+
+[credentials]
+{store}
+key_file = "{d}/master.keys"
+create_key_file_if_missing = true
+cache_capacity = {cache_capacity}
+cache_ttl_ms = 600000
+max_staleness_ms = 600000
+read_timeout_ms = 1000
+
+[admin]
+address = "127.0.0.1:{s.admin_port}"
+token_sha256 = "{admin_hash}"
+"""
+
+
+def put_credentials(s: Sluice, n: int) -> None:
+    body = json.dumps({"fields": {"access_token": CANARY}}).encode()
+    for i in range(n):
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{s.admin_port}/admin/credentials/ws_{i}/bench",
+            data=body, method="PUT",
+            headers={"Authorization": f"Bearer {s.admin_token}",
+                     "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.status in (200, 201), r.status
+
+
+def metrics(s: Sluice) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{s.admin_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def metric_sum(m: dict[str, float], prefix: str, contains: str = "") -> float:
+    return sum(v for k, v in m.items() if k.startswith(prefix) and contains in k)
+
+
+def proc_tree(pid: int) -> list[int]:
+    pids = [pid]
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    for c in children:
+        pids += proc_tree(int(c))
+    return pids
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / CLK_TCK
+
+
+def peak_rss_mib(pids: list[int]) -> float:
+    kib = 0
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    kib += int(line.split()[1])
+        except OSError:
+            continue
+    return kib / 1024
+
+
+@dataclass
+class Result:
+    name: str
+    rps: float = 0.0
+    errors: int = 0
+    cpu_per_10k: float | None = None
+    rate_rps: float = 0.0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    rate_errors: int = 0
+    rate_cpu_per_10k: float | None = None
+    rss_mib: float | None = None
+    opened: int = 0
+    upstream_requests: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def reuse(self) -> float:
+        if self.upstream_requests == 0:
+            return 0.0
+        return 100.0 * (self.upstream_requests - self.opened) / self.upstream_requests
+
+
+class Bench:
+    def __init__(self, args, d: Path):
+        self.args = args
+        self.d = d
+        self.gen_cpus, self.proxy_cpu = cpus()
+        self.lua = d / "bench.lua"
+        self.lua.write_text(LUA)
+        self.procs: list[subprocess.Popen] = []
+        self.up_port = free_port()
+        (d / "tmp").mkdir()
+
+    def spawn(self, cmd, cpu: str, log_name: str, env=None) -> subprocess.Popen:
+        out = open(self.d / log_name, "ab")
+        p = subprocess.Popen(["taskset", "-c", cpu, *map(str, cmd)], stdout=out,
+                             stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def stop(self, p: subprocess.Popen, sig=signal.SIGTERM) -> None:
+        if p.poll() is None:
+            p.send_signal(sig)
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        if p in self.procs:
+            self.procs.remove(p)
+
+    def stop_all(self) -> None:
+        for p in list(self.procs):
+            self.stop(p, signal.SIGKILL)
+
+    def start_upstream(self, scenario: str) -> tuple[subprocess.Popen, Path]:
+        log_path = self.d / f"upstream-{scenario}.log"
+        conf = self.d / f"upstream-{scenario}.conf"
+        conf.write_text(upstream_conf(self.d, self.up_port, log_path.name))
+        p = self.spawn(["nginx", "-c", conf, "-p", self.d], self.gen_cpus, "upstream.out")
+        wait_for("upstream nginx", lambda: port_open(self.up_port))
+        return p, log_path
+
+    def upstream_counts(self, p: subprocess.Popen, log_path: Path) -> tuple[int, int]:
+        """Stop the upstream (SIGQUIT flushes its log) and count connections and requests."""
+        self.stop(p, signal.SIGQUIT)
+        opened = total = 0
+        for line in log_path.read_text().splitlines():
+            total += 1
+            if line.split()[1] == "1":
+                opened += 1
+        return opened, total
+
+    def wrk(self, url: str, target: str, workspaces: int, token: str, *, duration: float,
+            conns: int, delay_ms: float = 0) -> dict:
+        env = dict(os.environ, BENCH_TARGET=target, BENCH_WORKSPACES=str(workspaces),
+                   BENCH_TOKEN=token, BENCH_HOST=HOST, BENCH_DELAY_MS=f"{delay_ms:.3f}")
+        cmd = ["taskset", "-c", self.gen_cpus, "wrk", "-t1", f"-c{conns}",
+               f"-d{duration:.0f}s", "--timeout", "5s", "-s", str(self.lua), url]
+        out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+        stats = json.loads(out.strip().splitlines()[-1])
+        stats["errors"] = sum(stats[k] for k in ("connect", "read", "write", "status", "timeout"))
+        return stats
+
+    def measure(self, r: Result, url: str, target: str, workspaces: int, token: str,
+                pids: list[int]) -> None:
+        a = self.args
+        self.wrk(url, target, workspaces, token, duration=a.warmup, conns=a.connections)
+        c0 = cpu_seconds(pids)
+        s = self.wrk(url, target, workspaces, token, duration=a.duration, conns=a.connections)
+        c1 = cpu_seconds(pids)
+        r.rps = s["requests"] / (s["duration_us"] / 1e6)
+        r.errors = s["errors"]
+        if pids:
+            r.cpu_per_10k = (c1 - c0) / s["requests"] * 10_000
+        conns = 10
+        s = self.wrk(url, target, workspaces, token, duration=a.duration, conns=conns,
+                     delay_ms=conns * 1000 / a.rate)
+        c2 = cpu_seconds(pids)
+        r.rate_rps = s["requests"] / (s["duration_us"] / 1e6)
+        r.p50_ms = s["p50_us"] / 1000
+        r.p99_ms = s["p99_us"] / 1000
+        r.rate_errors = s["errors"]
+        if pids:
+            r.rate_cpu_per_10k = (c2 - c1) / s["requests"] * 10_000
+            r.rss_mib = peak_rss_mib(pids)
+
+    # --- scenarios -------------------------------------------------------------------------
+
+    def direct(self) -> Result:
+        r = Result("direct (no proxy)")
+        up, up_log = self.start_upstream("direct")
+        self.measure(r, f"https://127.0.0.1:{self.up_port}", PATH, 0, "", [])
+        r.opened, r.upstream_requests = self.upstream_counts(up, up_log)
+        return r
+
+    def nginx(self) -> Result:
+        r = Result("nginx (header-injecting proxy)")
+        up, up_log = self.start_upstream("nginx")
+        port = free_port()
+        conf = self.d / "nginx-proxy.conf"
+        conf.write_text(nginx_proxy_conf(self.d, port, self.up_port))
+        p = self.spawn(["nginx", "-c", conf, "-p", self.d], self.proxy_cpu, "nginx-proxy.out")
+        wait_for("nginx proxy", lambda: port_open(port))
+        self.measure(r, f"http://127.0.0.1:{port}", f"http://{HOST}{PATH}", 0, "",
+                     proc_tree(p.pid))
+        self.stop(p, signal.SIGQUIT)
+        r.opened, r.upstream_requests = self.upstream_counts(up, up_log)
+        return r
+
+    def sluice(self, name: str, scenario: str, *, redis: bool = False, cache_capacity: int =
+               10_000, workspaces: int = WORKSPACES, extra_connector: str = "") -> Result:
+        r = Result(name)
+        up, up_log = self.start_upstream(scenario)
+        redis_proc = None
+        if redis:
+            rport = free_port()
+            redis_proc = self.spawn(["redis-server", "--port", rport, "--bind", "127.0.0.1",
+                                     "--save", "", "--appendonly", "no"],
+                                    self.gen_cpus, "redis.out")
+            wait_for("redis", lambda: port_open(rport))
+            store = f'store = "redis"\nredis_url = "redis://127.0.0.1:{rport}/"'
+        else:
+            store = f'store = "embedded"\npath = "{self.d}/sluice-{scenario}.redb"'
+        s = Sluice(free_port(), free_port(), secrets.token_hex(32), secrets.token_hex(32))
+        conf = self.d / f"sluice-{scenario}.toml"
+        conf.write_text(sluice_conf(self.d, s, self.up_port, store, extra_connector,
+                                    cache_capacity))
+        env = dict(os.environ, SLUICE_LOG="info")
+        p = self.spawn([self.args.sluice, "run", "--config", conf], self.proxy_cpu,
+                       f"sluice-{scenario}.log", env=env)
+
+        def ready() -> bool:
+            if p.poll() is not None:
+                raise SystemExit(f"sluice exited; see {self.d}/sluice-{scenario}.log")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{s.admin_port}/readyz",
+                                            timeout=1) as resp:
+                    return resp.status == 200 and port_open(s.port)
+            except (urllib.error.URLError, OSError):
+                return False
+
+        wait_for("sluice", ready)
+        put_credentials(s, workspaces)
+        self.measure(r, f"http://127.0.0.1:{s.port}", f"http://{HOST}{PATH}", workspaces,
+                     s.caller_token, proc_tree(p.pid))
+        m = metrics(s)
+        hits = metric_sum(m, "sluice_credential_cache_total", 'result="hit"')
+        misses = metric_sum(m, "sluice_credential_cache_total", 'result="miss"')
+        if hits + misses:
+            r.notes.append(f"credential cache: {hits:.0f} hits, {misses:.0f} misses "
+                           f"({100 * misses / (hits + misses):.1f}% cold)")
+        waits = metric_sum(m, "sluice_rate_limit_waits_total")
+        if waits:
+            r.notes.append(f"requests that waited for a token: {waits:.0f}")
+        limited = metric_sum(m, "sluice_requests_total", 'code="rate_limited"')
+        if limited:
+            r.notes.append(f"refused rate_limited: {limited:.0f}")
+        self.stop(p)
+        if redis_proc:
+            self.stop(redis_proc)
+        r.opened, r.upstream_requests = self.upstream_counts(up, up_log)
+        log_text = (self.d / f"sluice-{scenario}.log").read_text(errors="replace")
+        if CANARY in log_text:
+            raise SystemExit(f"the injected credential appeared in sluice's log ({scenario})")
+        return r
+
+
+def fmt(v, spec: str, dash: str = "—") -> str:
+    return dash if v is None else format(v, spec)
+
+
+def ratio(v, base) -> str:
+    if v is None or base in (None, 0):
+        return "—"
+    return f"{v / base:.2f}×"
+
+
+def report(results: list[Result], args, gen_cpus: str, proxy_cpu: str) -> str:
+    direct = next(r for r in results if r.name.startswith("direct"))
+    ngx = next(r for r in results if r.name.startswith("nginx"))
+    lines = []
+    lines.append(f"machine: {machine()}")
+    lines.append(f"load generator + upstream + redis on cpu {gen_cpus}; proxy under test on "
+                 f"cpu {proxy_cpu}; {args.connections} connections for max throughput, "
+                 f"{args.rate} req/s paced for latency, {args.duration:.0f}s each "
+                 f"after {args.warmup:.0f}s warm-up")
+    lines.append("")
+    head = ("| set-up | max req/s | CPU-s/10k @max | p50 ms @rate | p99 ms @rate | "
+            "p50 added | CPU-s/10k @rate | peak RSS MiB | upstream conns opened/reused | "
+            "reuse | errors |")
+    lines.append(head)
+    lines.append("|---|" + "---:|" * (head.count("|") - 2))
+    for r in results:
+        added = r.p50_ms - direct.p50_ms
+        lines.append(
+            f"| {r.name} | {r.rps:,.0f} | {fmt(r.cpu_per_10k, '.3f')} | {r.p50_ms:.3f} | "
+            f"{r.p99_ms:.3f} | {'—' if r is direct else f'{added:+.3f}'} | "
+            f"{fmt(r.rate_cpu_per_10k, '.3f')} | {fmt(r.rss_mib, '.1f')} | "
+            f"{r.opened}/{r.upstream_requests - r.opened} | {r.reuse:.3f}% | "
+            f"{r.errors + r.rate_errors} |")
+    lines.append("")
+    lines.append("ratios to nginx (lower is better except req/s):")
+    lines.append("")
+    lines.append("| set-up | max req/s | CPU-s/10k @max | p50 added | CPU-s/10k @rate | "
+                 "peak RSS |")
+    lines.append("|---|---:|---:|---:|---:|---:|")
+    ngx_added = ngx.p50_ms - direct.p50_ms
+    for r in results:
+        if r.name.startswith("sluice"):
+            lines.append(
+                f"| {r.name} | {ratio(r.rps, ngx.rps)} | {ratio(r.cpu_per_10k, ngx.cpu_per_10k)}"
+                f" | {ratio(r.p50_ms - direct.p50_ms, ngx_added)} | "
+                f"{ratio(r.rate_cpu_per_10k, ngx.rate_cpu_per_10k)} | "
+                f"{ratio(r.rss_mib, ngx.rss_mib)} |")
+    lines.append("")
+    for r in results:
+        for n in r.notes:
+            lines.append(f"- {r.name}: {n}")
+    warm = next((r for r in results if "warm" in r.name), None)
+    if warm:
+        lines.append("")
+        lines.append("targets (sluice, warm cache):")
+        checks = [
+            ("CPU-s per 10k requests <= nginx's (max load)",
+             warm.cpu_per_10k is not None and warm.cpu_per_10k <= ngx.cpu_per_10k,
+             f"{fmt(warm.cpu_per_10k, '.3f')} vs {fmt(ngx.cpu_per_10k, '.3f')}"),
+            ("CPU-s per 10k requests <= nginx's (at fixed rate)",
+             warm.rate_cpu_per_10k is not None
+             and warm.rate_cpu_per_10k <= ngx.rate_cpu_per_10k,
+             f"{fmt(warm.rate_cpu_per_10k, '.3f')} vs {fmt(ngx.rate_cpu_per_10k, '.3f')}"),
+            ("p50 added over direct <= nginx's", warm.p50_ms - direct.p50_ms <= ngx_added,
+             f"{warm.p50_ms - direct.p50_ms:+.3f} ms vs {ngx_added:+.3f} ms"),
+            ("upstream reuse >= 99.9%", warm.reuse >= 99.9, f"{warm.reuse:.3f}%"),
+            ("peak RSS < 50 MiB + cache", warm.rss_mib is not None and warm.rss_mib < 50 +
+             args.cache_allowance, f"{fmt(warm.rss_mib, '.1f')} MiB (cache allowance "
+             f"{args.cache_allowance} MiB for {WORKSPACES} credentials)"),
+        ]
+        for label, ok, detail in checks:
+            lines.append(f"- {'met   ' if ok else 'MISSED'} {label}: {detail}")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    model = "unknown cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    kernel = os.uname().release
+    nginx_v = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
+    return f"{os.cpu_count()} cpus ({model}), Linux {kernel}, {nginx_v}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--duration", type=float, default=10, help="seconds per measured run")
+    ap.add_argument("--warmup", type=float, default=3, help="seconds of warm-up per set-up")
+    ap.add_argument("--connections", type=int, default=32, help="connections at max load")
+    ap.add_argument("--rate", type=int, default=1000, help="requests/s for the latency run")
+    ap.add_argument("--cache-allowance", type=float, default=5,
+                    help="MiB allowed for the credential cache in the RSS target")
+    ap.add_argument("--sluice", help="sluice binary (default: build target/release/sluice)")
+    ap.add_argument("--only", help="comma-separated set-ups: direct,nginx,warm,cold,limited")
+    ap.add_argument("--out", help="also write the report to this file")
+    args = ap.parse_args()
+
+    ensure_tools()
+    if not args.sluice:
+        log("building sluice (release)")
+        run(["cargo", "build", "--release", "--locked", "--bin", "sluice"], cwd=ROOT)
+        args.sluice = str(ROOT / "target" / "release" / "sluice")
+    only = set(args.only.split(",")) if args.only else None
+    with tempfile.TemporaryDirectory(prefix="sluice-load-") as tmp:
+        d = Path(tmp)
+        os.chmod(d, 0o755)
+        make_certs(d)
+        b = Bench(args, d)
+        # The limit: the fixed rate itself, one token of burst. Paced arrivals that come early
+        # wait for their slot; at max load every request queues (FIFO) behind the others.
+        limited = f"""
+[connector.rate_limit]
+capacity = 1
+per_second = {args.rate}
+max_wait_ms = 1000
+queue_size = {max(64, args.connections * 2)}
+"""
+        plan = [
+            ("direct", b.direct),
+            ("nginx", b.nginx),
+            ("warm", lambda: b.sluice("sluice, warm cache", "warm")),
+            ("cold", lambda: b.sluice("sluice, cold cache on Redis", "cold", redis=True,
+                                      cache_capacity=1)),
+            ("limited", lambda: b.sluice("sluice, rate-limited", "limited", workspaces=1,
+                                         extra_connector=limited)),
+        ]
+        results = []
+        try:
+            for key, fn in plan:
+                if only and key not in only and key not in ("direct", "nginx"):
+                    continue
+                log(f"set-up: {key}")
+                results.append(fn())
+        finally:
+            b.stop_all()
+        text = report(results, args, b.gen_cpus, b.proxy_cpu)
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
