@@ -296,6 +296,9 @@ allowed_ports = [{up_port}]
 
 [connector.auth_schema]
 fields = [{{ name = "access_token", label = "Token", type = "password", required = true }}]
+
+[connector.inject]
+format = "Bearer {{access_token}}"
 {extra_connector}
 
 [[org]]
@@ -327,7 +330,7 @@ def put_credentials(s: Sluice, n: int) -> None:
     body = json.dumps({"fields": {"access_token": CANARY}}).encode()
     for i in range(n):
         req = urllib.request.Request(
-            f"http://127.0.0.1:{s.admin_port}/admin/credentials/ws_{i}/bench",
+            f"http://127.0.0.1:{s.admin_port}/admin/workspaces/ws_{i}/credentials/bench",
             data=body, method="PUT",
             headers={"Authorization": f"Bearer {s.admin_token}",
                      "Content-Type": "application/json"})
@@ -361,15 +364,17 @@ def proc_tree(pid: int) -> list[int]:
     return pids
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0
+def cpu_seconds(pids: list[int]) -> tuple[float, float]:
+    """(user, system) CPU-seconds of these processes, all threads included."""
+    user = system = 0
     for p in pids:
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / CLK_TCK
+        user += int(fields[11])
+        system += int(fields[12])
+    return user / CLK_TCK, system / CLK_TCK
 
 
 def peak_rss_mib(pids: list[int]) -> float:
@@ -460,8 +465,10 @@ class Bench:
 
     def wrk(self, url: str, target: str, workspaces: int, token: str, *, duration: float,
             conns: int, delay_ms: float = 0) -> dict:
+        # Through a proxy the Host header names the authority of the absolute-form target.
+        host = target.split("/")[2] if target.startswith("http://") else HOST
         env = dict(os.environ, BENCH_TARGET=target, BENCH_WORKSPACES=str(workspaces),
-                   BENCH_TOKEN=token, BENCH_HOST=HOST, BENCH_DELAY_MS=f"{delay_ms:.3f}")
+                   BENCH_TOKEN=token, BENCH_HOST=host, BENCH_DELAY_MS=f"{delay_ms:.3f}")
         cmd = ["taskset", "-c", self.gen_cpus, "wrk", "-t1", f"-c{conns}",
                f"-d{duration:.0f}s", "--timeout", "5s", "-s", str(self.lua), url]
         out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
@@ -473,17 +480,21 @@ class Bench:
                 pids: list[int]) -> None:
         a = self.args
         self.wrk(url, target, workspaces, token, duration=a.warmup, conns=a.connections)
-        c0 = cpu_seconds(pids)
+        (u0, s0) = cpu_seconds(pids)
         s = self.wrk(url, target, workspaces, token, duration=a.duration, conns=a.connections)
-        c1 = cpu_seconds(pids)
+        (u1, s1) = cpu_seconds(pids)
         r.rps = s["requests"] / (s["duration_us"] / 1e6)
         r.errors = s["errors"]
         if pids:
-            r.cpu_per_10k = (c1 - c0) / s["requests"] * 10_000
+            per = 10_000 / s["requests"]
+            r.cpu_per_10k = (u1 - u0 + s1 - s0) * per
+            r.notes.append(f"CPU-s/10k at max load: {(u1 - u0) * per:.3f} user + "
+                           f"{(s1 - s0) * per:.3f} system")
+        c1 = u1 + s1
         conns = 10
         s = self.wrk(url, target, workspaces, token, duration=a.duration, conns=conns,
                      delay_ms=conns * 1000 / a.rate)
-        c2 = cpu_seconds(pids)
+        c2 = sum(cpu_seconds(pids))
         r.rate_rps = s["requests"] / (s["duration_us"] / 1e6)
         r.p50_ms = s["p50_us"] / 1000
         r.p99_ms = s["p99_us"] / 1000
@@ -509,7 +520,7 @@ class Bench:
         conf.write_text(nginx_proxy_conf(self.d, port, self.up_port))
         p = self.spawn(["nginx", "-c", conf, "-p", self.d], self.proxy_cpu, "nginx-proxy.out")
         wait_for("nginx proxy", lambda: port_open(port))
-        self.measure(r, f"http://127.0.0.1:{port}", f"http://{HOST}{PATH}", 0, "",
+        self.measure(r, f"http://127.0.0.1:{port}", f"http://{HOST}:{self.up_port}{PATH}", 0, "",
                      proc_tree(p.pid))
         self.stop(p, signal.SIGQUIT)
         r.opened, r.upstream_requests = self.upstream_counts(up, up_log)
@@ -539,7 +550,8 @@ class Bench:
 
         def ready() -> bool:
             if p.poll() is not None:
-                raise SystemExit(f"sluice exited; see {self.d}/sluice-{scenario}.log")
+                tail = (self.d / f"sluice-{scenario}.log").read_text(errors="replace")[-3000:]
+                raise SystemExit(f"sluice exited before it was ready:\n{tail}")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{s.admin_port}/readyz",
                                             timeout=1) as resp:
@@ -549,7 +561,8 @@ class Bench:
 
         wait_for("sluice", ready)
         put_credentials(s, workspaces)
-        self.measure(r, f"http://127.0.0.1:{s.port}", f"http://{HOST}{PATH}", workspaces,
+        self.measure(r, f"http://127.0.0.1:{s.port}", f"http://{HOST}:{self.up_port}{PATH}",
+                     workspaces,
                      s.caller_token, proc_tree(p.pid))
         m = metrics(s)
         hits = metric_sum(m, "sluice_credential_cache_total", 'result="hit"')
@@ -672,6 +685,8 @@ def main() -> None:
                     help="MiB allowed for the credential cache in the RSS target")
     ap.add_argument("--sluice", help="sluice binary (default: build target/release/sluice)")
     ap.add_argument("--only", help="comma-separated set-ups: direct,nginx,warm,cold,limited")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the working directory (configs, logs) for inspection")
     ap.add_argument("--out", help="also write the report to this file")
     args = ap.parse_args()
 
@@ -683,6 +698,9 @@ def main() -> None:
     only = set(args.only.split(",")) if args.only else None
     with tempfile.TemporaryDirectory(prefix="sluice-load-") as tmp:
         d = Path(tmp)
+        if args.keep:
+            d = Path(tempfile.mkdtemp(prefix="sluice-load-kept-"))
+            log(f"keeping configs and logs in {d}")
         os.chmod(d, 0o755)
         make_certs(d)
         b = Bench(args, d)
@@ -717,6 +735,10 @@ queue_size = {max(64, args.connections * 2)}
         print(text)
         if args.out:
             Path(args.out).write_text(text + "\n")
+        failed = [r.name for r in results if r.errors + r.rate_errors]
+        if failed:
+            # A proxy that answers errors fast is not fast: such a run measures nothing.
+            sys.exit(f"non-2xx responses or socket errors in: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
