@@ -248,9 +248,12 @@ pub fn run(snapshot: Snapshot, upgrade: bool) -> Result<(), String> {
     service.add_tcp(&address.to_string());
     server.add_service(service);
     info!(listener = %address, "sluice listening");
-    // `background` must live as long as the server: run_forever never returns.
+    // `background` must live as long as the server.
     let _background = background;
-    server.run_forever()
+    // `run` (not `run_forever`, which exits the process) returns after shutdown, so the
+    // caller's log guard flushes the last lines.
+    server.run(pingora::server::RunArgs::default());
+    Ok(())
 }
 
 /// A running in-process gateway (tests, embedding). Dropping it stops accepting connections.

@@ -192,10 +192,18 @@ impl Vault {
         connector: &str,
     ) -> Result<Arc<TenantState>, VaultError> {
         let key = (workspace.to_string(), connector.to_string());
-        let hit = self.fresh.contains_key(&key);
+        // The warm path: one cache read. Misses go through `try_get_with`, which lets one
+        // caller load while the others for the same key wait for its result.
+        if let Some(state) = self.fresh.get(&key).await {
+            crate::telemetry::METRICS
+                .credential_cache
+                .with_label_values(&["hit"])
+                .inc();
+            return Ok(state);
+        }
         crate::telemetry::METRICS
             .credential_cache
-            .with_label_values(&[if hit { "hit" } else { "miss" }])
+            .with_label_values(&["miss"])
             .inc();
         match self
             .fresh
