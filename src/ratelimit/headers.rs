@@ -17,7 +17,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 
 /// What one response said about the limit. Every field is optional.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -62,38 +62,42 @@ impl ResetFormat {
     }
 }
 
-/// Which headers a connector's API uses. Names are lowercase.
+/// Which headers a connector's API uses, parsed once at config load (a lookup by a string
+/// name would parse and validate the name again on every response).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeaderSpec {
-    pub limit: Vec<String>,
-    pub remaining: Vec<String>,
-    pub reset: Vec<String>,
+    pub limit: Vec<HeaderName>,
+    pub remaining: Vec<HeaderName>,
+    pub reset: Vec<HeaderName>,
     /// A `used/limit` header, e.g. Shopify's.
-    pub used_of_limit: Option<String>,
+    pub used_of_limit: Option<HeaderName>,
     pub reset_format: ResetFormat,
 }
 
+const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+
 impl Default for HeaderSpec {
     fn default() -> Self {
-        let names = |suffix: &str| {
+        let names = |ietf: &'static str, de_facto: &'static str| {
             vec![
-                format!("ratelimit-{suffix}"),
-                format!("x-ratelimit-{suffix}"),
+                HeaderName::from_static(ietf),
+                HeaderName::from_static(de_facto),
             ]
         };
         Self {
-            limit: names("limit"),
-            remaining: names("remaining"),
-            reset: names("reset"),
+            limit: names("ratelimit-limit", "x-ratelimit-limit"),
+            remaining: names("ratelimit-remaining", "x-ratelimit-remaining"),
+            reset: names("ratelimit-reset", "x-ratelimit-reset"),
             used_of_limit: None,
             reset_format: ResetFormat::Auto,
         }
     }
 }
 
-fn first_u64(headers: &HeaderMap, names: &[String]) -> Option<u64> {
+fn first_u64(headers: &HeaderMap, names: &[HeaderName]) -> Option<u64> {
     names.iter().find_map(|n| {
-        let v = headers.get(n.as_str())?.to_str().ok()?.trim();
+        let v = headers.get(n)?.to_str().ok()?.trim();
         // Some APIs send "100, 100;w=60": the first number counts.
         let digits: &str = v.split([',', ';', ' ']).next()?;
         digits.parse::<u64>().ok()
@@ -145,7 +149,7 @@ pub fn learn(headers: &HeaderMap, spec: &HeaderSpec, now: SystemTime) -> Learned
         ..Learned::default()
     };
     // IETF structured fields.
-    if let Some(v) = headers.get("ratelimit").and_then(|v| v.to_str().ok()) {
+    if let Some(v) = headers.get(RATELIMIT).and_then(|v| v.to_str().ok()) {
         for (k, n) in sf_params(v) {
             match k {
                 "r" | "remaining" => l.remaining = Some(n),
@@ -156,7 +160,7 @@ pub fn learn(headers: &HeaderMap, spec: &HeaderSpec, now: SystemTime) -> Learned
         }
     }
     if let Some(v) = headers
-        .get("ratelimit-policy")
+        .get(RATELIMIT_POLICY)
         .and_then(|v| v.to_str().ok())
     {
         for (k, n) in sf_params(v) {
@@ -177,7 +181,7 @@ pub fn learn(headers: &HeaderMap, spec: &HeaderSpec, now: SystemTime) -> Learned
     // used/limit.
     if let Some(name) = &spec.used_of_limit {
         if let Some((used, limit)) = headers
-            .get(name.as_str())
+            .get(name)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().split_once('/'))
             .and_then(|(u, t)| Some((u.trim().parse::<u64>().ok()?, t.trim().parse::<u64>().ok()?)))
@@ -295,10 +299,10 @@ mod tests {
     #[test]
     fn per_connector_names_and_used_of_limit() {
         let spec = HeaderSpec {
-            limit: vec!["x-ratelimit-limit".into()],
-            remaining: vec!["x-ratelimit-remaining".into()],
-            reset: vec!["x-ratelimit-reset".into()],
-            used_of_limit: Some("x-shopify-shop-api-call-limit".into()),
+            limit: vec![HeaderName::from_static("x-ratelimit-limit")],
+            remaining: vec![HeaderName::from_static("x-ratelimit-remaining")],
+            reset: vec![HeaderName::from_static("x-ratelimit-reset")],
+            used_of_limit: Some(HeaderName::from_static("x-shopify-shop-api-call-limit")),
             reset_format: ResetFormat::EpochSeconds,
         };
         let l = learn(
@@ -353,7 +357,7 @@ mod tests {
                     h.insert(*name, v);
                 }
             }
-            let spec = HeaderSpec { used_of_limit: Some("x-shopify-shop-api-call-limit".into()), ..HeaderSpec::default() };
+            let spec = HeaderSpec { used_of_limit: Some(HeaderName::from_static("x-shopify-shop-api-call-limit")), ..HeaderSpec::default() };
             let l = learn(&h, &spec, now());
             if let (Some(limit), Some(rem)) = (l.limit, l.remaining) {
                 prop_assert!(rem <= limit);

@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use http::HeaderName;
 use tracing::warn;
 
 use crate::credential::redis::RedisStore;
@@ -129,24 +130,35 @@ impl RateLimit {
                 "a shared budget needs capacity and per_second".into(),
             ));
         }
-        let name = |n: &Option<String>, default: &[String]| {
-            n.as_ref()
-                .map_or_else(|| default.to_vec(), |n| vec![n.to_ascii_lowercase()])
+        let mut header_name = |key: &str, n: &str| match HeaderName::from_bytes(n.as_bytes()) {
+            Ok(h) => Some(h),
+            Err(_) => {
+                errors.push((key.into(), format!("{n:?} is not a header name")));
+                None
+            }
         };
         let spec = HeaderSpec::default();
+        let mut names = |key: &str, n: &Option<String>, default: &[HeaderName]| match n {
+            None => default.to_vec(),
+            Some(n) => header_name(key, n).into_iter().collect(),
+        };
+        let limit = names("limit_header", &f.limit_header, &spec.limit);
+        let remaining = names("remaining_header", &f.remaining_header, &spec.remaining);
+        let reset = names("reset_header", &f.reset_header, &spec.reset);
+        let used_of_limit = f
+            .used_of_limit_header
+            .as_ref()
+            .and_then(|n| header_name("used_of_limit_header", n));
         let rl = RateLimit {
             initial,
             per_application,
             max_wait: f.max_wait_ms.map_or(d.max_wait, Duration::from_millis),
             queue_size: f.queue_size.unwrap_or(d.queue_size),
             headers: HeaderSpec {
-                limit: name(&f.limit_header, &spec.limit),
-                remaining: name(&f.remaining_header, &spec.remaining),
-                reset: name(&f.reset_header, &spec.reset),
-                used_of_limit: f
-                    .used_of_limit_header
-                    .as_ref()
-                    .map(|n| n.to_ascii_lowercase()),
+                limit,
+                remaining,
+                reset,
+                used_of_limit,
                 reset_format,
             },
             shared,
@@ -682,8 +694,14 @@ mod tests {
         assert_eq!(rl.initial, Some((40, 2.0)));
         assert!(rl.per_application);
         assert_eq!(
-            rl.headers.used_of_limit.as_deref(),
+            rl.headers.used_of_limit.as_ref().map(HeaderName::as_str),
             Some("x-shopify-shop-api-call-limit")
         );
+        let bad = RateLimit::build(&RateLimitFile {
+            limit_header: Some("x limit".into()),
+            ..RateLimitFile::default()
+        })
+        .unwrap_err();
+        assert_eq!(bad[0].0, "limit_header");
     }
 }
