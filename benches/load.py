@@ -544,7 +544,7 @@ class Bench:
         conf = self.d / f"sluice-{scenario}.toml"
         conf.write_text(sluice_conf(self.d, s, self.up_port, store, extra_connector,
                                     cache_capacity))
-        env = dict(os.environ, SLUICE_LOG="info")
+        env = dict(os.environ, SLUICE_LOG=self.args.sluice_log)
         p = self.spawn([self.args.sluice, "run", "--config", conf], self.proxy_cpu,
                        f"sluice-{scenario}.log", env=env)
 
@@ -683,6 +683,9 @@ def main() -> None:
     ap.add_argument("--rate", type=int, default=1000, help="requests/s for the latency run")
     ap.add_argument("--cache-allowance", type=float, default=5,
                     help="MiB allowed for the credential cache in the RSS target")
+    ap.add_argument("--sluice-log", default="info",
+                    help="SLUICE_LOG for sluice (default info: access and audit lines, as in "
+                         "production; 'warn' measures without them)")
     ap.add_argument("--sluice", help="sluice binary (default: build target/release/sluice)")
     ap.add_argument("--only", help="comma-separated set-ups: direct,nginx,warm,cold,limited")
     ap.add_argument("--keep", action="store_true",

@@ -159,10 +159,7 @@ pub fn learn(headers: &HeaderMap, spec: &HeaderSpec, now: SystemTime) -> Learned
             }
         }
     }
-    if let Some(v) = headers
-        .get(RATELIMIT_POLICY)
-        .and_then(|v| v.to_str().ok())
-    {
+    if let Some(v) = headers.get(RATELIMIT_POLICY).and_then(|v| v.to_str().ok()) {
         for (k, n) in sf_params(v) {
             match k {
                 "q" => l.limit = l.limit.or(Some(n)),
