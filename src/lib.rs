@@ -20,6 +20,7 @@
 //! | [`explain`]    | `sluice explain`: the policy decision for a URL, without sending      |
 //! | [`server`]     | starting it: pingora `Server`, or a caller-bound listener             |
 //! | [`telemetry`]  | 9. metrics                                                            |
+//! | [`logwriter`]  | 9. log lines to stderr in batches, off the request's thread            |
 //! | [`admin`]      | the admin API: credentials, key rotation, connectors, orgs, workspaces |
 
 #![forbid(unsafe_code)]
@@ -31,6 +32,7 @@ pub mod credential;
 pub mod ctx;
 pub mod error;
 pub mod explain;
+pub mod logwriter;
 pub mod outbound;
 pub mod policy;
 pub mod proxy;

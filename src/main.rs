@@ -15,6 +15,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use clap::{Parser, Subcommand};
 use sluice::config::Snapshot;
+use sluice::logwriter::{BatchWriter, LogGuard};
 
 #[derive(Parser)]
 #[command(name = "sluice", version, about = "An egress gateway for SaaS APIs")]
@@ -111,21 +112,19 @@ enum CredentialsCommand {
     RotateKey,
 }
 
-/// Logs go to stderr through a writer thread: request handlers only format a line and queue
-/// it, the thread writes whole batches (one `write` per batch, not per line). The queue holds
-/// 128k lines and is not lossy: if stderr stalls for that long, handlers wait rather than drop
-/// access or audit records. The returned guard flushes what is queued when dropped.
-fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
+/// Logs go to stderr in batches (sluice::logwriter): a request only copies its lines into its
+/// thread's buffer; a flusher thread writes them every `SLUICE_LOG_FLUSH_MS` (default 100 ms)
+/// or when a buffer passes 64 KiB. Never lossy. The returned guard writes out what is buffered
+/// when dropped.
+fn init_logging() -> Result<LogGuard, String> {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let json = std::env::var("SLUICE_LOG_FORMAT").is_ok_and(|f| f == "json");
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .thread_name("sluice-log")
-        .finish(std::io::BufWriter::with_capacity(
-            64 * 1024,
-            std::io::stderr(),
-        ));
+    let (writer, guard) = BatchWriter::new(
+        Box::new(std::io::stderr()),
+        BatchWriter::batching_from_env()?,
+    )
+    .map_err(|e| format!("cannot start the log writer: {e}"))?;
     // Colours only for a terminal: log files and collectors get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -136,14 +135,20 @@ fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
     } else {
         builder.init();
     }
-    guard
+    Ok(guard)
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run { config, upgrade } => {
-            let _log_guard = init_logging();
+            let _log_guard = match init_logging() {
+                Ok(guard) => guard,
+                Err(e) => {
+                    eprintln!("sluice: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let snapshot = match Snapshot::load(&config) {
                 Ok(s) => s,
                 Err(e) => {
