@@ -11,6 +11,9 @@ What it starts (Python standard library and Debian packages only; installed when
 * nginx as a header-injecting forward proxy to it (absolute-form requests in, HTTPS with a
   verified certificate and upstream keepalive out, `Authorization` injected): the hand-written
   alternative sluice is measured against;
+* the pingora floor (`benches/pingora_floor.rs`): pingora's `http_proxy` doing exactly
+  nginx's work and nothing else, so sluice's cost splits into pingora's (floor vs nginx) and
+  sluice's own (sluice vs floor);
 * sluice, release build, with one connector whose credentials sit in the store, in four
   set-ups: warm cache (embedded store), cold cache on Redis (a real redis-server; the cache
   holds one entry and the load cycles through 1,000 workspaces, so nearly every request reads
@@ -526,6 +529,19 @@ class Bench:
         r.opened, r.upstream_requests = self.upstream_counts(up, up_log)
         return r
 
+    def floor(self) -> Result:
+        r = Result("pingora floor (bare http_proxy)")
+        up, up_log = self.start_upstream("floor")
+        port = free_port()
+        p = self.spawn([self.args.floor, f"127.0.0.1:{port}", f"127.0.0.1:{self.up_port}", HOST,
+                        self.d / "ca.pem", CANARY], self.proxy_cpu, "floor.out")
+        wait_for("pingora floor", lambda: port_open(port))
+        self.measure(r, f"http://127.0.0.1:{port}", f"http://{HOST}:{self.up_port}{PATH}", 0, "",
+                     proc_tree(p.pid))
+        self.stop(p, signal.SIGKILL)
+        r.opened, r.upstream_requests = self.upstream_counts(up, up_log)
+        return r
+
     def sluice(self, name: str, scenario: str, *, redis: bool = False, cache_capacity: int =
                10_000, workspaces: int = WORKSPACES, extra_connector: str = "") -> Result:
         r = Result(name)
@@ -633,6 +649,23 @@ def report(results: list[Result], args, gen_cpus: str, proxy_cpu: str) -> str:
                 f" | {ratio(r.p50_ms - direct.p50_ms, ngx_added)} | "
                 f"{ratio(r.rate_cpu_per_10k, ngx.rate_cpu_per_10k)} | "
                 f"{ratio(r.rss_mib, ngx.rss_mib)} |")
+    floor = next((r for r in results if r.name.startswith("pingora floor")), None)
+    if floor:
+        lines.append("")
+        lines.append("ratios to the pingora floor (what sluice's own logic costs over the framework):")
+        lines.append("")
+        lines.append("| set-up | max req/s | CPU-s/10k @max | p50 added | CPU-s/10k @rate | "
+                     "peak RSS |")
+        lines.append("|---|---:|---:|---:|---:|---:|")
+        floor_added = floor.p50_ms - direct.p50_ms
+        for r in results:
+            if r.name.startswith(("nginx", "sluice")):
+                lines.append(
+                    f"| {r.name} | {ratio(r.rps, floor.rps)} | "
+                    f"{ratio(r.cpu_per_10k, floor.cpu_per_10k)} | "
+                    f"{ratio(r.p50_ms - direct.p50_ms, floor_added)} | "
+                    f"{ratio(r.rate_cpu_per_10k, floor.rate_cpu_per_10k)} | "
+                    f"{ratio(r.rss_mib, floor.rss_mib)} |")
     lines.append("")
     for r in results:
         for n in r.notes:
@@ -687,17 +720,22 @@ def main() -> None:
                     help="SLUICE_LOG for sluice (default info: access and audit lines, as in "
                          "production; 'warn' measures without them)")
     ap.add_argument("--sluice", help="sluice binary (default: build target/release/sluice)")
-    ap.add_argument("--only", help="comma-separated set-ups: direct,nginx,warm,cold,limited")
+    ap.add_argument("--floor", help="pingora floor binary (default: build "
+                    "target/release/examples/pingora_floor)")
+    ap.add_argument("--only", help="comma-separated set-ups: direct,nginx,floor,warm,cold,"
+                    "limited (direct and nginx always run: the ratios need them)")
     ap.add_argument("--keep", action="store_true",
                     help="keep the working directory (configs, logs) for inspection")
     ap.add_argument("--out", help="also write the report to this file")
     args = ap.parse_args()
 
     ensure_tools()
-    if not args.sluice:
-        log("building sluice (release)")
-        run(["cargo", "build", "--release", "--locked", "--bin", "sluice"], cwd=ROOT)
-        args.sluice = str(ROOT / "target" / "release" / "sluice")
+    if not args.sluice or not args.floor:
+        log("building sluice and the pingora floor (release)")
+        run(["cargo", "build", "--release", "--locked", "--bin", "sluice", "--example",
+             "pingora_floor"], cwd=ROOT)
+        args.sluice = args.sluice or str(ROOT / "target" / "release" / "sluice")
+        args.floor = args.floor or str(ROOT / "target" / "release" / "examples" / "pingora_floor")
     only = set(args.only.split(",")) if args.only else None
     with tempfile.TemporaryDirectory(prefix="sluice-load-") as tmp:
         d = Path(tmp)
@@ -719,6 +757,7 @@ queue_size = {max(64, args.connections * 2)}
         plan = [
             ("direct", b.direct),
             ("nginx", b.nginx),
+            ("floor", b.floor),
             ("warm", lambda: b.sluice("sluice, warm cache", "warm")),
             ("cold", lambda: b.sluice("sluice, cold cache on Redis", "cold", redis=True,
                                       cache_capacity=1)),

@@ -1,0 +1,99 @@
+//! The framework floor for `benches/load.py`: pingora's `http_proxy` doing exactly the work of
+//! the nginx set-up and nothing more — absolute-form request in, origin-form over verified TLS
+//! (SNI, pinned address, keepalive pool) out, `Authorization` injected, routing headers
+//! dropped — with none of sluice's logic (no caller auth, policy, credential store, pacing,
+//! retries, metrics or logs).
+//!
+//! It separates what sluice's own code costs (sluice minus this) from what pingora's HTTP/1
+//! proxy path costs (this minus nginx). Not a product: a measuring stick, built by the load
+//! bench with `cargo build --release --example pingora_floor`.
+//!
+//! ```text
+//! pingora_floor LISTEN UPSTREAM_ADDR SNI CA_FILE TOKEN
+//! ```
+
+#![forbid(unsafe_code)]
+
+use async_trait::async_trait;
+use pingora::prelude::*;
+use pingora::proxy::{ProxyHttp, Session, http_proxy};
+use pingora::server::configuration::ServerConf;
+use pingora::services::listening::Service;
+use std::net::SocketAddr;
+
+struct Floor {
+    upstream: SocketAddr,
+    sni: String,
+    authorization: String,
+}
+
+#[async_trait]
+impl ProxyHttp for Floor {
+    type CTX = ();
+
+    fn new_ctx(&self) -> Self::CTX {}
+
+    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut ()) -> Result<Box<HttpPeer>> {
+        let mut peer = HttpPeer::new(self.upstream, true, self.sni.clone());
+        peer.options.verify_cert = true;
+        peer.options.verify_hostname = true;
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        req: &mut RequestHeader,
+        _ctx: &mut (),
+    ) -> Result<()> {
+        // Absolute-form in, origin-form out (what nginx's proxy_pass does).
+        let raw = req.raw_path();
+        let origin = match raw.strip_prefix(b"http://") {
+            Some(rest) => rest
+                .iter()
+                .position(|b| *b == b'/')
+                .map_or(&b"/"[..], |i| &rest[i..]),
+            None => raw,
+        }
+        .to_vec();
+        req.set_raw_path(&origin)?;
+        req.insert_header("host", self.sni.as_str())?;
+        req.insert_header("authorization", self.authorization.as_str())?;
+        for name in ["proxy-authorization", "x-connector", "x-workspace"] {
+            req.remove_header(name);
+        }
+        Ok(())
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.len() != 5 {
+        // `cargo test --all-targets` builds examples without running them; by hand:
+        eprintln!(
+            "usage: pingora_floor LISTEN UPSTREAM_ADDR SNI CA_FILE TOKEN (run by benches/load.py)"
+        );
+        std::process::exit(2);
+    }
+    let upstream: SocketAddr = args[1].parse().expect("UPSTREAM_ADDR is ip:port");
+    let conf = ServerConf {
+        threads: 1,
+        ca_file: Some(args[3].clone()),
+        upstream_keepalive_pool_size: 256,
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let proxy = http_proxy(
+        &server.configuration,
+        Floor {
+            upstream,
+            sni: args[2].clone(),
+            authorization: format!("Bearer {}", args[4]),
+        },
+    );
+    let mut service = Service::new("pingora-floor".to_string(), proxy);
+    service.add_tcp(&args[0]);
+    server.add_service(service);
+    server.run_forever();
+}
