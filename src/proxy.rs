@@ -16,7 +16,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::header;
+use http::header::{self, HeaderName};
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{ErrorSource, ErrorType};
@@ -42,6 +42,11 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 const REQUEST_ID: &str = "x-request-id";
+/// The same names parsed once, for lookups and removals on every request.
+const REQUEST_ID_NAME: HeaderName = HeaderName::from_static(REQUEST_ID);
+const ERROR_HEADER_NAME: HeaderName = HeaderName::from_static(ERROR_HEADER);
+const X_CONNECTOR_NAME: HeaderName = HeaderName::from_static(X_CONNECTOR);
+const X_WORKSPACE_NAME: HeaderName = HeaderName::from_static(X_WORKSPACE);
 
 /// The gateway. Cheap to share: the config lives behind an `ArcSwap`.
 pub struct Sluice {
@@ -333,11 +338,23 @@ impl Sluice {
 
 /// The request id: the app's `X-Request-Id` when it is a sane identifier, else a fresh one.
 fn request_id(session: &Session) -> String {
-    match session.req_header().headers.get(REQUEST_ID) {
+    match session.req_header().headers.get(&REQUEST_ID_NAME) {
         Some(v) if is_identifier(v.as_bytes()) => {
             String::from_utf8_lossy(v.as_bytes()).into_owned()
         }
         _ => format!("{:032x}", rand::random::<u128>()),
+    }
+}
+
+/// Displays the value, or nothing when there is none (a log field without an allocation).
+struct Blank<T>(Option<T>);
+
+impl<T: std::fmt::Display> std::fmt::Display for Blank<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(v) => v.fmt(f),
+            None => Ok(()),
+        }
     }
 }
 
@@ -590,8 +607,8 @@ impl ProxyHttp for Sluice {
         for name in connection_listed(&upstream_request.headers) {
             upstream_request.remove_header(&name);
         }
-        for name in STRIPPED_REQUEST_HEADERS {
-            upstream_request.remove_header(*name);
+        for name in &STRIPPED_REQUEST_HEADERS {
+            upstream_request.remove_header(name);
         }
         // Last, so an injected header replaces whatever the app sent under that name.
         if let Some(injected) = &ctx.injected {
@@ -757,7 +774,7 @@ impl ProxyHttp for Sluice {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         // Only sluice may name an error code: an upstream cannot forge one.
-        upstream_response.remove_header(ERROR_HEADER);
+        upstream_response.remove_header(&ERROR_HEADER_NAME);
         upstream_response.remove_header(&header::PROXY_AUTHENTICATE);
         upstream_response.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
         Ok(())
@@ -813,22 +830,21 @@ impl ProxyHttp for Sluice {
             Some(_) => "refused",
         };
         // Routing headers are logged only when they are identifiers (no log forging).
-        let routed = |name: &str| {
+        // Identifiers are ASCII, so the `&str` borrows the header: nothing is copied.
+        let routed = |name: &HeaderName| {
             req.headers
                 .get(name)
-                .map(|v| v.as_bytes())
-                .filter(|v| is_identifier(v))
-                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .filter(|v| is_identifier(v.as_bytes()))
+                .and_then(|v| v.to_str().ok())
                 .unwrap_or_default()
         };
-        let (connector, workspace, upstream) = match &ctx.vetted {
-            Some(v) => (v.connector.clone(), v.workspace.clone(), v.addr.to_string()),
-            None => (routed(X_CONNECTOR), routed(X_WORKSPACE), String::new()),
+        let (connector, workspace) = match &ctx.vetted {
+            Some(v) => (v.connector.as_str(), v.workspace.as_str()),
+            None => (routed(&X_CONNECTOR_NAME), routed(&X_WORKSPACE_NAME)),
         };
-        let (host, path) = match &ctx.target {
-            Some(t) => (t.host.to_string(), t.path()),
-            None => (String::new(), ""),
-        };
+        let upstream = Blank(ctx.vetted.as_ref().map(|v| v.addr));
+        let host = Blank(ctx.target.as_ref().map(|t| &t.host));
+        let path = ctx.target.as_ref().map_or("", |t| t.path());
         info!(
             target: "sluice::access",
             request_id = %ctx.request_id,
@@ -854,7 +870,7 @@ impl ProxyHttp for Sluice {
         let connector_label = ctx
             .snapshot
             .connectors
-            .get_key_value(connector.as_str())
+            .get_key_value(connector)
             .map_or("", |(k, _)| k.as_str());
         let metrics = &crate::telemetry::METRICS;
         let status_class = match status {

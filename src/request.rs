@@ -249,18 +249,19 @@ pub fn check_framing(headers: &HeaderMap, raw_head: Option<&[u8]>) -> Result<(),
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) and sluice's own request headers: never forwarded.
 /// `Transfer-Encoding` is hop-by-hop too, but pingora re-frames the body itself from it, so it
-/// is left for pingora to manage.
-pub const STRIPPED_REQUEST_HEADERS: &[&str] = &[
-    X_CONNECTOR,
-    X_WORKSPACE,
-    "proxy-authorization",
-    "proxy-connection",
-    "proxy-authenticate",
-    "connection",
-    "keep-alive",
-    "te",
-    "trailer",
-    "upgrade",
+/// is left for pingora to manage. Parsed names: removing by `&str` parses the name again on
+/// every request.
+pub static STRIPPED_REQUEST_HEADERS: [HeaderName; 10] = [
+    HeaderName::from_static(X_CONNECTOR),
+    HeaderName::from_static(X_WORKSPACE),
+    header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
 ];
 
 /// Headers named in `Connection` that must survive anyway: removing them would break framing
