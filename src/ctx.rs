@@ -34,6 +34,8 @@ pub struct RequestCtx {
     pub attempts: u32,
     /// The wait before the next attempt, when a retry was decided.
     pub retry_delay: Option<std::time::Duration>,
+    /// The circuit breaker of the vetted (connector, host), once the first attempt looked it up.
+    pub breaker: Option<crate::ratelimit::BreakerHandle>,
     /// The rate-limit bucket this request drew from (its response teaches it).
     pub bucket: Option<crate::ratelimit::BucketKey>,
     /// OAuth connectors: the token state injected, kept for a forced refresh after a 401.
@@ -62,6 +64,7 @@ impl RequestCtx {
             injected: None,
             attempts: 0,
             retry_delay: None,
+            breaker: None,
             bucket: None,
             oauth: None,
             oauth_force: false,

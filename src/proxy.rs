@@ -92,15 +92,18 @@ impl Sluice {
 
     /// Tell the upstream host's breaker how an attempt went.
     fn record(&self, ctx: &RequestCtx, outcome: Outcome) {
-        let Some(vetted) = &ctx.vetted else { return };
+        let (Some(vetted), Some(breaker)) = (&ctx.vetted, &ctx.breaker) else {
+            return;
+        };
         let Some(connector) = ctx.snapshot.connectors.get(&vetted.connector) else {
             return;
         };
-        let key = (vetted.connector.clone(), vetted.sni.clone());
-        if let Some((from, to)) =
-            self.breakers
-                .record(&key, outcome, &connector.breaker, Instant::now())
-        {
+        let changed = breaker.lock().expect("breaker lock").record(
+            Instant::now(),
+            outcome,
+            &connector.breaker,
+        );
+        if let Some((from, to)) = changed {
             tracing::warn!(connector = %vetted.connector, host = %vetted.sni, state = to, "circuit breaker changed state");
             let metrics = &crate::telemetry::METRICS;
             metrics
@@ -566,11 +569,15 @@ impl ProxyHttp for Sluice {
             )
         })?;
         if let Some(connector) = ctx.snapshot.connectors.get(&vetted.connector) {
-            let key = (vetted.connector.clone(), vetted.sni.clone());
-            if let Pass::Reject(wait) =
+            let breaker = ctx.breaker.get_or_insert_with(|| {
                 self.breakers
-                    .admit(&key, &connector.breaker, Instant::now())
-            {
+                    .handle(&(vetted.connector.clone(), vetted.sni.clone()))
+            });
+            let pass = breaker
+                .lock()
+                .expect("breaker lock")
+                .admit(Instant::now(), &connector.breaker);
+            if let Pass::Reject(wait) = pass {
                 ctx.pending_refusal = Some(
                     Refusal::new(
                         ErrorCode::CircuitOpen,

@@ -534,36 +534,15 @@ impl Default for Breakers {
     }
 }
 
+/// One (connector, upstream host)'s breaker. A request looks it up once, before its first
+/// attempt, and keeps it for every attempt's admission and outcome.
+pub type BreakerHandle = Arc<Mutex<breaker::Breaker>>;
+
 impl Breakers {
-    fn get(&self, key: &(String, String)) -> Arc<Mutex<breaker::Breaker>> {
+    /// The breaker for (connector, host), created closed on first use.
+    pub fn handle(&self, key: &(String, String)) -> BreakerHandle {
         self.map
             .get_with_by_ref(key, || Arc::new(Mutex::new(breaker::Breaker::default())))
-    }
-
-    pub fn admit(
-        &self,
-        key: &(String, String),
-        policy: &breaker::BreakerPolicy,
-        now: Instant,
-    ) -> breaker::Pass {
-        self.get(key)
-            .lock()
-            .expect("breaker lock")
-            .admit(now, policy)
-    }
-
-    /// Record an outcome; returns (old, new) states when it changed.
-    pub fn record(
-        &self,
-        key: &(String, String),
-        outcome: breaker::Outcome,
-        policy: &breaker::BreakerPolicy,
-        now: Instant,
-    ) -> Option<(&'static str, &'static str)> {
-        self.get(key)
-            .lock()
-            .expect("breaker lock")
-            .record(now, outcome, policy)
     }
 }
 
