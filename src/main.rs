@@ -15,7 +15,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use clap::{Parser, Subcommand};
 use sluice::config::Snapshot;
-use sluice::logwriter::{BatchWriter, LogGuard};
+use sluice::logwriter::{BatchWriter, LogGuard, plain_fields};
 
 #[derive(Parser)]
 #[command(name = "sluice", version, about = "An egress gateway for SaaS APIs")]
@@ -125,15 +125,19 @@ fn init_logging() -> Result<LogGuard, String> {
         BatchWriter::batching_from_env()?,
     )
     .map_err(|e| format!("cannot start the log writer: {e}"))?;
-    // Colours only for a terminal: log files and collectors get plain text.
+    // Colours only for a terminal: log files and collectors get plain text, written without
+    // the default formatter's per-field painting (same bytes, fewer instructions).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(ansi)
         .with_writer(writer);
     if json {
         builder.json().flatten_event(true).init();
-    } else {
+    } else if ansi {
         builder.init();
+    } else {
+        builder.fmt_fields(plain_fields()).init();
     }
     Ok(guard)
 }
