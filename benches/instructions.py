@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""Instructions per request, under callgrind: nginx, the pingora floor and sluice.
+
+    python3 benches/instructions.py              # 2,000 requests each, ~3 minutes
+    python3 benches/instructions.py --requests 500
+    python3 benches/instructions.py --keep     # keep the callgrind dumps, for
+        # callgrind_annotate --inclusive=yes DIR/cg-sluice.out.1
+
+CPU-seconds on a shared VM move by 10-20 % between runs of the same binary (BENCHMARKS.md);
+instruction counts do not: the same binary, config and requests give the same count within
+a fraction of a percent, so a change of a few hundred instructions per request is visible
+here when the load bench cannot see it. Counted: the proxy's user-space instructions (every
+thread) between a warm-up and the end of the measured requests. Not counted: the kernel
+(syscalls, TCP, wake-ups), so this complements benches/load.py, it does not replace it.
+
+Each proxy runs under `valgrind --tool=callgrind` with the load bench's own configs (nginx
+as a single process, `master_process off`); a Python client sends the requests one at a
+time on one keep-alive connection, absolute-form, through the proxy to a native nginx TLS
+upstream. sluice authenticates the caller, cycles through 100 workspaces with stored
+credentials, injects, paces and logs, exactly as in the load bench's warm set-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import load  # noqa: E402  (the load bench: configs, certificates, process helpers)
+
+
+def drive(port: int, n: int, workspaces: int, token: str) -> None:
+    """n sequential requests on one connection; every answer must be a 200."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    target = f"http://{load.HOST}:{UP_PORT[0]}{load.PATH}"
+    for i in range(n):
+        headers = {"Host": f"{load.HOST}:{UP_PORT[0]}", "Accept": "application/json"}
+        if workspaces:
+            headers.update({"X-Connector": "bench", "X-Workspace": f"ws_{i % workspaces}",
+                            "Proxy-Authorization": f"Bearer {token}"})
+        conn.request("GET", target, headers=headers)
+        resp = conn.getresponse()
+        resp.read()
+        if resp.status != 200:
+            raise SystemExit(f"request {i}: status {resp.status}")
+    conn.close()
+
+
+# The upstream's port, set once the upstream runs (drive() builds absolute-form targets).
+UP_PORT = [0]
+
+
+def callgrind(cmd: list, out: Path) -> list:
+    return ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no",
+            "--instr-atstart=no", *map(str, cmd)]
+
+
+def count(pid: int, out_prefix: Path, run) -> int:
+    """Instructions the process executes while `run()` runs."""
+    subprocess.run(["callgrind_control", "--instr=on", str(pid)], check=True,
+                   capture_output=True)
+    run()
+    subprocess.run(["callgrind_control", "--dump", str(pid)], check=True, capture_output=True)
+    subprocess.run(["callgrind_control", "--instr=off", str(pid)], check=True,
+                   capture_output=True)
+    total = 0
+    for dump in out_prefix.parent.glob(out_prefix.name + "*"):
+        text = dump.read_text(errors="replace")
+        m = re.search(r"^summary:\s+(\d+)", text, re.M) or re.search(r"^totals:\s+(\d+)",
+                                                                     text, re.M)
+        if m and dump.name != out_prefix.name:
+            # out_prefix itself stays empty; each dump is out_prefix.N
+            total += int(m.group(1))
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--warmup", type=int, default=300)
+    ap.add_argument("--sluice", help="sluice binary (default: build target/release/sluice)")
+    ap.add_argument("--floor", help="pingora floor binary (default: build the example)")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the working directory (configs, callgrind dumps)")
+    args = ap.parse_args()
+    load.ensure_tools()
+    if shutil.which("valgrind") is None:
+        subprocess.run(["apt-get", "install", "-y", "-q", "valgrind"], check=True)
+    if not args.sluice or not args.floor:
+        load.run(["cargo", "build", "--release", "--locked", "--bin", "sluice", "--example",
+                  "pingora_floor"], cwd=load.ROOT)
+        args.sluice = args.sluice or str(load.ROOT / "target/release/sluice")
+        args.floor = args.floor or str(load.ROOT / "target/release/examples/pingora_floor")
+    load.WORKSPACES = 100
+    results = []
+    with tempfile.TemporaryDirectory(prefix="sluice-instr-") as tmp:
+        d = Path(tmp)
+        if args.keep:
+            d = Path(tempfile.mkdtemp(prefix="sluice-instr-kept-"))
+            load.log(f"keeping configs and callgrind dumps in {d}")
+        load.make_certs(d)
+        b = load.Bench(argparse.Namespace(sluice_log="info"), d)
+        UP_PORT[0] = b.up_port
+        try:
+            up, _ = b.start_upstream("instr")
+            n, w = args.requests, args.warmup
+
+            # nginx, one process (callgrind follows no fork).
+            port = load.free_port()
+            conf = d / "nginx-proxy.conf"
+            conf.write_text(load.nginx_proxy_conf(d, port, b.up_port).replace(
+                "worker_processes 1;", "worker_processes 1;\nmaster_process off;"))
+            p = b.spawn(callgrind(["nginx", "-c", conf, "-p", d], d / "cg-nginx.out"),
+                        b.proxy_cpu, "nginx-cg.log")
+            load.wait_for("nginx under callgrind", lambda: load.port_open(port), 120)
+            drive(port, w, 0, "")
+            results.append(("nginx (header-injecting proxy)",
+                            count(p.pid, d / "cg-nginx.out", lambda: drive(port, n, 0, ""))))
+            b.stop(p, load.signal.SIGKILL)
+
+            # The pingora floor.
+            port = load.free_port()
+            p = b.spawn(callgrind([args.floor, f"127.0.0.1:{port}", f"127.0.0.1:{b.up_port}",
+                                   load.HOST, d / "ca.pem", load.CANARY], d / "cg-floor.out"),
+                        b.proxy_cpu, "floor-cg.log")
+            load.wait_for("floor under callgrind", lambda: load.port_open(port), 120)
+            drive(port, w, 0, "")
+            results.append(("pingora floor (bare http_proxy)",
+                            count(p.pid, d / "cg-floor.out", lambda: drive(port, n, 0, ""))))
+            b.stop(p, load.signal.SIGKILL)
+
+            # sluice, warm cache, embedded store.
+            s = load.Sluice(load.free_port(), load.free_port(), "a" * 64, "b" * 64)
+            conf = d / "sluice.toml"
+            store = f'store = "embedded"\npath = "{d}/sluice.redb"'
+            conf.write_text(load.sluice_conf(d, s, b.up_port, store, "", 10_000))
+            p = b.spawn(callgrind([args.sluice, "run", "--config", conf], d / "cg-sluice.out"),
+                        b.proxy_cpu, "sluice-cg.log")
+            load.wait_for("sluice under callgrind", lambda: load.port_open(s.port), 300)
+            load.wait_for("sluice's admin API", lambda: load.port_open(s.admin_port), 300)
+            load.put_credentials(s, load.WORKSPACES)
+            drive(s.port, w, load.WORKSPACES, s.caller_token)
+            results.append(("sluice, warm cache",
+                            count(p.pid, d / "cg-sluice.out",
+                                  lambda: drive(s.port, n, load.WORKSPACES, s.caller_token))))
+            b.stop(p, load.signal.SIGKILL)
+            b.stop(up, load.signal.SIGKILL)
+        finally:
+            b.stop_all()
+    nginx = results[0][1]
+    floor = results[1][1]
+    print(f"user-space instructions per request ({args.requests} requests, after "
+          f"{args.warmup} of warm-up):\n")
+    print("| proxy | instructions/request | vs nginx | vs floor |")
+    print("|---|---:|---:|---:|")
+    for name, total in results:
+        per = total / args.requests
+        print(f"| {name} | {per:,.0f} | {total / nginx:.2f}× | {total / floor:.2f}× |")
+
+
+if __name__ == "__main__":
+    main()
