@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import os
 import re
 import shutil
 import subprocess
@@ -86,6 +87,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--sluice", help="sluice binary (default: build target/release/sluice)")
     ap.add_argument("--floor", help="pingora floor binary (default: build the example)")
+    ap.add_argument("--log-format", choices=["text", "json"], default="text",
+                    help="sluice's SLUICE_LOG_FORMAT (the container image uses json)")
     ap.add_argument("--keep", action="store_true",
                     help="keep the working directory (configs, callgrind dumps)")
     args = ap.parse_args()
@@ -140,13 +143,14 @@ def main() -> None:
             conf = d / "sluice.toml"
             store = f'store = "embedded"\npath = "{d}/sluice.redb"'
             conf.write_text(load.sluice_conf(d, s, b.up_port, store, "", 10_000))
+            env = dict(os.environ, SLUICE_LOG="info", SLUICE_LOG_FORMAT=args.log_format)
             p = b.spawn(callgrind([args.sluice, "run", "--config", conf], d / "cg-sluice.out"),
-                        b.proxy_cpu, "sluice-cg.log")
+                        b.proxy_cpu, "sluice-cg.log", env=env)
             load.wait_for("sluice under callgrind", lambda: load.port_open(s.port), 300)
             load.wait_for("sluice's admin API", lambda: load.port_open(s.admin_port), 300)
             load.put_credentials(s, load.WORKSPACES)
             drive(s.port, w, load.WORKSPACES, s.caller_token)
-            results.append(("sluice, warm cache",
+            results.append((f"sluice, warm cache ({args.log_format} logs)",
                             count(p.pid, d / "cg-sluice.out",
                                   lambda: drive(s.port, n, load.WORKSPACES, s.caller_token))))
             b.stop(p, load.signal.SIGKILL)

@@ -29,6 +29,8 @@ the others. For each set-up it measures, after a warm-up:
   10 connections waits 10,000/rate ms between a response and its next request; wrk measures
   from send to response, so this is closed-loop pacing, not wrk2's open loop: a slow response
   delays the next request rather than queueing it);
+* unloaded latency: one connection, 5 ms between requests, so no request waits behind
+  another (the paced run's connections bunch, so its p50 also counts queueing);
 * proxy CPU-seconds per 10,000 requests (utime + stime from /proc, every process of the
   proxy), in both runs;
 * peak RSS (VmHWM, summed over the proxy's processes);
@@ -403,6 +405,7 @@ class Result:
     p99_ms: float = 0.0
     rate_errors: int = 0
     rate_cpu_per_10k: float | None = None
+    solo_p50_ms: float = 0.0
     rss_mib: float | None = None
     opened: int = 0
     upstream_requests: int = 0
@@ -505,6 +508,13 @@ class Bench:
         if pids:
             r.rate_cpu_per_10k = (c2 - c1) / s["requests"] * 10_000
             r.rss_mib = peak_rss_mib(pids)
+        # Unloaded latency: one connection, 5 ms between a response and the next request, so
+        # no request ever waits behind another. The paced run above bunches its connections
+        # (closed-loop delay()), so its p50 also counts queueing, i.e. per-request CPU.
+        s = self.wrk(url, target, workspaces, token, duration=a.duration / 2, conns=1,
+                     delay_ms=5)
+        r.solo_p50_ms = s["p50_us"] / 1000
+        r.rate_errors += s["errors"]
 
     # --- scenarios -------------------------------------------------------------------------
 
@@ -623,8 +633,8 @@ def report(results: list[Result], args, gen_cpus: str, proxy_cpu: str) -> str:
                  f"after {args.warmup:.0f}s warm-up")
     lines.append("")
     head = ("| set-up | max req/s | CPU-s/10k @max | p50 ms @rate | p99 ms @rate | "
-            "p50 added | CPU-s/10k @rate | peak RSS MiB | upstream conns opened/reused | "
-            "reuse | errors |")
+            "p50 added | CPU-s/10k @rate | p50 added, 1 conn | peak RSS MiB | "
+            "upstream conns opened/reused | reuse | errors |")
     lines.append(head)
     lines.append("|---|" + "---:|" * (head.count("|") - 2))
     for r in results:
@@ -632,7 +642,9 @@ def report(results: list[Result], args, gen_cpus: str, proxy_cpu: str) -> str:
         lines.append(
             f"| {r.name} | {r.rps:,.0f} | {fmt(r.cpu_per_10k, '.3f')} | {r.p50_ms:.3f} | "
             f"{r.p99_ms:.3f} | {'—' if r is direct else f'{added:+.3f}'} | "
-            f"{fmt(r.rate_cpu_per_10k, '.3f')} | {fmt(r.rss_mib, '.1f')} | "
+            f"{fmt(r.rate_cpu_per_10k, '.3f')} | "
+            f"{'—' if r is direct else f'{r.solo_p50_ms - direct.solo_p50_ms:+.3f}'} | "
+            f"{fmt(r.rss_mib, '.1f')} | "
             f"{r.opened}/{r.upstream_requests - r.opened} | {r.reuse:.3f}% | "
             f"{r.errors + r.rate_errors} |")
     lines.append("")
@@ -683,7 +695,9 @@ def report(results: list[Result], args, gen_cpus: str, proxy_cpu: str) -> str:
              and warm.rate_cpu_per_10k <= ngx.rate_cpu_per_10k,
              f"{fmt(warm.rate_cpu_per_10k, '.3f')} vs {fmt(ngx.rate_cpu_per_10k, '.3f')}"),
             ("p50 added over direct <= nginx's", warm.p50_ms - direct.p50_ms <= ngx_added,
-             f"{warm.p50_ms - direct.p50_ms:+.3f} ms vs {ngx_added:+.3f} ms"),
+             f"{warm.p50_ms - direct.p50_ms:+.3f} ms vs {ngx_added:+.3f} ms at the fixed rate; "
+             f"unloaded (1 connection): {warm.solo_p50_ms - direct.solo_p50_ms:+.3f} ms vs "
+             f"{ngx.solo_p50_ms - direct.solo_p50_ms:+.3f} ms"),
             ("upstream reuse >= 99.9%", warm.reuse >= 99.9, f"{warm.reuse:.3f}%"),
             ("peak RSS < 50 MiB + cache", warm.rss_mib is not None and warm.rss_mib < 50 +
              args.cache_allowance, f"{fmt(warm.rss_mib, '.1f')} MiB (cache allowance "
