@@ -114,29 +114,28 @@ def main() -> None:
             up, _ = b.start_upstream("instr")
             n, w = args.requests, args.warmup
 
-            # nginx, one process (callgrind follows no fork).
-            port = load.free_port()
-            conf = d / "nginx-proxy.conf"
-            conf.write_text(load.nginx_proxy_conf(d, port, b.up_port).replace(
-                "worker_processes 1;", "worker_processes 1;\nmaster_process off;"))
-            p = b.spawn(callgrind(["nginx", "-c", conf, "-p", d], d / "cg-nginx.out"),
-                        b.proxy_cpu, "nginx-cg.log")
-            load.wait_for("nginx under callgrind", lambda: load.port_open(port), 120)
-            drive(port, w, 0, "")
-            results.append(("nginx (header-injecting proxy)",
-                            count(p.pid, d / "cg-nginx.out", lambda: drive(port, n, 0, ""))))
-            b.stop(p, load.signal.SIGKILL)
+            def plain(name: str, key: str, command) -> None:
+                """Count a proxy that takes no routing headers; `command(port)` starts it."""
+                port = load.free_port()
+                p = b.spawn(callgrind(command(port), d / f"cg-{key}.out"), b.proxy_cpu,
+                            f"{key}-cg.log")
+                load.wait_for(f"{name} under callgrind", lambda: load.port_open(port), 120)
+                drive(port, w, 0, "")
+                results.append((name, count(p.pid, d / f"cg-{key}.out",
+                                            lambda: drive(port, n, 0, ""))))
+                b.stop(p, load.signal.SIGKILL)
 
-            # The pingora floor.
-            port = load.free_port()
-            p = b.spawn(callgrind([args.floor, f"127.0.0.1:{port}", f"127.0.0.1:{b.up_port}",
-                                   load.HOST, d / "ca.pem", load.CANARY], d / "cg-floor.out"),
-                        b.proxy_cpu, "floor-cg.log")
-            load.wait_for("floor under callgrind", lambda: load.port_open(port), 120)
-            drive(port, w, 0, "")
-            results.append(("pingora floor (bare http_proxy)",
-                            count(p.pid, d / "cg-floor.out", lambda: drive(port, n, 0, ""))))
-            b.stop(p, load.signal.SIGKILL)
+            def nginx(port: int) -> list:
+                # One process: callgrind follows no fork.
+                conf = d / "nginx-proxy.conf"
+                conf.write_text(load.nginx_proxy_conf(d, port, b.up_port).replace(
+                    "worker_processes 1;", "worker_processes 1;\nmaster_process off;"))
+                return ["nginx", "-c", conf, "-p", d]
+
+            plain("nginx (header-injecting proxy)", "nginx", nginx)
+            plain("pingora floor (bare http_proxy)", "floor",
+                  lambda port: [args.floor, f"127.0.0.1:{port}", f"127.0.0.1:{b.up_port}",
+                                load.HOST, d / "ca.pem", load.CANARY])
 
             # sluice, warm cache, embedded store.
             s = load.Sluice(load.free_port(), load.free_port(), "a" * 64, "b" * 64)

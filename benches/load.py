@@ -525,32 +525,34 @@ class Bench:
         r.opened, r.upstream_requests = self.upstream_counts(up, up_log)
         return r
 
-    def nginx(self) -> Result:
-        r = Result("nginx (header-injecting proxy)")
-        up, up_log = self.start_upstream("nginx")
+    def plain_proxy(self, name: str, scenario: str, command, stop_signal) -> Result:
+        """A proxy that takes no routing headers (nginx, the floor): start, measure, count.
+        `command(port)` returns the command line for a proxy listening on `port`."""
+        r = Result(name)
+        up, up_log = self.start_upstream(scenario)
         port = free_port()
-        conf = self.d / "nginx-proxy.conf"
-        conf.write_text(nginx_proxy_conf(self.d, port, self.up_port))
-        p = self.spawn(["nginx", "-c", conf, "-p", self.d], self.proxy_cpu, "nginx-proxy.out")
-        wait_for("nginx proxy", lambda: port_open(port))
+        p = self.spawn(command(port), self.proxy_cpu, f"{scenario}-proxy.out")
+        wait_for(name, lambda: port_open(port))
         self.measure(r, f"http://127.0.0.1:{port}", f"http://{HOST}:{self.up_port}{PATH}", 0, "",
                      proc_tree(p.pid))
-        self.stop(p, signal.SIGQUIT)
+        self.stop(p, stop_signal)
         r.opened, r.upstream_requests = self.upstream_counts(up, up_log)
         return r
 
+    def nginx(self) -> Result:
+        def command(port: int) -> list:
+            conf = self.d / "nginx-proxy.conf"
+            conf.write_text(nginx_proxy_conf(self.d, port, self.up_port))
+            return ["nginx", "-c", conf, "-p", self.d]
+        return self.plain_proxy("nginx (header-injecting proxy)", "nginx", command,
+                                signal.SIGQUIT)
+
     def floor(self) -> Result:
-        r = Result("pingora floor (bare http_proxy)")
-        up, up_log = self.start_upstream("floor")
-        port = free_port()
-        p = self.spawn([self.args.floor, f"127.0.0.1:{port}", f"127.0.0.1:{self.up_port}", HOST,
-                        self.d / "ca.pem", CANARY], self.proxy_cpu, "floor.out")
-        wait_for("pingora floor", lambda: port_open(port))
-        self.measure(r, f"http://127.0.0.1:{port}", f"http://{HOST}:{self.up_port}{PATH}", 0, "",
-                     proc_tree(p.pid))
-        self.stop(p, signal.SIGKILL)
-        r.opened, r.upstream_requests = self.upstream_counts(up, up_log)
-        return r
+        return self.plain_proxy(
+            "pingora floor (bare http_proxy)", "floor",
+            lambda port: [self.args.floor, f"127.0.0.1:{port}", f"127.0.0.1:{self.up_port}",
+                          HOST, self.d / "ca.pem", CANARY],
+            signal.SIGKILL)
 
     def sluice(self, name: str, scenario: str, *, redis: bool = False, cache_capacity: int =
                10_000, workspaces: int = WORKSPACES, extra_connector: str = "") -> Result:
@@ -647,37 +649,27 @@ def report(results: list[Result], args, gen_cpus: str, proxy_cpu: str) -> str:
             f"{fmt(r.rss_mib, '.1f')} | "
             f"{r.opened}/{r.upstream_requests - r.opened} | {r.reuse:.3f}% | "
             f"{r.errors + r.rate_errors} |")
-    lines.append("")
-    lines.append("ratios to nginx (lower is better except req/s):")
-    lines.append("")
-    lines.append("| set-up | max req/s | CPU-s/10k @max | p50 added | CPU-s/10k @rate | "
-                 "peak RSS |")
-    lines.append("|---|---:|---:|---:|---:|---:|")
+    def ratio_table(title: str, base: Result, rows: tuple) -> None:
+        lines.extend(["", title, "",
+                      "| set-up | max req/s | CPU-s/10k @max | p50 added | CPU-s/10k @rate | "
+                      "peak RSS |",
+                      "|---|---:|---:|---:|---:|---:|"])
+        base_added = base.p50_ms - direct.p50_ms
+        for r in results:
+            if r.name.startswith(rows):
+                lines.append(
+                    f"| {r.name} | {ratio(r.rps, base.rps)} | "
+                    f"{ratio(r.cpu_per_10k, base.cpu_per_10k)} | "
+                    f"{ratio(r.p50_ms - direct.p50_ms, base_added)} | "
+                    f"{ratio(r.rate_cpu_per_10k, base.rate_cpu_per_10k)} | "
+                    f"{ratio(r.rss_mib, base.rss_mib)} |")
+
     ngx_added = ngx.p50_ms - direct.p50_ms
-    for r in results:
-        if r.name.startswith("sluice"):
-            lines.append(
-                f"| {r.name} | {ratio(r.rps, ngx.rps)} | {ratio(r.cpu_per_10k, ngx.cpu_per_10k)}"
-                f" | {ratio(r.p50_ms - direct.p50_ms, ngx_added)} | "
-                f"{ratio(r.rate_cpu_per_10k, ngx.rate_cpu_per_10k)} | "
-                f"{ratio(r.rss_mib, ngx.rss_mib)} |")
+    ratio_table("ratios to nginx (lower is better except req/s):", ngx, ("sluice",))
     floor = next((r for r in results if r.name.startswith("pingora floor")), None)
     if floor:
-        lines.append("")
-        lines.append("ratios to the pingora floor (what sluice's own logic costs over the framework):")
-        lines.append("")
-        lines.append("| set-up | max req/s | CPU-s/10k @max | p50 added | CPU-s/10k @rate | "
-                     "peak RSS |")
-        lines.append("|---|---:|---:|---:|---:|---:|")
-        floor_added = floor.p50_ms - direct.p50_ms
-        for r in results:
-            if r.name.startswith(("nginx", "sluice")):
-                lines.append(
-                    f"| {r.name} | {ratio(r.rps, floor.rps)} | "
-                    f"{ratio(r.cpu_per_10k, floor.cpu_per_10k)} | "
-                    f"{ratio(r.p50_ms - direct.p50_ms, floor_added)} | "
-                    f"{ratio(r.rate_cpu_per_10k, floor.rate_cpu_per_10k)} | "
-                    f"{ratio(r.rss_mib, floor.rss_mib)} |")
+        ratio_table("ratios to the pingora floor (what sluice's own logic costs over the "
+                    "framework):", floor, ("nginx", "sluice"))
     lines.append("")
     for r in results:
         for n in r.notes:
