@@ -43,8 +43,17 @@ macro_rules! error_codes {
 error_codes! {
     /// The request is not well-formed HTTP/1.1 for a proxy (framing, header values).
     MalformedRequest => ("malformed_request", 400),
-    /// `Content-Length` and `Transfer-Encoding` disagree or both appear.
+    /// `Content-Length` and `Transfer-Encoding` disagree or both appear, or
+    /// `Transfer-Encoding` is anything but a single `chunked` (RFC 9112 §6.1).
     AmbiguousFraming => ("ambiguous_framing", 400),
+    /// More header fields, or a larger request head, than `listener.max_header_count` /
+    /// `listener.max_header_bytes` allow.
+    HeadersTooLarge => ("request_headers_too_large", 431),
+    /// The client stopped sending its request body before the read timeout.
+    RequestTimeout => ("request_timeout", 408),
+    /// The client closed the connection before the exchange ended. Nothing can be sent: this
+    /// code only appears in logs and metrics (nginx's 499).
+    ClientClosed => ("client_closed", 499),
     /// `X-Connector` missing.
     MissingConnector => ("missing_connector", 400),
     /// `X-Workspace` missing.

@@ -20,6 +20,7 @@
 //! | [`explain`]    | `sluice explain`: the policy decision for a URL, without sending      |
 //! | [`server`]     | starting it: pingora `Server`, or a caller-bound listener             |
 //! | [`telemetry`]  | 9. metrics                                                            |
+//! | [`logging`]    | 9. what may be logged: sluice's records, third-party ones held to INFO |
 //! | [`logwriter`]  | 9. log lines to stderr in batches, off the request's thread            |
 //! | [`admin`]      | the admin API: credentials, key rotation, connectors, orgs, workspaces |
 
@@ -32,6 +33,7 @@ pub mod credential;
 pub mod ctx;
 pub mod error;
 pub mod explain;
+pub mod logging;
 pub mod logwriter;
 pub mod outbound;
 pub mod policy;

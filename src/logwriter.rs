@@ -97,14 +97,17 @@ impl Inner {
         let mut buf = lock(shard);
         buf.extend_from_slice(line);
         let len = buf.len();
-        if len >= self.batching.max_buffered {
-            // The flusher is behind: write this buffer here. Taken out of the shard before the
-            // output lock is waited for (the flusher takes them in the other order).
-            let batch = std::mem::take(&mut *buf);
-            drop(buf);
-            return lock(&self.out).write_all(&batch);
-        }
         drop(buf);
+        if len >= self.batching.max_buffered {
+            // The flusher is behind: write this shard out here. The output lock is taken
+            // first and the shard emptied under it, as the flusher does: bytes leave a shard
+            // only while the output is held, so no later line of a thread sharing this shard
+            // can be written before an earlier one. (Taking the batch before waiting for the
+            // output let the flusher write the shard's newer lines first.)
+            let mut out = lock(&self.out);
+            let batch = std::mem::take(&mut *lock(shard));
+            return out.write_all(&batch);
+        }
         if len >= self.batching.high_water && !self.wake_requested.swap(true, Ordering::AcqRel) {
             if let Some(flusher) = self.flusher.get() {
                 flusher.unpark();

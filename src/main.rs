@@ -15,7 +15,6 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use clap::{Parser, Subcommand};
 use sluice::config::Snapshot;
-use sluice::logwriter::{BatchWriter, LogGuard, plain_fields};
 
 #[derive(Parser)]
 #[command(name = "sluice", version, about = "An egress gateway for SaaS APIs")]
@@ -112,41 +111,11 @@ enum CredentialsCommand {
     RotateKey,
 }
 
-/// Logs go to stderr in batches (sluice::logwriter): a request only copies its lines into its
-/// thread's buffer; a flusher thread writes them every `SLUICE_LOG_FLUSH_MS` (default 100 ms)
-/// or when a buffer passes 64 KiB. Never lossy. The returned guard writes out what is buffered
-/// when dropped.
-fn init_logging() -> Result<LogGuard, String> {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let json = std::env::var("SLUICE_LOG_FORMAT").is_ok_and(|f| f == "json");
-    let (writer, guard) = BatchWriter::new(
-        Box::new(std::io::stderr()),
-        BatchWriter::batching_from_env()?,
-    )
-    .map_err(|e| format!("cannot start the log writer: {e}"))?;
-    // Colours only for a terminal: log files and collectors get plain text, written without
-    // the default formatter's per-field painting (same bytes, fewer instructions).
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(writer);
-    if json {
-        builder.json().flatten_event(true).init();
-    } else if ansi {
-        builder.init();
-    } else {
-        builder.fmt_fields(plain_fields()).init();
-    }
-    Ok(guard)
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run { config, upgrade } => {
-            let _log_guard = match init_logging() {
+            let _log_guard = match sluice::logging::init() {
                 Ok(guard) => guard,
                 Err(e) => {
                     eprintln!("sluice: {e}");

@@ -14,10 +14,10 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
-use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 
 use crate::policy::Destination;
 
@@ -45,7 +45,7 @@ pub struct OutboundTls {
 
 impl OutboundTls {
     pub fn new(extra_ca_file: Option<&Path>) -> Result<Self, String> {
-        let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let mut roots = RootCertStore::empty();
         let native = rustls_native_certs::load_native_certs()
             .map_err(|e| format!("cannot load the system's CA certificates: {e}"))?;

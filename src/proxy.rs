@@ -34,8 +34,8 @@ use crate::ratelimit::headers::{learn, retry_after};
 use crate::ratelimit::retry::{replay_safe, retryable_status};
 use crate::ratelimit::{Breakers, Decision, Limiter, bucket_key};
 use crate::request::{
-    STRIPPED_REQUEST_HEADERS, X_CONNECTOR, X_WORKSPACE, check_framing, check_header_values,
-    connection_listed,
+    STRIPPED_REQUEST_HEADERS, X_CONNECTOR, X_WORKSPACE, check_framing, check_header_limits,
+    check_header_values, connection_listed,
 };
 use crate::upstream;
 use std::time::Duration;
@@ -306,6 +306,17 @@ impl Sluice {
                 "CONNECT tunnels are not supported: send plain http:// URLs through the proxy and sluice speaks TLS upstream",
             ));
         }
+        let head_bytes = session
+            .as_downstream()
+            .as_http1()
+            .map_or(0, |h1| h1.get_headers_raw_bytes().len());
+        let listener = &ctx.snapshot.listener;
+        check_header_limits(
+            &req.headers,
+            head_bytes,
+            listener.max_header_count,
+            listener.max_header_bytes,
+        )?;
         check_header_values(&req.headers)?;
         // The raw head is only needed (and only copied) when Transfer-Encoding is present.
         let raw_head = req
@@ -408,18 +419,52 @@ async fn respond(session: &mut Session, ctx: &RequestCtx, refusal: &Refusal) -> 
     session.write_response_body(Some(body), true).await
 }
 
-/// Map a pingora failure to sluice's error model. `None`: the client is gone, answer nothing.
-fn refusal_for(e: &Error, ctx: &RequestCtx) -> Option<Refusal> {
+/// Map a failure on the app's side of the exchange (pingora's downstream errors). Every
+/// pingora error type is placed: framing the request broke (400), a body that stopped coming
+/// (408), the app went away (nothing to answer: [`ErrorCode::ClientClosed`], logged).
+fn downstream_refusal(e: &Error) -> Refusal {
+    use ErrorType::*;
+    let (code, what) = match e.etype() {
+        InvalidHTTPHeader | H1Error | H2Error | InvalidH2 | H2Downgrade => (
+            ErrorCode::MalformedRequest,
+            "the request is not valid HTTP/1.1",
+        ),
+        // pingora's body parser: a chunk size that is not hex, a chunk without its CRLF,
+        // broken trailers, a body shorter than its Content-Length.
+        Custom("InvalidChunk") => (
+            ErrorCode::MalformedRequest,
+            "the request body's chunked framing is broken",
+        ),
+        Custom("InvalidTrailerEnd") => (
+            ErrorCode::MalformedRequest,
+            "the request body's trailers are broken",
+        ),
+        Custom("PrematureBodyEnd") => (
+            ErrorCode::MalformedRequest,
+            "the request body ended before its declared length",
+        ),
+        ReadTimedout => (
+            ErrorCode::RequestTimeout,
+            "the request body stopped arriving",
+        ),
+        ConnectionClosed | ReadError | WriteError | WriteTimedout | AcceptError | SocketError
+        | TLSHandshakeFailure | TLSHandshakeTimedout | HandshakeError => {
+            (ErrorCode::ClientClosed, "the client closed the connection")
+        }
+        ConnectTimedout | ConnectRefused | ConnectNoRoute | TLSWantX509Lookup | InvalidCert
+        | ConnectError | BindError | ConnectProxyFailure | HTTPStatus(_) | FileOpenError
+        | FileCreateError | FileReadError | FileWriteError | InternalError | UnknownError
+        | Custom(_) | CustomCode(..) => (ErrorCode::Internal, "internal error"),
+    };
+    Refusal::new(code, format!("{what} ({})", e.etype().as_str()))
+}
+
+/// Map a pingora failure to sluice's error model.
+fn refusal_for(e: &Error, ctx: &RequestCtx) -> Refusal {
     use ErrorType::*;
     let host = ctx.vetted.as_ref().map_or("upstream", |v| v.sni.as_str());
     if e.esource() == &ErrorSource::Downstream {
-        return match e.etype() {
-            InvalidHTTPHeader | H1Error => Some(Refusal::new(
-                ErrorCode::MalformedRequest,
-                "the request body is not valid HTTP/1.1 framing",
-            )),
-            _ => None,
-        };
+        return downstream_refusal(e);
     }
     let (code, what) = match e.etype() {
         ConnectTimedout => (ErrorCode::UpstreamConnectFailed, "connect timed out"),
@@ -438,10 +483,10 @@ fn refusal_for(e: &Error, ctx: &RequestCtx) -> Option<Refusal> {
         ),
         _ => (ErrorCode::Internal, "internal error"),
     };
-    Some(Refusal::new(
+    Refusal::new(
         code,
         format!("{what} ({}) talking to {host}", e.etype().as_str()),
-    ))
+    )
 }
 
 impl Sluice {
@@ -488,6 +533,11 @@ impl ProxyHttp for Sluice {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        // Requests pipelined behind this one (RFC 9112 §9.3.2) are kept and served in order
+        // on this connection, each through its own pass (caller, policy, credential).
+        // Without this pingora drops them and closes the connection after the first
+        // response, which still said keep-alive.
+        session.as_downstream_mut().set_pipelining_enabled(true);
         ctx.request_id = request_id(session);
         let admitted = self.admit(session, ctx).await;
         ctx.policy_done = Some(std::time::Instant::now());
@@ -511,10 +561,11 @@ impl ProxyHttp for Sluice {
             Ok(()) => match self.pace(session, ctx).await {
                 Ok(true) => Ok(()),
                 Ok(false) => {
-                    return Error::e_explain(
+                    return Err(Error::explain(
                         ErrorType::ConnectionClosed,
                         "client left while waiting for the rate limit",
-                    );
+                    )
+                    .into_down());
                 }
                 Err(refusal) => Err(refusal),
             },
@@ -736,6 +787,13 @@ impl ProxyHttp for Sluice {
     ) -> Box<Error> {
         let _ = client_reused;
         let mut e = e.more_context(format!("Peer: {peer}"));
+        if e.esource() == &ErrorSource::Downstream {
+            // The app's side broke (a bad body, a closed connection): not the upstream's
+            // fault, and nothing worth sending again.
+            ctx.retry_delay = None;
+            e.set_retry(false);
+            return e;
+        }
         let truncated = session.as_ref().retry_buffer_truncated();
         let decided = ctx.oauth_force || ctx.retry_delay.is_some();
         if !decided && e.esource() == &ErrorSource::Upstream {
@@ -793,13 +851,21 @@ impl ProxyHttp for Sluice {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
-        let Some(refusal) = ctx.pending_refusal.take().or_else(|| refusal_for(e, ctx)) else {
+        let refusal = ctx
+            .pending_refusal
+            .take()
+            .unwrap_or_else(|| refusal_for(e, ctx));
+        if refusal.code == ErrorCode::ClientClosed {
+            // Nobody to answer; the access line still says what happened.
+            ctx.refusal = Some(refusal);
             return FailToProxy {
                 error_code: 0,
                 can_reuse_downstream: false,
             };
-        };
+        }
         let status = refusal.code.status().as_u16();
+        // Once the upstream's response has started, its status cannot be taken back: the
+        // connection is aborted (not reused) and the access line names the real outcome.
         if session.response_written().is_none() {
             if let Err(write_err) = respond(session, ctx, &refusal).await {
                 warn!(request_id = %ctx.request_id, error = %write_err, "could not send error response");

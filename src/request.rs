@@ -232,6 +232,12 @@ pub fn check_framing(headers: &HeaderMap, raw_head: Option<&[u8]>) -> Result<(),
             return Err(ambiguous());
         }
     }
+    if te && !only_chunked(headers) {
+        return Err(Refusal::new(
+            ErrorCode::AmbiguousFraming,
+            "Transfer-Encoding must be exactly \"chunked\" (RFC 9112 §6.1): other or stacked codings are refused",
+        ));
+    }
     if te {
         if let Some(head) = raw_head {
             let has_cl = head.split(|&b| b == b'\n').skip(1).any(|line| {
@@ -243,6 +249,48 @@ pub fn check_framing(headers: &HeaderMap, raw_head: Option<&[u8]>) -> Result<(),
                 return Err(ambiguous());
             }
         }
+    }
+    Ok(())
+}
+
+/// A request's `Transfer-Encoding`, across all its header lines, is one coding: `chunked`.
+/// RFC 9112 §6.1 requires `chunked` last and a 400 otherwise; sluice also refuses codings in
+/// front of it (`identity, chunked`, `gzip, chunked`) and repeats: the upstream would have to
+/// undo a coding sluice cannot see into, and front ends that disagree on such lists are how
+/// requests get smuggled.
+fn only_chunked(headers: &HeaderMap) -> bool {
+    let mut codings = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','));
+    matches!(
+        (codings.next(), codings.next()),
+        (Some(c), None) if c.trim_ascii().eq_ignore_ascii_case(b"chunked")
+    )
+}
+
+/// The request head within `listener.max_header_count` fields and `max_header_bytes` bytes
+/// (`head_bytes`: request line and header lines as received).
+pub fn check_header_limits(
+    headers: &HeaderMap,
+    head_bytes: usize,
+    max_count: usize,
+    max_bytes: usize,
+) -> Result<(), Refusal> {
+    if headers.len() > max_count {
+        return Err(Refusal::new(
+            ErrorCode::HeadersTooLarge,
+            format!(
+                "{} header fields; at most {max_count} are accepted",
+                headers.len()
+            ),
+        ));
+    }
+    if head_bytes > max_bytes {
+        return Err(Refusal::new(
+            ErrorCode::HeadersTooLarge,
+            format!("the request head is {head_bytes} bytes; at most {max_bytes} are accepted"),
+        ));
     }
     Ok(())
 }
@@ -477,6 +525,46 @@ mod tests {
             check_framing(&te, Some(raw)).unwrap_err().code,
             ErrorCode::AmbiguousFraming
         );
+    }
+
+    #[test]
+    fn transfer_encoding_is_one_chunked_coding_or_refused() {
+        let ok: &[&[&str]] = &[&["chunked"], &["Chunked"], &[" chunked "]];
+        for values in ok {
+            let pairs: Vec<_> = values.iter().map(|v| ("transfer-encoding", *v)).collect();
+            assert!(check_framing(&headers(&pairs), None).is_ok(), "{values:?}");
+        }
+        let refused: &[&[&str]] = &[
+            &["identity, chunked"],
+            &["identity", "chunked"],
+            &["gzip, chunked"],
+            &["chunked, chunked"],
+            &["chunked", "chunked"],
+            &["chunked, identity"],
+            &["chunked,"],
+            &["identity"],
+            &["gzip"],
+            &[""],
+            &["chunkedx"],
+        ];
+        for values in refused {
+            let pairs: Vec<_> = values.iter().map(|v| ("transfer-encoding", *v)).collect();
+            assert_eq!(
+                check_framing(&headers(&pairs), None).unwrap_err().code,
+                ErrorCode::AmbiguousFraming,
+                "{values:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn header_limits() {
+        let h = headers(&[("a", "1"), ("b", "2"), ("b", "3")]);
+        assert!(check_header_limits(&h, 100, 3, 100).is_ok());
+        let over = check_header_limits(&h, 100, 2, 100).unwrap_err();
+        assert_eq!(over.code, ErrorCode::HeadersTooLarge);
+        assert_eq!(over.code.status().as_u16(), 431);
+        assert!(check_header_limits(&h, 101, 3, 100).is_err());
     }
 
     #[test]

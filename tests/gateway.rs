@@ -542,6 +542,49 @@ async fn every_refusal_has_its_code_and_the_upstream_sees_no_connection() {
             Some("ambiguous_framing"),
         ),
         (
+            "Transfer-Encoding identity, chunked",
+            with_routing(format!("POST http://api.saas.test:{port}/ HTTP/1.1\r\nHost: api.saas.test:{port}"), "Transfer-Encoding: identity, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".into()),
+            400,
+            Some("ambiguous_framing"),
+        ),
+        (
+            "Transfer-Encoding identity then chunked on two lines",
+            with_routing(format!("POST http://api.saas.test:{port}/ HTTP/1.1\r\nHost: api.saas.test:{port}"), "Transfer-Encoding: identity\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".into()),
+            400,
+            Some("ambiguous_framing"),
+        ),
+        (
+            "Transfer-Encoding gzip, chunked",
+            with_routing(format!("POST http://api.saas.test:{port}/ HTTP/1.1\r\nHost: api.saas.test:{port}"), "Transfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".into()),
+            400,
+            Some("ambiguous_framing"),
+        ),
+        (
+            "Transfer-Encoding chunked twice",
+            with_routing(format!("POST http://api.saas.test:{port}/ HTTP/1.1\r\nHost: api.saas.test:{port}"), "Transfer-Encoding: chunked, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".into()),
+            400,
+            Some("ambiguous_framing"),
+        ),
+        (
+            // pingora's parser refuses a request whose final coding is not chunked itself.
+            "Transfer-Encoding chunked, identity (chunked not last)",
+            with_routing(format!("POST http://api.saas.test:{port}/ HTTP/1.1\r\nHost: api.saas.test:{port}"), "Transfer-Encoding: chunked, identity\r\n\r\nhello".into()),
+            400,
+            None,
+        ),
+        (
+            "101 header fields (the default limit is 100)",
+            with_routing(format!("GET http://api.saas.test:{port}/ HTTP/1.1\r\nHost: api.saas.test:{port}"), format!("{}\r\n", (0..97).map(|i| format!("X-Filler-{i}: {i}\r\n")).collect::<String>())),
+            431,
+            Some("request_headers_too_large"),
+        ),
+        (
+            "a 61 KiB request head (the default limit is 60 KiB)",
+            with_routing(format!("GET http://api.saas.test:{port}/ HTTP/1.1\r\nHost: api.saas.test:{port}"), format!("X-Big: {}\r\n\r\n", "a".repeat(61 * 1024))),
+            431,
+            Some("request_headers_too_large"),
+        ),
+        (
             "conflicting Content-Length",
             with_routing(format!("POST http://api.saas.test:{port}/ HTTP/1.1\r\nHost: api.saas.test:{port}"), "Content-Length: 5\r\nContent-Length: 6\r\nConnection: close\r\n\r\nhello".into()),
             400,

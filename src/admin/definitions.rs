@@ -165,15 +165,11 @@ impl Reloader {
         };
         let mut defs = Definitions::default();
         for (kind, id, json) in store.list_definitions().await.map_err(|e| e.to_string())? {
-            let bad = |e: serde_json::Error| format!("stored {kind} {id:?} does not parse: {e}");
+            let bad = |e: String| format!("stored {kind} {id:?} does not parse: {e}");
             match kind.as_str() {
-                "connector" => defs
-                    .connectors
-                    .push(serde_json::from_slice(&json).map_err(bad)?),
-                "org" => defs.orgs.push(serde_json::from_slice(&json).map_err(bad)?),
-                "workspace" => defs
-                    .workspaces
-                    .push(serde_json::from_slice(&json).map_err(bad)?),
+                "connector" => defs.connectors.push(super::parse_json(&json).map_err(bad)?),
+                "org" => defs.orgs.push(super::parse_json(&json).map_err(bad)?),
+                "workspace" => defs.workspaces.push(super::parse_json(&json).map_err(bad)?),
                 _ => warn!(kind, id, "ignoring a stored definition of unknown kind"),
             }
         }

@@ -85,6 +85,8 @@ pub struct ListenerFile {
     pub shutdown_timeout_ms: Option<u64>,
     pub upgrade_sock: Option<PathBuf>,
     pub pid_file: Option<PathBuf>,
+    pub max_header_count: Option<usize>,
+    pub max_header_bytes: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]

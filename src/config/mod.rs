@@ -117,7 +117,19 @@ pub struct Listener {
     /// Where a new sluice picks up the listening sockets in a zero-downtime upgrade.
     pub upgrade_sock: PathBuf,
     pub pid_file: PathBuf,
+    /// Most header fields a request may carry (431 beyond).
+    pub max_header_count: usize,
+    /// Largest request head (request line and header lines) in bytes (431 beyond).
+    pub max_header_bytes: usize,
 }
+
+/// Header limits: Envoy's defaults (100 headers, 60 KiB). pingora's HTTP/1 parser has hard
+/// limits of its own (256 header fields, 1 MiB of head): past those it answers a bare 400
+/// itself, so sluice's limits may not exceed them.
+pub const DEFAULT_MAX_HEADER_COUNT: usize = 100;
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 60 * 1024;
+pub const PARSER_MAX_HEADER_COUNT: usize = 256;
+pub const PARSER_MAX_HEADER_BYTES: usize = 1_048_575;
 
 /// `[upstream]`: how sluice talks to SaaS APIs.
 #[derive(Debug, Clone)]
@@ -446,6 +458,26 @@ fn validate(raw: FileConfig, source: &Path, base: &Path) -> Result<Snapshot, Vec
     if threads == 0 {
         errors.push("listener.threads", "must be at least 1");
     }
+    let max_header_count = raw
+        .listener
+        .max_header_count
+        .unwrap_or(DEFAULT_MAX_HEADER_COUNT);
+    if !(1..=PARSER_MAX_HEADER_COUNT).contains(&max_header_count) {
+        errors.push(
+            "listener.max_header_count",
+            format!("must be 1..={PARSER_MAX_HEADER_COUNT} (pingora's parser limit)"),
+        );
+    }
+    let max_header_bytes = raw
+        .listener
+        .max_header_bytes
+        .unwrap_or(DEFAULT_MAX_HEADER_BYTES);
+    if !(1024..=PARSER_MAX_HEADER_BYTES).contains(&max_header_bytes) {
+        errors.push(
+            "listener.max_header_bytes",
+            format!("must be 1024..={PARSER_MAX_HEADER_BYTES} (pingora's parser limit)"),
+        );
+    }
     let listener = Listener {
         address,
         dev_mode_unauthenticated: raw.listener.dev_mode_unauthenticated,
@@ -460,6 +492,8 @@ fn validate(raw: FileConfig, source: &Path, base: &Path) -> Result<Snapshot, Vec
             || PathBuf::from("/tmp/sluice.pid"),
             |p| resolve_path(base, p),
         ),
+        max_header_count,
+        max_header_bytes,
     };
 
     // [upstream]

@@ -25,13 +25,13 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use rustls::ServerConfig;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use sluice::config::Snapshot;
 use sluice::server::{Running, serve};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::rustls::ServerConfig;
-use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 /// The caller token the default config accepts for caller `app` (scoped to ws_42 and ws_7).
 pub const APP_TOKEN: &str = "slc_test-app-token-0123456789abcdef";
@@ -151,7 +151,7 @@ pub struct Upstream {
 
 impl Upstream {
     pub async fn start(ca: &TestCa, names: &[&str]) -> Self {
-        let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let (certs, key) = ca.issue(names);
         let config = ServerConfig::builder()
             .with_no_client_auth()
