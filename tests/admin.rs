@@ -170,6 +170,84 @@ async fn bad_credential_writes_are_refused_and_echo_no_value() {
     );
 }
 
+/// Bodies that do not deserialize: the message names the field and the problem; serde's own
+/// text (`invalid type: string "api_key=…"`) would quote the secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_errors_name_the_field_never_the_value() {
+    let env = Env::new().await;
+    let gw = env.start().await;
+    let admin = Admin::new(&gw, Some(ADMIN_TOKEN));
+    let cred = "/admin/workspaces/ws_7/credentials/narrow";
+    let cases = [
+        (
+            cred,
+            Method::PUT,
+            format!(r#"{{"fields": "api_key={CANARY}"}}"#),
+            "wrong type, expected a map at `fields`",
+        ),
+        (
+            cred,
+            Method::PUT,
+            format!(r#"{{"fields": {{"api_key": ["{CANARY}"]}}}}"#),
+            "wrong type, expected a string at `fields.api_key`",
+        ),
+        (
+            cred,
+            Method::PUT,
+            format!(r#"{{"enabled": "{CANARY}"}}"#),
+            "wrong type, expected a boolean at `enabled`",
+        ),
+        (
+            cred,
+            Method::PUT,
+            format!(r#"{{"fields": {{"{CANARY}": 1}}}}"#),
+            "wrong type, expected a string at `fields.<name>`",
+        ),
+        (
+            cred,
+            Method::PUT,
+            format!(r#"{{"fields": {{"api_key": "{CANARY}"}}, "{CANARY}": 1}}"#),
+            "unknown field, expected `enabled` or `fields`",
+        ),
+        (
+            cred,
+            Method::PUT,
+            format!(r#"{{"fields": {{"api_key": "{CANARY}"}}"#),
+            "not valid JSON at line 1 column",
+        ),
+        (
+            cred,
+            Method::PUT,
+            format!(r#"{{"fields": {{"api_key": "{CANARY}"}}}} {CANARY}"#),
+            "not valid JSON at line 1 column",
+        ),
+        (
+            "/admin/connector",
+            Method::POST,
+            format!(
+                r#"{{"connector_id": "c1", "display_name": "C", "auth_type": "none", "allowed_domains": ["api.saas.test"], "allowed_ports": ["{CANARY}"]}}"#
+            ),
+            "at `allowed_ports[0]`",
+        ),
+        (
+            "/admin/orgs/o1",
+            Method::PUT,
+            format!(r#"{{"allowed_domains": "{CANARY}"}}"#),
+            "at `allowed_domains`",
+        ),
+    ];
+    for (path, method, body, expected) in cases {
+        let (status, code, text) = admin.call_raw(method, path, &body).await;
+        assert_eq!(status, 400, "{body}: {text}");
+        assert_eq!(code.as_deref(), Some("invalid_request"), "{body}");
+        assert!(
+            !text.contains(CANARY),
+            "{body}: the value came back: {text}"
+        );
+        assert!(text.contains(expected), "{body}: {text}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connectors_orgs_and_workspaces_through_the_api() {
     let env = Env::new().await;

@@ -186,9 +186,58 @@ fn wait_listening(port: u16, child: &mut std::process::Child) {
     }
 }
 
+const CANARY: &str = "CANARY-s3cr3t-9f8e7d";
+/// Injected as a query parameter: characters that URL-encoding changes.
+const QUERY_CANARY: &str = "QCANARY/s3cr3t+k=v&z";
+
+/// Every form in which a secret could reach a log: raw, base64 (alone and as Basic
+/// `name:secret`), URL-encoded.
+fn secret_forms(secret: &str) -> Vec<String> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut forms = vec![
+        secret.to_string(),
+        b64.encode(secret),
+        b64.encode(format!("app:{secret}")),
+        percent_encoding::utf8_percent_encode(secret, percent_encoding::NON_ALPHANUMERIC)
+            .to_string(),
+        form_urlencoded::byte_serialize(secret.as_bytes()).collect(),
+    ];
+    forms.sort();
+    forms.dedup();
+    forms
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn run_serves_and_never_logs_a_secret() {
-    const CANARY: &str = "CANARY-s3cr3t-9f8e7d";
+async fn run_serves_and_never_logs_a_secret_info_json() {
+    run_with_canaries("info", "json").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_never_logs_a_secret_debug_text() {
+    run_with_canaries("debug", "text").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_never_logs_a_secret_trace_json() {
+    run_with_canaries("trace", "json").await;
+}
+
+/// Every module asked for by name, pingora's included: the ceiling still holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_never_logs_a_secret_trace_text_every_target() {
+    run_with_canaries(
+        "trace,pingora_proxy=trace,pingora_core=trace,h2=trace,hyper=trace,rustls=trace",
+        "text",
+    )
+    .await;
+}
+
+/// `sluice run` as a process with `SLUICE_LOG=level` and `SLUICE_LOG_FORMAT=format`: canary
+/// secrets as stored credentials (header and query injected), OAuth client secret and tokens,
+/// caller tokens in `Proxy-Authorization` (good and refused), in malformed requests and broken
+/// bodies. None may appear in the log in any form.
+async fn run_with_canaries(level: &str, format: &str) {
     let env = Env::new().await;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -207,8 +256,12 @@ async fn run_serves_and_never_logs_a_secret() {
         m.token_prefix = format!("{CANARY}-");
         m.expires_in = Some(30);
     }
+    let upstream_port = env.upstream.port();
     let extra = format!(
-        "[[connector]]\nconnector_id = \"closed\"\ndisplay_name = \"Closed\"\nauth_type = \"none\"\nallowed_domains = [\"api.saas.test\"]\nallowed_ports = [{closed}]\n{}",
+        "[[connector]]\nconnector_id = \"closed\"\ndisplay_name = \"Closed\"\nauth_type = \"none\"\nallowed_domains = [\"api.saas.test\"]\nallowed_ports = [{closed}]\n\
+         [[connector]]\nconnector_id = \"q\"\ndisplay_name = \"Query key\"\nauth_type = \"api_key\"\nallowed_domains = [\"api.saas.test\"]\nallowed_ports = [{upstream_port}]\n\
+         [connector.auth_schema]\nfields = [{{ name = \"api_key\", label = \"API key\", type = \"password\", required = true }}]\n\
+         [connector.inject]\nquery = \"api_key\"\n{}",
         env.oauth_connectors(60_000, &format!("{CANARY}-client-secret"))
     );
     let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -224,8 +277,10 @@ async fn run_serves_and_never_logs_a_secret() {
     let mut child = Command::new(SLUICE)
         .args(["run", "--config"])
         .arg(&path)
-        .env("SLUICE_LOG", "info")
-        .env("SLUICE_LOG_FORMAT", "json")
+        .env("SLUICE_LOG", level)
+        .env("SLUICE_LOG_FORMAT", format)
+        // Each line as it is logged, so a secret cannot hide in a batch cut off at kill.
+        .env("SLUICE_LOG_FLUSH_MS", "0")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -314,43 +369,54 @@ async fn run_serves_and_never_logs_a_secret() {
 
     // The canary as a stored credential: set through the CLI (stdin), injected upstream.
     let admin = format!("http://127.0.0.1:{admin_port}");
-    let set = tokio::task::spawn_blocking({
-        let admin = admin.clone();
-        move || {
-            use std::io::Write;
-            let mut cli = Command::new(SLUICE)
-                .args([
-                    "credentials",
-                    "--admin",
-                    &admin,
-                    "set",
-                    "--workspace",
-                    "ws_7",
-                    "--connector",
-                    "narrow",
-                ])
-                .env("SLUICE_ADMIN_TOKEN", ADMIN_TOKEN)
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            cli.stdin
-                .take()
-                .unwrap()
-                .write_all(format!("api_key={CANARY}\n").as_bytes())
-                .unwrap();
-            cli.wait_with_output().unwrap()
-        }
-    })
-    .await
-    .unwrap();
+    let set = credentials_set(&admin, "ws_7", "narrow", &format!("api_key={CANARY}\n")).await;
     assert!(
         set.status.success(),
         "{}",
         String::from_utf8_lossy(&set.stderr)
     );
     assert!(!String::from_utf8_lossy(&set.stdout).contains(CANARY));
+    // A query-injected key: it exists only in the upstream request line, which pingora's
+    // debug output prints.
+    let set = credentials_set(&admin, "ws_7", "q", &format!("api_key={QUERY_CANARY}\n")).await;
+    assert!(set.status.success());
+    let queried = send(&good, env.url("api.saas.test", "/q?page=2"), "q", "ws_7")
+        .await
+        .unwrap();
+    assert_eq!(queried.status(), 200);
+    let last = env.upstream.requests().last().cloned().unwrap();
+    let encoded: String = form_urlencoded::byte_serialize(QUERY_CANARY.as_bytes()).collect();
+    assert_eq!(last.target, format!("/q?page=2&api_key={encoded}"));
+    // Raw requests with the caller token (and canaries) where pingora's parser or body reader
+    // fails: it keeps the raw bytes in its error context.
+    let basic_canary = basic("app", CANARY);
+    let raw_cases = [
+        format!(
+            "GET http://api.saas.test:{upstream_port}/ HTTP/1.1\r\nHost: api.saas.test:{upstream_port}\r\nProxy-Authorization: {basic_canary}\r\nX-Custom: {CANARY}\r\nBad Header Line\r\n\r\n"
+        ),
+        format!(
+            "GET http://api.saas.test:{upstream_port}/ HTTP/1.1\r\nHost: api.saas.test:{upstream_port}\r\nProxy-Authorization: Bearer {APP_TOKEN}\r\nX-Custom: {CANARY}\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab"
+        ),
+        format!(
+            "PUT http://api.saas.test:{upstream_port}/upload HTTP/1.1\r\nHost: api.saas.test:{upstream_port}\r\nX-Connector: saas\r\nX-Workspace: ws_42\r\nProxy-Authorization: Bearer {APP_TOKEN}\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{CANARY}\r\nzz{CANARY}\r\n",
+            CANARY.len()
+        ),
+        format!(
+            "GET http://api.saas.test:{upstream_port}/?k={CANARY} HTTP/1.1\r\nHost: api.saas.test:{upstream_port}\r\nX-Connector: saas\r\nX-Workspace: ws_42\r\nProxy-Authorization: {basic_canary}\r\n\r\n"
+        ),
+    ];
+    for request in raw_cases {
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut answer)).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 4"), "{request:?}: {answer}");
+        assert!(!answer.contains(CANARY), "{answer}");
+    }
     let injected = send(&good, env.url("other.saas.test", "/k"), "narrow", "ws_7")
         .await
         .unwrap();
@@ -420,7 +486,9 @@ async fn run_serves_and_never_logs_a_secret() {
 
     // The audit line of the last request is written after its response: wait for it, then stop.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !log.lock().unwrap().contains("\"path\":\"/last\"") {
+    let logged_last =
+        |log: &str| log.contains("\"path\":\"/last\"") || log.contains("path=\"/last\"");
+    while !logged_last(&log.lock().unwrap()) {
         assert!(
             Instant::now() < deadline,
             "the last request was never logged"
@@ -443,14 +511,59 @@ async fn run_serves_and_never_logs_a_secret() {
             && l.contains("org_domain_not_allowed")),
         "a refused destination is audited with its host:\n{stderr}"
     );
-    assert!(
-        !stderr.contains(CANARY),
-        "a secret reached the log:\n{stderr}"
+    for secret in [CANARY, QUERY_CANARY, APP_TOKEN] {
+        for form in secret_forms(secret) {
+            assert!(
+                !stderr.contains(&form),
+                "SLUICE_LOG={level} {format}: {secret:?} reached the log as {form:?}:\n{stderr}"
+            );
+        }
+    }
+    if format == "json" {
+        for line in stderr.lines() {
+            assert!(
+                serde_json::from_str::<serde_json::Value>(line).is_ok(),
+                "not one JSON object: {line}"
+            );
+        }
+    }
+}
+
+/// `sluice credentials set` with `lines` on stdin.
+async fn credentials_set(
+    admin: &str,
+    workspace: &str,
+    connector: &str,
+    lines: &str,
+) -> std::process::Output {
+    let (admin, workspace, connector, lines) = (
+        admin.to_string(),
+        workspace.to_string(),
+        connector.to_string(),
+        lines.to_string(),
     );
-    assert!(
-        !stderr.contains(APP_TOKEN),
-        "a caller token reached the log:\n{stderr}"
-    );
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut cli = Command::new(SLUICE)
+            .args(["credentials", "--admin", &admin, "set", "--workspace"])
+            .arg(&workspace)
+            .arg("--connector")
+            .arg(&connector)
+            .env("SLUICE_ADMIN_TOKEN", ADMIN_TOKEN)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        cli.stdin
+            .take()
+            .unwrap()
+            .write_all(lines.as_bytes())
+            .unwrap();
+        cli.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -180,6 +180,10 @@ pub(crate) fn parse_json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T,
 
 fn describe_json_error(e: &serde_path_to_error::Error<serde_json::Error>) -> String {
     use serde_path_to_error::Segment;
+    if !e.inner().is_data() {
+        // Broken JSON has a position, not a field.
+        return describe_json_error_at("", e.inner());
+    }
     let mut path = String::new();
     for segment in e.path().iter() {
         match segment {
@@ -190,20 +194,23 @@ fn describe_json_error(e: &serde_path_to_error::Error<serde_json::Error>) -> Str
                 }
                 path.push_str(safe_name(key));
             }
-            Segment::Unknown => path.push_str(".?"),
+            Segment::Unknown => path.push_str(if path.is_empty() { "?" } else { ".?" }),
         }
     }
     describe_json_error_at(&path, e.inner())
 }
 
-/// A name from the request (a map key) is echoed only when it is an identifier: a key is
-/// not meant to be secret, but a misplaced token must not come back either.
+/// A name from the request (a map key) is echoed only when it is shaped like the names
+/// sluice's schemas use (`api_key`, `allowed_domains`: lowercase letters, `_`, `-`, at most
+/// 32): a key is not meant to be secret, but a token pasted in the wrong place must not come
+/// back, and tokens carry digits or capitals.
 fn safe_name(name: &str) -> &str {
-    if name.len() <= 64 && crate::config::is_identifier(name.as_bytes()) {
-        name
-    } else {
-        "<name>"
-    }
+    let schema_like = !name.is_empty()
+        && name.len() <= 32
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b == b'_' || b == b'-');
+    if schema_like { name } else { "<name>" }
 }
 
 fn describe_json_error_at(path: &str, e: &serde_json::Error) -> String {
@@ -288,9 +295,15 @@ async fn put_credential(state: &AdminState, ws: &str, conn: &str, body: &[u8]) -
     let mut fields = SecretFields::new();
     for (name, value) in put.fields {
         if !connector.auth_fields.iter().any(|f| f.name == name) {
+            // The unknown name is not echoed: it may be a value typed into the wrong place.
+            let known: Vec<&str> = connector
+                .auth_fields
+                .iter()
+                .map(|f| f.name.as_str())
+                .collect();
             return Err(ApiError::invalid(format!(
-                "{:?} is not a field of connector {conn:?}",
-                safe_name(&name)
+                "a field connector {conn:?} does not define (its fields: {})",
+                known.join(", ")
             )));
         }
         fields.insert(name, Secret::new(value.as_str()));

@@ -937,6 +937,30 @@ impl Admin {
         }
     }
 
+    /// `body` sent as it is (not necessarily JSON): (status, error code header, response text)
+    pub async fn call_raw(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &str,
+    ) -> (u16, Option<String>, String) {
+        let mut rb = self
+            .client
+            .request(method, format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        if let Some(t) = &self.token {
+            rb = rb.bearer_auth(t);
+        }
+        let resp = rb.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let code = resp
+            .headers()
+            .get("x-sluice-error")
+            .map(|v| v.to_str().unwrap().to_string());
+        (status, code, resp.text().await.unwrap())
+    }
+
     /// (status, error code header, JSON body)
     pub async fn call(
         &self,
