@@ -126,17 +126,17 @@ pub fn scrub(message: &str) -> Cow<'_, str> {
         if i > 0 {
             out.push(' ');
         }
+        let bare = word.trim_matches(|c: char| !c.is_ascii_alphanumeric());
+        let trigger = ["bearer", "basic", "authorization"]
+            .iter()
+            .any(|w| bare.eq_ignore_ascii_case(w));
         if std::mem::take(&mut redact_next) && !word.is_empty() {
             out.push_str("[redacted]");
+            // `Authorization: Bearer <token>`: the scheme word passes the redaction on.
+            redact_next = trigger;
             continue;
         }
-        let bare = word.trim_matches(|c: char| !c.is_ascii_alphanumeric());
-        if ["bearer", "basic", "authorization"]
-            .iter()
-            .any(|w| bare.eq_ignore_ascii_case(w))
-        {
-            redact_next = true;
-        }
+        redact_next = trigger;
         match word.split_once('?') {
             Some((before, _)) => {
                 out.push_str(before);
