@@ -267,19 +267,16 @@ async fn pipelined_requests_are_served_in_order_each_with_its_own_credential() {
     .await;
     // Four requests in one write: two workspaces' credentials, a refusal in the middle (which
     // keeps the connection), and a last one that closes it.
+    let get = |path, connector, workspace, token| {
+        format!(
+            "{}\r\n",
+            head("GET", port, path, connector, workspace, token)
+        )
+    };
     let pipelined = [
-        format!(
-            "{}\r\n",
-            head("GET", port, "/p1", "narrow", "ws_7", APP_TOKEN)
-        ),
-        format!(
-            "{}\r\n",
-            head("GET", port, "/p2", "narrow", "ws_other", OPS_TOKEN)
-        ),
-        format!(
-            "{}\r\n",
-            head("GET", port, "/p3", "narrow", "ws_42", APP_TOKEN)
-        ),
+        get("/p1", "narrow", "ws_7", APP_TOKEN),
+        get("/p2", "narrow", "ws_other", OPS_TOKEN),
+        get("/p3", "narrow", "ws_42", APP_TOKEN),
         format!(
             "{}Connection: close\r\n\r\n",
             head("GET", port, "/p4", "saas", "ws_42", APP_TOKEN)

@@ -944,21 +944,7 @@ impl Admin {
         path: &str,
         body: &str,
     ) -> (u16, Option<String>, String) {
-        let mut rb = self
-            .client
-            .request(method, format!("{}{path}", self.base))
-            .header("content-type", "application/json")
-            .body(body.to_string());
-        if let Some(t) = &self.token {
-            rb = rb.bearer_auth(t);
-        }
-        let resp = rb.send().await.unwrap();
-        let status = resp.status().as_u16();
-        let code = resp
-            .headers()
-            .get("x-sluice-error")
-            .map(|v| v.to_str().unwrap().to_string());
-        (status, code, resp.text().await.unwrap())
+        self.send(method, path, Some(body.to_string())).await
     }
 
     /// (status, error code header, JSON body)
@@ -968,12 +954,23 @@ impl Admin {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> (u16, Option<String>, serde_json::Value) {
+        let (status, code, text) = self.send(method, path, body.map(|b| b.to_string())).await;
+        let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+        (status, code, json)
+    }
+
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<String>,
+    ) -> (u16, Option<String>, String) {
         let mut rb = self.client.request(method, format!("{}{path}", self.base));
         if let Some(t) = &self.token {
             rb = rb.bearer_auth(t);
         }
         if let Some(b) = body {
-            rb = rb.json(&b);
+            rb = rb.header("content-type", "application/json").body(b);
         }
         let resp = rb.send().await.unwrap();
         let status = resp.status().as_u16();
@@ -981,9 +978,7 @@ impl Admin {
             .headers()
             .get("x-sluice-error")
             .map(|v| v.to_str().unwrap().to_string());
-        let text = resp.text().await.unwrap();
-        let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
-        (status, code, json)
+        (status, code, resp.text().await.unwrap())
     }
 }
 
