@@ -47,6 +47,9 @@ pub struct RequestCtx {
     pub pending_refusal: Option<Refusal>,
     /// Set when sluice answered the request itself.
     pub refusal: Option<Refusal>,
+    /// The CONNECT tunnel this connection is (from the CONNECT itself, then carried from
+    /// request to request as the connection's context).
+    pub tunnel: Option<Arc<crate::tunnel::Tunnel>>,
 }
 
 impl RequestCtx {
@@ -71,6 +74,7 @@ impl RequestCtx {
             oauth_retried: false,
             pending_refusal: None,
             refusal: None,
+            tunnel: None,
         }
     }
 }

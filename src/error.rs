@@ -66,8 +66,13 @@ error_codes! {
     UnsupportedScheme => ("unsupported_scheme", 400),
     /// Two `Host` headers, or `Host` disagrees with the absolute-form authority.
     HostMismatch => ("host_mismatch", 400),
-    /// `CONNECT` tunnels are not offered (yet): use plain `http://` URLs through the proxy.
+    /// `CONNECT` to port 443 (TLS inside: interception is not built yet), or a CONNECT inside
+    /// a tunnel.
     ConnectNotSupported => ("connect_not_supported", 405),
+    /// A CONNECT without `X-Connector` whose host several connectors allow.
+    ConnectorAmbiguous => ("connector_ambiguous", 403),
+    /// A request inside a CONNECT tunnel names another host or port than the CONNECT did.
+    TunnelHostMismatch => ("tunnel_host_mismatch", 403),
     /// No or wrong `Proxy-Authorization`.
     ProxyAuthRequired => ("proxy_auth_required", 407),
     /// `X-Connector` names no configured connector.

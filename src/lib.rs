@@ -12,6 +12,7 @@
 //! | [`credential`] | 5. sealed credentials: stores, keyring, cache, injection              |
 //! | [`ratelimit`]  | 6. pacing: buckets learned from response headers, bounded FIFO wait   |
 //! | [`upstream`]   | 7. the pinned, verified TLS peer                                      |
+//! | [`tunnel`]     | CONNECT: the tunnel's admission, requests inside it bound to it        |
 //! | [`proxy`]      | pingora phase wiring                                                  |
 //! | [`ctx`]        | the per-request context                                               |
 //! | [`error`]      | error codes → statuses and JSON bodies                                |
@@ -42,4 +43,5 @@ pub mod ratelimit;
 pub mod request;
 pub mod server;
 pub mod telemetry;
+pub mod tunnel;
 pub mod upstream;

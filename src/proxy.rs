@@ -33,10 +33,12 @@ use crate::ratelimit::breaker::{Outcome, Pass};
 use crate::ratelimit::headers::{learn, retry_after};
 use crate::ratelimit::retry::{replay_safe, retryable_status};
 use crate::ratelimit::{Breakers, Decision, Limiter, bucket_key};
+use crate::request::parse_target;
 use crate::request::{
     STRIPPED_REQUEST_HEADERS, X_CONNECTOR, X_WORKSPACE, check_framing, check_header_limits,
     check_header_values, connection_listed,
 };
+use crate::tunnel;
 use crate::upstream;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -300,10 +302,11 @@ impl Sluice {
     /// Steps 1–4. Returns the vetted destination or the first refusal.
     async fn admit(&self, session: &Session, ctx: &mut RequestCtx) -> Result<Vetted, Refusal> {
         let req = session.req_header();
-        if req.method == http::Method::CONNECT {
+        let connect = req.method == http::Method::CONNECT;
+        if connect && ctx.tunnel.is_some() {
             return Err(Refusal::new(
                 ErrorCode::ConnectNotSupported,
-                "CONNECT tunnels are not supported: send plain http:// URLs through the proxy and sluice speaks TLS upstream",
+                "a CONNECT inside a CONNECT tunnel",
             ));
         }
         let head_bytes = session
@@ -331,22 +334,79 @@ impl Sluice {
             .flatten();
         check_framing(&req.headers, raw_head.as_deref())?;
 
-        let auth = req
-            .headers
-            .get(header::PROXY_AUTHORIZATION)
-            .map(|v| v.as_bytes());
-        let caller = ctx.snapshot.callers.authenticate(auth)?;
+        // Inside a tunnel every request acts as the caller that opened it (clients do not
+        // repeat Proxy-Authorization there; one that does is not asked twice).
+        let caller = match &ctx.tunnel {
+            Some(t) => t.caller.clone(),
+            None => {
+                let auth = req
+                    .headers
+                    .get(header::PROXY_AUTHORIZATION)
+                    .map(|v| v.as_bytes());
+                ctx.snapshot.callers.authenticate(auth)?
+            }
+        };
         ctx.caller = Some(caller.clone());
 
-        policy::evaluate(
-            &ctx.snapshot,
-            Some(&caller),
-            req.raw_path(),
-            &req.headers,
-            &mut ctx.target,
-            &mut (),
-        )
-        .await
+        if connect {
+            let (tunnel, vetted) = tunnel::admit_connect(
+                &ctx.snapshot,
+                caller,
+                req.raw_path(),
+                &req.headers,
+                &mut ctx.target,
+            )
+            .await?;
+            ctx.tunnel = Some(Arc::new(tunnel));
+            return Ok(vetted);
+        }
+        match ctx.tunnel.clone() {
+            Some(t) => {
+                // The tunnel decided the connector and workspace; routing headers inside it
+                // may repeat them, not change them. And it goes where the CONNECT said.
+                for (name, bound) in [(X_CONNECTOR, &t.connector), (X_WORKSPACE, &t.workspace)] {
+                    if req
+                        .headers
+                        .get(name)
+                        .is_some_and(|v| v.as_bytes() != bound.as_bytes())
+                    {
+                        return Err(Refusal::new(
+                            ErrorCode::InvalidRoutingHeader,
+                            format!(
+                                "{name} inside a tunnel opened for connector {:?}, workspace {:?}",
+                                t.connector, t.workspace
+                            ),
+                        ));
+                    }
+                }
+                let target = ctx
+                    .target
+                    .insert(parse_target(req.raw_path(), &req.headers)?);
+                tunnel::check_inside(&t, target)?;
+                policy::evaluate_routed(
+                    &ctx.snapshot,
+                    Some(&caller),
+                    &t.connector,
+                    &t.workspace,
+                    req.raw_path(),
+                    &req.headers,
+                    &mut ctx.target,
+                    &mut (),
+                )
+                .await
+            }
+            None => {
+                policy::evaluate(
+                    &ctx.snapshot,
+                    Some(&caller),
+                    req.raw_path(),
+                    &req.headers,
+                    &mut ctx.target,
+                    &mut (),
+                )
+                .await
+            }
+        }
     }
 }
 
@@ -386,6 +446,41 @@ fn phase_ms(from: Option<std::time::Instant>, to: Option<std::time::Instant>) ->
     match (from, to) {
         (Some(a), Some(b)) => b.saturating_duration_since(a).as_millis() as u64,
         _ => 0,
+    }
+}
+
+impl Sluice {
+    /// A CONNECT ends in `request_filter`: `200` and the connection stays open as the tunnel
+    /// (its requests come next on it, bound to the tunnel), or sluice's refusal.
+    async fn answer_connect(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        admitted: Result<Vetted, Refusal>,
+    ) -> Result<bool> {
+        let now = Some(std::time::Instant::now());
+        (ctx.credential_done, ctx.wait_done) = (now, now);
+        match admitted {
+            Ok(vetted) => {
+                ctx.vetted = Some(vetted);
+                let mut resp = ResponseHeader::build(http::StatusCode::OK, Some(3))?;
+                // No body follows a 2xx to CONNECT (RFC 9110 §9.3.6); the length only frames
+                // it for pingora, which then reads the tunnel's first request.
+                resp.insert_header(header::CONTENT_LENGTH, "0")?;
+                resp.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
+                session.write_response_header(Box::new(resp), false).await?;
+                session.write_response_body(None, true).await?;
+                Ok(true)
+            }
+            Err(refusal) => {
+                let sent = respond(session, ctx, &refusal).await;
+                ctx.refusal = Some(refusal);
+                // A refused CONNECT never becomes a tunnel.
+                ctx.tunnel = None;
+                session.set_keepalive(None);
+                sent.map(|()| true)
+            }
+        }
     }
 }
 
@@ -541,6 +636,9 @@ impl ProxyHttp for Sluice {
         ctx.request_id = request_id(session);
         let admitted = self.admit(session, ctx).await;
         ctx.policy_done = Some(std::time::Instant::now());
+        if session.req_header().method == http::Method::CONNECT {
+            return self.answer_connect(session, ctx, admitted).await;
+        }
         let admitted = match admitted {
             Ok(vetted) => match self.credential(ctx, &vetted).await {
                 Ok((injected, oauth)) => {
@@ -875,6 +973,27 @@ impl ProxyHttp for Sluice {
         FailToProxy {
             error_code: status,
             can_reuse_downstream: false,
+        }
+    }
+
+    fn persist_connection_context(
+        &self,
+        _session: &Session,
+        ctx: &RequestCtx,
+    ) -> Option<Box<dyn std::any::Any + Send + Sync>> {
+        ctx.tunnel
+            .clone()
+            .map(|t| Box::new(t) as Box<dyn std::any::Any + Send + Sync>)
+    }
+
+    fn on_connection_reuse(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+        prev: Box<dyn std::any::Any + Send + Sync>,
+    ) {
+        if let Ok(tunnel) = prev.downcast::<Arc<tunnel::Tunnel>>() {
+            ctx.tunnel = Some(*tunnel);
         }
     }
 

@@ -170,7 +170,7 @@ pub fn routing_headers(headers: &HeaderMap) -> Result<(&str, &str), Refusal> {
     Ok((connector, workspace))
 }
 
-fn single_identifier<'h>(
+pub fn single_identifier<'h>(
     headers: &'h HeaderMap,
     name: &'static str,
     missing: ErrorCode,

@@ -3,76 +3,7 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-
-/// One parsed response off a connection that may carry several.
-#[derive(Debug)]
-struct Parsed {
-    status: u16,
-    head: String,
-    body: String,
-}
-
-impl Parsed {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.head.lines().skip(1).find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-        })
-    }
-
-    fn code(&self) -> Option<String> {
-        let v: serde_json::Value = serde_json::from_str(&self.body).ok()?;
-        v["error"]["code"].as_str().map(str::to_string)
-    }
-}
-
-/// Split what a connection delivered into responses (each framed by Content-Length, or by the
-/// end of the connection when it has none).
-fn responses(mut bytes: &[u8]) -> Vec<Parsed> {
-    let mut out = Vec::new();
-    while let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
-        let head = String::from_utf8_lossy(&bytes[..end]).into_owned();
-        let rest = &bytes[end + 4..];
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let length = head.lines().skip(1).find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim()
-                .eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse::<usize>().ok())
-                .flatten()
-        });
-        let n = length.unwrap_or(rest.len()).min(rest.len());
-        out.push(Parsed {
-            status,
-            head,
-            body: String::from_utf8_lossy(&rest[..n]).into_owned(),
-        });
-        bytes = &rest[n..];
-    }
-    out
-}
-
-/// Write `request` (all at once), optionally half-close, and read until the gateway closes.
-async fn exchange(gw: &sluice::server::Running, request: &[u8], half_close: bool) -> Vec<Parsed> {
-    let mut tcp = TcpStream::connect(gw.addr).await.unwrap();
-    tcp.write_all(request).await.unwrap();
-    if half_close {
-        tcp.shutdown().await.unwrap();
-    }
-    let mut buf = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(20), tcp.read_to_end(&mut buf)).await;
-    assert!(read.is_ok(), "the gateway neither answered nor closed");
-    responses(&buf)
-}
 
 fn head(
     method: &str,

@@ -98,7 +98,32 @@ pub async fn evaluate<O: Observer>(
     obs.passed(Check::RoutingHeaders, || {
         format!("X-Connector: {connector_id}, X-Workspace: {workspace_id}")
     });
+    evaluate_routed(
+        snap,
+        caller,
+        connector_id,
+        workspace_id,
+        raw_target,
+        headers,
+        target,
+        obs,
+    )
+    .await
+}
 
+/// [`evaluate`] once the connector and workspace are known (from the routing headers, or from
+/// the CONNECT tunnel a request arrived in).
+#[allow(clippy::too_many_arguments)]
+pub async fn evaluate_routed<O: Observer>(
+    snap: &Snapshot,
+    caller: Option<&Caller>,
+    connector_id: &str,
+    workspace_id: &str,
+    raw_target: &[u8],
+    headers: &HeaderMap,
+    target: &mut Option<Target>,
+    obs: &mut O,
+) -> Result<Vetted, Refusal> {
     let connector = snap.connectors.get(connector_id).ok_or_else(|| {
         Refusal::new(
             ErrorCode::UnknownConnector,
