@@ -79,8 +79,18 @@ impl Callers {
 
     /// Authenticate from the `Proxy-Authorization` value, if any.
     pub fn authenticate(&self, header: Option<&[u8]>) -> Result<Arc<Caller>, Refusal> {
+        self.authenticate_with_workspace(header).map(|(c, _)| c)
+    }
+
+    /// [`Self::authenticate`], also accepting a Basic user name that is a workspace the
+    /// token's caller may act for (`http://ws_42:TOKEN@sluice:8080` as the proxy URL): that
+    /// workspace is returned, for requests that carry no `X-Workspace` (CONNECT).
+    pub fn authenticate_with_workspace(
+        &self,
+        header: Option<&[u8]>,
+    ) -> Result<(Arc<Caller>, Option<String>), Refusal> {
         let Some(header) = header else {
-            return self.dev_caller.clone().ok_or_else(|| {
+            return self.dev_caller.clone().map(|c| (c, None)).ok_or_else(|| {
                 Refusal::new(
                     ErrorCode::ProxyAuthRequired,
                     "Proxy-Authorization is required (Bearer token or Basic caller:token)",
@@ -108,12 +118,19 @@ impl Callers {
             .by_token_hash
             .get(&token_hash(&token))
             .ok_or_else(denied)?;
-        // With Basic, the user name must be the caller the token belongs to (an empty user
-        // name is accepted: some clients can only send a password).
-        if claimed_name.is_some_and(|n| !n.is_empty() && n != caller.name) {
-            return Err(denied());
+        // With Basic, the user name must be the caller the token belongs to, or a workspace
+        // it may act for (an empty user name is accepted: some clients can only send a
+        // password).
+        match claimed_name {
+            Some(n) if !n.is_empty() && n != caller.name => {
+                if crate::config::is_identifier(n.as_bytes()) && caller.scope.permits(&n) {
+                    Ok((caller.clone(), Some(n)))
+                } else {
+                    Err(denied())
+                }
+            }
+            _ => Ok((caller.clone(), None)),
         }
-        Ok(caller.clone())
     }
 }
 
@@ -159,6 +176,27 @@ mod tests {
                 .unwrap()
                 .name,
             "billing"
+        );
+    }
+
+    #[test]
+    fn a_basic_user_name_may_be_a_workspace_of_the_caller() {
+        let c = callers(false);
+        let (caller, ws) = c
+            .authenticate_with_workspace(Some(&basic("ws_42", "s3cret-token")))
+            .unwrap();
+        assert_eq!(
+            (caller.name.as_str(), ws.as_deref()),
+            ("billing", Some("ws_42"))
+        );
+        let (_, ws) = c
+            .authenticate_with_workspace(Some(&basic("billing", "s3cret-token")))
+            .unwrap();
+        assert_eq!(ws, None, "the caller's own name names no workspace");
+        // A workspace outside the caller's scope is as wrong as another caller's name.
+        assert!(
+            c.authenticate_with_workspace(Some(&basic("ws_7", "s3cret-token")))
+                .is_err()
         );
     }
 

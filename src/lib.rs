@@ -12,6 +12,7 @@
 //! | [`credential`] | 5. sealed credentials: stores, keyring, cache, injection              |
 //! | [`ratelimit`]  | 6. pacing: buckets learned from response headers, bounded FIFO wait   |
 //! | [`upstream`]   | 7. the pinned, verified TLS peer                                      |
+//! | [`intercept`]  | TLS interception: sluice's CA, leaf certificates minted per SNI name  |
 //! | [`tunnel`]     | CONNECT: the tunnel's admission, requests inside it bound to it        |
 //! | [`proxy`]      | pingora phase wiring                                                  |
 //! | [`ctx`]        | the per-request context                                               |
@@ -34,6 +35,7 @@ pub mod credential;
 pub mod ctx;
 pub mod error;
 pub mod explain;
+pub mod intercept;
 pub mod logging;
 pub mod logwriter;
 pub mod outbound;

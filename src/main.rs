@@ -62,6 +62,11 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// The TLS interception CA (`[interception]`).
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// Manage workspace credentials through a running sluice's admin API. The admin token is
     /// read from SLUICE_ADMIN_TOKEN or --token-file, never from the command line.
     Credentials {
@@ -69,6 +74,19 @@ enum Command {
         admin: AdminArgs,
         #[command(subcommand)]
         command: CredentialsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Make a new CA for TLS interception: an ECDSA P-256 certificate (PEM) and its key
+    /// (PKCS#8 PEM, mode 0600). Refuses to overwrite either file. Name both in
+    /// `[interception]`; apps trust the certificate (also served at GET /ca.pem).
+    Init {
+        #[arg(long, default_value = "data/ca.pem")]
+        cert: PathBuf,
+        #[arg(long, default_value = "data/ca.key")]
+        key: PathBuf,
     },
 }
 
@@ -137,6 +155,22 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Ca {
+            command: CaCommand::Init { cert, key },
+        } => match sluice::intercept::init_ca(&cert, &key) {
+            Ok(()) => {
+                println!(
+                    "CA certificate: {}\nCA key (0600): {}",
+                    cert.display(),
+                    key.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("sluice: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::CheckConfig { file } => match Snapshot::load(&file) {
             Ok(_) => {
                 println!("{}: ok", file.display());

@@ -336,14 +336,14 @@ impl Sluice {
 
         // Inside a tunnel every request acts as the caller that opened it (clients do not
         // repeat Proxy-Authorization there; one that does is not asked twice).
-        let caller = match &ctx.tunnel {
-            Some(t) => t.caller.clone(),
+        let (caller, user_workspace) = match &ctx.tunnel {
+            Some(t) => (t.caller.clone(), None),
             None => {
                 let auth = req
                     .headers
                     .get(header::PROXY_AUTHORIZATION)
                     .map(|v| v.as_bytes());
-                ctx.snapshot.callers.authenticate(auth)?
+                ctx.snapshot.callers.authenticate_with_workspace(auth)?
             }
         };
         ctx.caller = Some(caller.clone());
@@ -352,6 +352,7 @@ impl Sluice {
             let (tunnel, vetted) = tunnel::admit_connect(
                 &ctx.snapshot,
                 caller,
+                user_workspace.as_deref(),
                 req.raw_path(),
                 &req.headers,
                 &mut ctx.target,
@@ -468,6 +469,12 @@ impl Sluice {
                 // it for pingora, which then reads the tunnel's first request.
                 resp.insert_header(header::CONTENT_LENGTH, "0")?;
                 resp.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
+                // After a 2xx the connection is the tunnel (RFC 9110 §9.3.6), whatever an
+                // HTTP/1.0 CONNECT (Python's http.client) or its Connection header says:
+                // pingora keeps a connection only when the request's Connection header
+                // allows it, and undici's CONNECT says `close`: the header is dropped first.
+                session.req_header_mut().remove_header(&header::CONNECTION);
+                session.set_keepalive(Some(60));
                 session.write_response_header(Box::new(resp), false).await?;
                 session.write_response_body(None, true).await?;
                 Ok(true)
@@ -632,7 +639,10 @@ impl ProxyHttp for Sluice {
         // on this connection, each through its own pass (caller, policy, credential).
         // Without this pingora drops them and closes the connection after the first
         // response, which still said keep-alive.
-        session.as_downstream_mut().set_pipelining_enabled(true);
+        // Not for a CONNECT: what follows it is the tunnel (maybe TLS), never a request to
+        // stash; bytes sent before its 200 close the connection instead.
+        let connect = session.req_header().method == http::Method::CONNECT;
+        session.as_downstream_mut().set_pipelining_enabled(!connect);
         ctx.request_id = request_id(session);
         let admitted = self.admit(session, ctx).await;
         ctx.policy_done = Some(std::time::Instant::now());
@@ -978,12 +988,15 @@ impl ProxyHttp for Sluice {
 
     fn persist_connection_context(
         &self,
-        _session: &Session,
+        session: &Session,
         ctx: &RequestCtx,
     ) -> Option<Box<dyn std::any::Any + Send + Sync>> {
-        ctx.tunnel
-            .clone()
-            .map(|t| Box::new(t) as Box<dyn std::any::Any + Send + Sync>)
+        let tunnel = ctx.tunnel.clone()?;
+        // The CONNECT's own answer: what comes next decides the tunnel's kind (server.rs).
+        if session.req_header().method == http::Method::CONNECT {
+            return Some(Box::new(tunnel::Opened(tunnel)));
+        }
+        Some(Box::new(tunnel))
     }
 
     fn on_connection_reuse(
@@ -992,8 +1005,13 @@ impl ProxyHttp for Sluice {
         ctx: &mut RequestCtx,
         prev: Box<dyn std::any::Any + Send + Sync>,
     ) {
-        if let Ok(tunnel) = prev.downcast::<Arc<tunnel::Tunnel>>() {
-            ctx.tunnel = Some(*tunnel);
+        match prev.downcast::<Arc<tunnel::Tunnel>>() {
+            Ok(tunnel) => ctx.tunnel = Some(*tunnel),
+            Err(other) => {
+                if let Ok(opened) = other.downcast::<tunnel::Opened>() {
+                    ctx.tunnel = Some(opened.0);
+                }
+            }
         }
     }
 

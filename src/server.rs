@@ -6,9 +6,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use pingora::apps::{HttpServerOptions, ServerApp};
+use pingora::apps::{HttpServerApp, HttpServerOptions, ServerApp};
+use pingora::protocols::Stream;
+use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::proxy::{HttpProxy, http_proxy};
+use pingora::server::ShutdownWatch;
 use pingora::server::configuration::ServerConf;
 use pingora::services::listening::Service;
 use tokio::net::TcpListener;
@@ -20,8 +23,10 @@ use crate::config::Snapshot;
 use crate::credential::oauth::OAuthClient;
 use crate::credential::redis::Invalidation;
 use crate::credential::{Vault, build_vault};
+use crate::intercept::{self, Minter};
 use crate::outbound::OutboundTls;
 use crate::proxy::Sluice;
+use crate::tunnel::{Opened, Tunnel};
 use crate::upstream::CaBundle;
 
 /// Announce what an operator must know before traffic flows.
@@ -58,6 +63,23 @@ fn server_conf(snap: &Snapshot, bundle: Option<&CaBundle>) -> ServerConf {
     }
 }
 
+/// The listening app for a snapshot: the proxy, and the interception CA when configured.
+fn build_app(parts: &Parts, conf: &Arc<ServerConf>) -> Result<SluiceApp, String> {
+    let minter = match &parts.config.load().interception {
+        Some(i) => Some(Arc::new(Minter::load(
+            &i.ca_cert_file,
+            &i.ca_key_file,
+            i.leaf_lifetime,
+            i.cache_capacity,
+        )?)),
+        None => None,
+    };
+    Ok(SluiceApp {
+        proxy: Arc::new(build_proxy(parts, conf)),
+        minter,
+    })
+}
+
 /// Build the pingora proxy app for a snapshot. The CA bundle (if any) is read here and may be
 /// deleted once this returns.
 fn build_proxy(parts: &Parts, conf: &Arc<ServerConf>) -> HttpProxy<Sluice> {
@@ -80,6 +102,133 @@ fn server_options() -> HttpServerOptions {
     let mut options = HttpServerOptions::default();
     options.allow_connect_method_proxying = true;
     options
+}
+
+/// The listening app: pingora's HTTP/1 proxy, plus what a CONNECT tunnel turns a connection
+/// into. pingora serves each request; after a CONNECT's 200 the connection comes back here
+/// (its context says [`Opened`]), and its first byte decides: a TLS handshake is answered with
+/// a minted certificate and the requests inside run on the TLS stream; anything else is plain
+/// HTTP inside the tunnel.
+pub struct SluiceApp {
+    proxy: Arc<HttpProxy<Sluice>>,
+    minter: Option<Arc<Minter>>,
+}
+
+/// How long a new tunnel may stay silent before its first byte.
+const TUNNEL_FIRST_BYTE: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl SluiceApp {
+    /// The connection after a CONNECT's 200: intercepted TLS, or plain HTTP, or closed.
+    async fn open_tunnel(
+        &self,
+        stream: Stream,
+        tunnel: Arc<Tunnel>,
+    ) -> Option<(Stream, Box<dyn std::any::Any + Send + Sync>)> {
+        use tokio::io::AsyncReadExt;
+        // Only a plain TCP connection can become a tunnel (a CONNECT inside one is refused).
+        let mut l4 = *stream.into_any().downcast::<L4Stream>().ok()?;
+        let mut first = [0u8; 1];
+        let n = tokio::time::timeout(TUNNEL_FIRST_BYTE, l4.read(&mut first))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        l4.rewind(&first);
+        // 0x16: a TLS handshake record (a ClientHello).
+        if first[0] != 0x16 {
+            return Some((Box::new(l4), Box::new(tunnel)));
+        }
+        let Some(minter) = &self.minter else {
+            info!(host = %tunnel.host, "TLS inside a tunnel, but [interception] is not configured: closing");
+            return None;
+        };
+        let resolver = Arc::new(SniSeen {
+            minter: minter.clone(),
+            seen: std::sync::Mutex::new(None),
+        });
+        let acceptor = pingora::listeners::tls::Acceptor::from_server_config(
+            intercept::server_config(resolver.clone()),
+        );
+        let tls = match acceptor.tls_handshake(l4).await {
+            Ok(tls) => tls,
+            Err(e) => {
+                info!(host = %tunnel.host, error = %e.etype().as_str(), "intercepted TLS handshake failed");
+                return None;
+            }
+        };
+        let sni = resolver.seen.lock().ok()?.take()?;
+        let inside = Tunnel {
+            tls_sni: Some(sni),
+            ..(*tunnel).clone()
+        };
+        Some((Box::new(tls), Box::new(Arc::new(inside))))
+    }
+}
+
+/// The certificate resolver of one intercepted handshake: mints for the SNI name and keeps
+/// it, so the tunnel can check it against the CONNECT's host.
+#[derive(Debug)]
+struct SniSeen {
+    minter: Arc<Minter>,
+    seen: std::sync::Mutex<Option<String>>,
+}
+
+impl rustls::server::ResolvesServerCert for SniSeen {
+    fn resolve(
+        &self,
+        hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let name = hello.server_name()?.to_ascii_lowercase();
+        if let Ok(mut seen) = self.seen.lock() {
+            *seen = Some(name.clone());
+        }
+        self.minter.resolve_name(&name)
+    }
+}
+
+#[async_trait::async_trait]
+impl ServerApp for SluiceApp {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        // pingora's own HTTP/1 loop (apps/mod.rs), with the tunnel step between requests.
+        let mut session = ServerSession::new_http1(stream);
+        session.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
+        let mut result = self.proxy.process_new_http(session, shutdown).await;
+        while let Some((stream, settings)) = result.map(|r| r.consume()) {
+            let Some(mut settings) = settings else {
+                let session = ServerSession::new_http1(stream);
+                result = self.proxy.process_new_http(session, shutdown).await;
+                continue;
+            };
+            let stream = match settings.take_user_context() {
+                Some(context) => match context.downcast::<Opened>() {
+                    Ok(opened) => {
+                        let (stream, context) = self.open_tunnel(stream, opened.0).await?;
+                        settings.set_user_context(context);
+                        stream
+                    }
+                    Err(context) => {
+                        settings.set_user_context(context);
+                        stream
+                    }
+                },
+                None => stream,
+            };
+            let mut session = ServerSession::new_http1(stream);
+            settings.apply_to_session(&mut session);
+            result = self.proxy.process_new_http(session, shutdown).await;
+        }
+        None
+    }
+
+    async fn cleanup(&self) {
+        self.proxy.http_cleanup().await;
+    }
 }
 
 /// What a running sluice holds beside the proxy: the live config, the vault, and the admin
@@ -242,9 +391,9 @@ pub fn run(snapshot: Snapshot, upgrade: bool) -> Result<(), String> {
     };
     let mut server = pingora::server::Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
-    let proxy = build_proxy(&parts, &server.configuration);
+    let app = build_app(&parts, &server.configuration)?;
     drop(bundle);
-    let mut service = Service::new("sluice".to_string(), proxy);
+    let mut service = Service::new("sluice".to_string(), app);
     service.add_tcp(&address.to_string());
     server.add_service(service);
     info!(listener = %address, "sluice listening");
@@ -287,7 +436,7 @@ pub async fn serve(listener: TcpListener, mut snapshot: Snapshot) -> Result<Runn
         .transpose()?;
     let conf = Arc::new(server_conf(&snapshot, bundle.as_ref()));
     let parts = assemble(snapshot).await?;
-    let app = Arc::new(build_proxy(&parts, &conf));
+    let app = Arc::new(build_app(&parts, &conf)?);
     let Parts {
         config,
         vault,

@@ -11,9 +11,11 @@
 //! (policy, credential, pacing, retries, logs) under the tunnel's caller, connector and
 //! workspace, and must name the tunnel's host (domain fronting is refused).
 //!
-//! `CONNECT host:443` means TLS inside, which sluice can only serve by intercepting it (not
-//! built yet): refused with 405 `connect_not_supported`. Any other port carries plain HTTP,
-//! sent upstream over TLS to that port exactly as `http://host:port/` would be.
+//! What follows the 200 decides the tunnel's kind ([`crate::server`] looks at the first byte):
+//! a TLS handshake is intercepted ([`crate::intercept`], when `[interception]` is configured;
+//! without it `CONNECT host:443` is refused up front with 405 `connect_not_supported`), and
+//! anything else is plain HTTP. Either way requests go upstream over sluice's own verified TLS,
+//! to the CONNECT's port (80 means 443, as in a URL).
 
 use std::sync::Arc;
 
@@ -35,7 +37,13 @@ pub struct Tunnel {
     pub host: Host,
     /// The CONNECT's port.
     pub port: u16,
+    /// Set once sluice intercepted TLS inside the tunnel: the name the client asked for (SNI).
+    pub tls_sni: Option<String>,
 }
+
+/// The connection context right after a CONNECT's 200: the tunnel, before its first byte
+/// told whether TLS (to intercept) or plain HTTP follows. [`crate::server`] decides.
+pub struct Opened(pub Arc<Tunnel>);
 
 /// An optional routing header on the CONNECT: present once and an identifier, or absent.
 fn optional_routing<'h>(
@@ -89,6 +97,7 @@ fn only_workspace(caller: &Caller) -> Option<&str> {
 pub async fn admit_connect(
     snap: &Snapshot,
     caller: Arc<Caller>,
+    user_workspace: Option<&str>,
     raw_target: &[u8],
     headers: &HeaderMap,
     target: &mut Option<Target>,
@@ -105,22 +114,23 @@ pub async fn admit_connect(
     let (host, port) = parse_authority(authority)?;
     let port =
         port.ok_or_else(|| Refusal::new(ErrorCode::InvalidTarget, "CONNECT target has no port"))?;
-    if port == 443 {
+    if port == 443 && snap.interception.is_none() {
         return Err(Refusal::new(
             ErrorCode::ConnectNotSupported,
-            "CONNECT to port 443 carries TLS, which sluice does not intercept yet: send plain http:// URLs through the proxy",
+            "CONNECT to port 443 carries TLS, and TLS interception is not configured ([interception]): send plain http:// URLs through the proxy",
         ));
     }
     let connector = match optional_routing(headers, X_CONNECTOR)? {
         Some(c) => c,
         None => infer_connector(snap, &host)?,
     };
+    // Precedence: X-Workspace, then the proxy URL's user name, then the caller's only one.
     let workspace = match optional_routing(headers, X_WORKSPACE)? {
         Some(w) => w,
-        None => only_workspace(&caller).ok_or_else(|| {
+        None => user_workspace.or_else(|| only_workspace(&caller)).ok_or_else(|| {
             Refusal::new(
                 ErrorCode::MissingWorkspace,
-                "the CONNECT names no workspace: send X-Workspace, or use a caller scoped to one workspace",
+                "the CONNECT names no workspace: send X-Workspace, use the workspace as the proxy URL's user name (http://ws:TOKEN@sluice), or a caller scoped to one workspace",
             )
         })?,
     };
@@ -143,6 +153,7 @@ pub async fn admit_connect(
         workspace: vetted.workspace.clone(),
         host,
         port,
+        tls_sni: None,
     };
     Ok((tunnel, vetted))
 }
@@ -150,7 +161,20 @@ pub async fn admit_connect(
 /// A request inside `tunnel` must go where the CONNECT said: same host, same port (a `Host`
 /// without a port means 80).
 pub fn check_inside(tunnel: &Tunnel, target: &Target) -> Result<(), Refusal> {
-    let port = target.url_port.unwrap_or(80);
+    if let Some(sni) = &tunnel.tls_sni {
+        if !matches!(&tunnel.host, Host::Name(n) if n == sni) {
+            return Err(Refusal::new(
+                ErrorCode::TunnelHostMismatch,
+                format!(
+                    "TLS inside a tunnel to {} asked for {sni:?} (SNI)",
+                    tunnel.host
+                ),
+            ));
+        }
+    }
+    // A Host without a port means the scheme's default: 443 inside TLS, 80 in plain HTTP.
+    let default = if tunnel.tls_sni.is_some() { 443 } else { 80 };
+    let port = target.url_port.unwrap_or(default);
     if target.host != tunnel.host || port != tunnel.port {
         return Err(Refusal::new(
             ErrorCode::TunnelHostMismatch,

@@ -58,6 +58,9 @@ fn restart_needed(old: &Snapshot, new: &Snapshot) -> Vec<&'static str> {
     {
         changed.push("credentials");
     }
+    if old.interception != new.interception {
+        changed.push("interception");
+    }
     if old.admin.as_ref().map(|a| (a.address, a.token_sha256))
         != new.admin.as_ref().map(|a| (a.address, a.token_sha256))
     {

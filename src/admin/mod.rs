@@ -446,6 +446,21 @@ async fn handle(state: Arc<AdminState>, req: Request<Incoming>) -> Response<Full
         );
         return resp;
     }
+    // The interception CA's certificate is public: apps fetch it to trust sluice.
+    if req.method() == Method::GET && req.uri().path() == "/ca.pem" {
+        let snap = state.config.load();
+        let Some(i) = &snap.interception else {
+            return error_response(&ApiError::not_found(
+                "TLS interception is not configured ([interception])",
+            ));
+        };
+        let mut resp = Response::new(Full::new(Bytes::from(i.ca_cert_pem.clone())));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/x-pem-file"),
+        );
+        return resp;
+    }
     // The OAuth callback is reached by the user's browser: the single-use state is its
     // credential, not the admin token.
     if req.method() == Method::GET && req.uri().path() == "/oauth/callback" {

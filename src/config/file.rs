@@ -27,6 +27,17 @@ pub struct FileConfig {
     pub callers: Vec<CallerFile>,
     pub credentials: Option<CredentialsFile>,
     pub admin: Option<AdminFile>,
+    pub interception: Option<InterceptionFile>,
+}
+
+/// `[interception]`: TLS interception inside CONNECT tunnels.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterceptionFile {
+    pub ca_cert_file: PathBuf,
+    pub ca_key_file: PathBuf,
+    pub leaf_lifetime_hours: Option<u64>,
+    pub cache_capacity: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

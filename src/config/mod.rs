@@ -211,10 +211,24 @@ pub struct Snapshot {
     pub credentials: Option<Credentials>,
     /// `None`: no admin listener.
     pub admin: Option<Admin>,
+    /// `None`: TLS inside CONNECT tunnels is refused.
+    pub interception: Option<Interception>,
     /// The definitions as written, with their origin.
     pub sources: Sources,
     /// The TOML text this snapshot was built from (to rebuild with new definitions).
     pub toml_text: Arc<str>,
+}
+
+/// `[interception]`: where sluice's CA lives (the key is read at startup, never kept here)
+/// and how leaves are minted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interception {
+    pub ca_cert_file: PathBuf,
+    pub ca_key_file: PathBuf,
+    /// The CA certificate as PEM, served at `GET /ca.pem`.
+    pub ca_cert_pem: String,
+    pub leaf_lifetime: Duration,
+    pub cache_capacity: u64,
 }
 
 /// `[admin]`: the admin API's listener and the SHA-256 of its bearer token.
@@ -1095,6 +1109,54 @@ fn validate(raw: FileConfig, source: &Path, base: &Path) -> Result<Snapshot, Vec
         })
     });
 
+    // [interception]
+    let interception = raw.interception.as_ref().and_then(|i| {
+        let ca_cert_file = resolve_path(base, &i.ca_cert_file);
+        let ca_key_file = resolve_path(base, &i.ca_key_file);
+        let hours = i.leaf_lifetime_hours.unwrap_or(24);
+        if !(1..=24 * 30).contains(&hours) {
+            errors.push("interception.leaf_lifetime_hours", "must be 1..=720");
+        }
+        let cache_capacity = i.cache_capacity.unwrap_or(1000);
+        if cache_capacity == 0 {
+            errors.push("interception.cache_capacity", "must be at least 1");
+        }
+        let ca_cert_pem = match std::fs::read_to_string(&ca_cert_file) {
+            Ok(pem) if pem.contains("-----BEGIN CERTIFICATE-----") => pem,
+            Ok(_) => {
+                errors.push(
+                    "interception.ca_cert_file",
+                    format!("{} holds no PEM certificate", ca_cert_file.display()),
+                );
+                return None;
+            }
+            Err(e) => {
+                errors.push(
+                    "interception.ca_cert_file",
+                    format!(
+                        "cannot read {}: {e} (make the CA with `sluice ca init`)",
+                        ca_cert_file.display()
+                    ),
+                );
+                return None;
+            }
+        };
+        if let Err(e) = std::fs::metadata(&ca_key_file) {
+            errors.push(
+                "interception.ca_key_file",
+                format!("cannot read {}: {e}", ca_key_file.display()),
+            );
+            return None;
+        }
+        Some(Interception {
+            ca_cert_file,
+            ca_key_file,
+            ca_cert_pem,
+            leaf_lifetime: Duration::from_secs(hours * 3600),
+            cache_capacity,
+        })
+    });
+
     // The resolver is only built for an otherwise valid file: it may read system files.
     if !errors.0.is_empty() {
         return Err(errors.0);
@@ -1125,6 +1187,7 @@ fn validate(raw: FileConfig, source: &Path, base: &Path) -> Result<Snapshot, Vec
         resolver,
         credentials,
         admin,
+        interception,
         sources: Sources::default(),
         toml_text: Arc::from(""),
     })

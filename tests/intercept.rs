@@ -1,0 +1,447 @@
+//! TLS interception: apps that insist on https:// URLs, unmodified, through `HTTPS_PROXY` and
+//! sluice's CA. Real clients (curl, Python requests and httpx, Node's undici) against the
+//! real TLS upstream; the upstream must see the injected credential and no internal header.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use common::*;
+
+/// A caller scoped to ws_7 alone, so routing needs no header at all.
+const SOLO_TOKEN: &str = "slc_test-solo-token-0011223344";
+
+struct Intercepting {
+    env: Env,
+    gw: sluice::server::Running,
+    ca: PathBuf,
+}
+
+/// sluice with a CA made by `sluice ca init` (the library call behind it) and `[interception]`.
+async fn intercepting() -> Intercepting {
+    let env = Env::new().await;
+    let (ca, key) = (
+        env.dir.path().join("sluice-ca.pem"),
+        env.dir.path().join("sluice-ca.key"),
+    );
+    sluice::intercept::init_ca(&ca, &key).unwrap();
+    let extra = format!(
+        "[interception]\nca_cert_file = \"{}\"\nca_key_file = \"{}\"\n\n[[caller]]\nname = \"solo\"\ntoken_sha256 = \"{}\"\nworkspaces = [\"ws_7\"]\n",
+        ca.display(),
+        key.display(),
+        sha256_hex(SOLO_TOKEN)
+    );
+    let gw = env.start_with("", &extra).await;
+    put_credential(&gw, "ws_7", "narrow", true, &[("api_key", "key-of-ws-7")]).await;
+    Intercepting { env, gw, ca }
+}
+
+impl Intercepting {
+    /// `https://<host>:<upstream port><path>`.
+    fn url(&self, host: &str, path: &str) -> String {
+        format!("https://{host}:{}{path}", self.env.upstream.port())
+    }
+
+    fn proxy(&self, user: &str, token: &str) -> String {
+        format!("http://{user}:{token}@{}", self.gw.addr)
+    }
+
+    /// The last request the upstream saw: the path, and that it carried ws_7's key and no
+    /// internal header.
+    fn upstream_saw(&self, target: &str) {
+        let r = self
+            .env
+            .upstream
+            .requests()
+            .into_iter()
+            .rfind(|r| r.target == target)
+            .unwrap_or_else(|| panic!("the upstream never saw {target}"));
+        assert_eq!(
+            r.header("x-api-key"),
+            Some("key-of-ws-7"),
+            "{target}: injected"
+        );
+        for internal in [
+            "x-connector",
+            "x-workspace",
+            "proxy-authorization",
+            "x-sluice-error",
+        ] {
+            assert!(
+                !r.has_header(internal),
+                "{target}: {internal} reached the upstream"
+            );
+        }
+    }
+}
+
+async fn run(program: &str, args: &[&str], env: &[(&str, String)]) -> (bool, String, String) {
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args).stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_https_through_an_intercepted_tunnel() {
+    let t = intercepting().await;
+    let ca = t.ca.display().to_string();
+    // Connector named on the CONNECT; workspace from the proxy URL's user name.
+    let (ok, out, err) = run(
+        "curl",
+        &[
+            "-sS",
+            "--cacert",
+            &ca,
+            "-x",
+            &t.proxy("ws_7", APP_TOKEN),
+            "--proxy-header",
+            "X-Connector: narrow",
+            "-w",
+            "\n%{http_code}",
+            &t.url("other.saas.test", "/curl?page=2"),
+        ],
+        &[],
+    )
+    .await;
+    assert!(ok && out.ends_with("\n200"), "{out} {err}");
+    t.upstream_saw("/curl?page=2");
+    // Keep-alive: two URLs, one tunnel, one CONNECT.
+    let (ok, out, err) = run(
+        "curl",
+        &[
+            "-sS",
+            "--cacert",
+            &ca,
+            "-x",
+            &t.proxy("ws_7", APP_TOKEN),
+            "--proxy-header",
+            "X-Connector: narrow",
+            "-w",
+            "%{http_code}\n",
+            "-o",
+            "/dev/null",
+            &t.url("other.saas.test", "/k1"),
+            "-o",
+            "/dev/null",
+            &t.url("other.saas.test", "/k2"),
+        ],
+        &[],
+    )
+    .await;
+    assert!(ok && out == "200\n200\n", "{out} {err}");
+    t.upstream_saw("/k2");
+    assert_eq!(
+        metric(
+            &t.gw,
+            "sluice_requests_total{class=\"forwarded\",connector=\"narrow\",outcome=\"ok\",status=\"2xx\"}"
+        )
+        .await,
+        5,
+        "two CONNECTs and three requests inside"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_requests_and_httpx_with_only_environment_variables() {
+    let t = intercepting().await;
+    // No code change: HTTPS_PROXY and the CA bundle variables. The solo caller names the
+    // workspace (its only one) and api.saas.test the connector (only `saas` allows it).
+    let script = r#"
+import os, sys
+url = sys.argv[1]
+import requests
+r = requests.get(url + "/py-requests")
+print(r.status_code, r.headers.get("x-request-id") is not None)
+import httpx
+with httpx.Client() as c:
+    r = c.get(url + "/py-httpx")
+    print(r.status_code)
+"#;
+    let proxy = t.proxy("solo", SOLO_TOKEN);
+    let ca = t.ca.display().to_string();
+    let (ok, out, err) = run(
+        "python3",
+        &[
+            "-c",
+            script,
+            &format!("https://api.saas.test:{}", t.env.upstream.port()),
+        ],
+        &[
+            ("HTTPS_PROXY", proxy.clone()),
+            ("https_proxy", proxy),
+            ("REQUESTS_CA_BUNDLE", ca.clone()),
+            ("SSL_CERT_FILE", ca),
+            ("NO_PROXY", String::new()),
+        ],
+    )
+    .await;
+    assert!(ok, "{out} {err}");
+    assert_eq!(out, "200 True\n200\n", "{err}");
+    let seen: Vec<String> = t
+        .env
+        .upstream
+        .requests()
+        .iter()
+        .map(|r| r.target.clone())
+        .collect();
+    assert!(
+        seen.contains(&"/py-requests".to_string()) && seen.contains(&"/py-httpx".to_string()),
+        "{seen:?}"
+    );
+    for r in t.env.upstream.requests() {
+        assert!(!r.has_header("proxy-authorization") && !r.has_header("x-connector"));
+        assert_eq!(
+            r.sni.as_deref(),
+            Some("api.saas.test"),
+            "sluice's own verified TLS upstream"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interception_refusals() {
+    let t = intercepting().await;
+    let ca = t.ca.display().to_string();
+    let curl = |url: String, proxy: String, extra: Vec<&'static str>| {
+        let ca = ca.clone();
+        async move {
+            let mut args: Vec<String> = vec![
+                "-sS".into(),
+                "--cacert".into(),
+                ca,
+                "-x".into(),
+                proxy,
+                "-w".into(),
+                "\n%{http_code}".into(),
+            ];
+            args.extend(extra.iter().map(|s| s.to_string()));
+            args.push(url);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run("curl", &args, &[]).await
+        }
+    };
+    // No caller token: 407 on the CONNECT, curl gives up before TLS.
+    let (ok, _, err) = curl(
+        t.url("api.saas.test", "/x"),
+        format!("http://{}", t.gw.addr),
+        vec![],
+    )
+    .await;
+    assert!(!ok && err.contains("407"), "{err}");
+    // A host no connector allows, and one that resolves to a private address.
+    let (ok, _, err) = curl(
+        t.url("evil.example.com", "/x"),
+        t.proxy("solo", SOLO_TOKEN),
+        vec![],
+    )
+    .await;
+    assert!(!ok && err.contains("403"), "{err}");
+    let (ok, _, err) = curl(
+        t.url("private.saas.test", "/x"),
+        t.proxy("solo", SOLO_TOKEN),
+        vec!["--proxy-header", "X-Connector: saas"],
+    )
+    .await;
+    assert!(!ok && err.contains("403"), "{err}");
+    assert_eq!(
+        t.env.upstream.connections(),
+        0,
+        "refused tunnels open nothing upstream"
+    );
+    // The upstream's certificate is not for the name (wrongname.saas.test): sluice's own TLS
+    // to the upstream fails, inside the intercepted tunnel, with sluice's JSON error.
+    let (ok, out, err) = curl(
+        t.url("wrongname.saas.test", "/x"),
+        t.proxy("solo", SOLO_TOKEN),
+        vec!["--proxy-header", "X-Connector: saas"],
+    )
+    .await;
+    assert!(
+        ok && out.ends_with("\n502") && out.contains("upstream_tls_failed"),
+        "{out} {err}"
+    );
+    // SNI, CONNECT authority and Host must agree: a raw client that asks for another name.
+    let script = r#"
+import socket, ssl, sys
+gw_host, gw_port, authority, sni, ca, auth = sys.argv[1:7]
+s = socket.create_connection((gw_host, int(gw_port)))
+s.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\nProxy-Authorization: {auth}\r\nX-Connector: saas\r\n\r\n".encode())
+head = b""
+while b"\r\n\r\n" not in head:
+    head += s.recv(1)
+assert head.startswith(b"HTTP/1.1 200"), head
+ctx = ssl.create_default_context(cafile=ca)
+tls = ctx.wrap_socket(s, server_hostname=sni)
+tls.sendall(f"GET /fronted HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n".encode())
+data = b""
+while True:
+    chunk = tls.recv(4096)
+    if not chunk:
+        break
+    data += chunk
+print(data.split(b"\r\n")[0].decode(), "tunnel_host_mismatch" in data.decode())
+"#;
+    let port = t.env.upstream.port();
+    let gw = t.gw.addr;
+    let (ok, out, err) = run(
+        "python3",
+        &[
+            "-c",
+            script,
+            &gw.ip().to_string(),
+            &gw.port().to_string(),
+            &format!("api.saas.test:{port}"),
+            "wrongname.saas.test",
+            &ca,
+            &basic("solo", SOLO_TOKEN),
+        ],
+        &[],
+    )
+    .await;
+    assert!(ok, "{out} {err}");
+    assert_eq!(out.trim(), "HTTP/1.1 403 Forbidden True", "{err}");
+    assert!(
+        t.env
+            .upstream
+            .requests()
+            .iter()
+            .all(|r| r.target != "/fronted"),
+        "a fronted request never leaves"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ca_certificate_is_served_on_the_admin_listener() {
+    let t = intercepting().await;
+    let pem = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!("http://{}/ca.pem", t.gw.admin_addr.unwrap()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(pem, std::fs::read_to_string(&t.ca).unwrap());
+    assert!(!pem.contains("PRIVATE KEY"));
+}
+
+/// Where tests/run.sh installs undici (npm), outside the source tree.
+fn node_modules() -> String {
+    format!(
+        "{}/target/test-node/node_modules",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+/// undici's `ProxyAgent` with its defaults: it tunnels `https://` *and* `http://` URLs
+/// (CONNECT for both), trusting the CA through `NODE_EXTRA_CA_CERTS`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_undici_proxy_agent_with_its_defaults() {
+    let t = intercepting().await;
+    let script = r#"
+const { ProxyAgent, request } = require('undici');
+(async () => {
+  const dispatcher = new ProxyAgent(process.env.HTTPS_PROXY);
+  for (const url of process.argv.slice(1)) {
+    const { statusCode, body } = await request(url, { dispatcher });
+    await body.text();
+    console.log(statusCode);
+  }
+  await dispatcher.close();
+})().catch((e) => { console.error(e); process.exit(1); });
+"#;
+    let port = t.env.upstream.port();
+    let (ok, out, err) = run(
+        "node",
+        &[
+            "-e",
+            script,
+            &format!("https://api.saas.test:{port}/node-https"),
+            &format!("http://api.saas.test:{port}/node-http"),
+        ],
+        &[
+            ("NODE_PATH", node_modules()),
+            ("HTTPS_PROXY", t.proxy("solo", SOLO_TOKEN)),
+            ("NODE_EXTRA_CA_CERTS", t.ca.display().to_string()),
+        ],
+    )
+    .await;
+    assert!(ok, "{out} {err}");
+    assert_eq!(out, "200\n200\n", "{err}");
+    let seen: Vec<String> = t
+        .env
+        .upstream
+        .requests()
+        .iter()
+        .map(|r| r.target.clone())
+        .collect();
+    assert_eq!(seen, ["/node-https", "/node-http"]);
+}
+
+/// Go's net/http: `HTTPS_PROXY` and `SSL_CERT_FILE`, nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_net_http_with_https_proxy() {
+    let t = intercepting().await;
+    let program = t.env.dir.path().join("client.go");
+    std::fs::write(
+        &program,
+        r#"package main
+
+import (
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+)
+
+func main() {
+	resp, err := http.Get(os.Args[1])
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	defer resp.Body.Close()
+	io.Copy(io.Discard, resp.Body)
+	fmt.Println(resp.StatusCode)
+}
+"#,
+    )
+    .unwrap();
+    let cache = t.env.dir.path().join("go-cache");
+    let (ok, out, err) = run(
+        "go",
+        &[
+            "run",
+            &program.display().to_string(),
+            &format!("https://api.saas.test:{}/go", t.env.upstream.port()),
+        ],
+        &[
+            ("HTTPS_PROXY", t.proxy("solo", SOLO_TOKEN)),
+            ("SSL_CERT_FILE", t.ca.display().to_string()),
+            ("GOCACHE", cache.display().to_string()),
+            ("GOFLAGS", "-mod=mod".to_string()),
+            ("GO111MODULE", "off".to_string()),
+        ],
+    )
+    .await;
+    assert!(ok, "{out} {err}");
+    assert_eq!(out, "200\n", "{err}");
+    let r = t.env.upstream.requests().pop().unwrap();
+    assert_eq!(r.target, "/go");
+    assert!(!r.has_header("proxy-authorization"));
+}
