@@ -19,7 +19,12 @@ What it starts (Python standard library and Debian packages only; installed when
   holds one entry and the load cycles through 1,000 workspaces, so nearly every request reads
   and decrypts from Redis), and a rate limit that makes requests wait for their turn;
 * wrk, with a Lua script sending absolute-form requests with X-Connector, X-Workspace and
-  Proxy-Authorization (sluice authenticates the caller on every request; nginx does not).
+  Proxy-Authorization (sluice authenticates the caller on every request; nginx does not);
+* sluice with TLS interception: `benches/tunnel_load.go` (Go's net/http, since wrk cannot
+  CONNECT) sends `https://` requests through `HTTPS_PROXY`, one keep-alive intercepted tunnel
+  per connection, the workspace as the proxy URL's user name; its CPU-s/10k sits next to the
+  plain-HTTP warm row. What minting a new host's certificate costs is a criterion bench
+  (`cargo bench --bench intercept`).
 
 Placement: the proxy under test is pinned to the last core; wrk, the upstream and Redis share
 the others. For each set-up it measures, after a warm-up:
@@ -122,6 +127,8 @@ def ensure_tools() -> None:
         "openssl": "openssl",
         "taskset": "util-linux",
         "curl": "curl",
+        # The intercepted-tunnel row's client (benches/tunnel_load.go): wrk cannot CONNECT.
+        "go": "golang-go",
     }
     missing = sorted({pkg for tool, pkg in wanted.items() if shutil.which(tool) is None})
     if not missing:
@@ -482,12 +489,32 @@ class Bench:
         stats["errors"] = sum(stats[k] for k in ("connect", "read", "write", "status", "timeout"))
         return stats
 
+    def tunnel_client(self, url: str, target: str, workspaces: int, token: str, *,
+                      duration: float, conns: int, delay_ms: float = 0) -> dict:
+        """tunnel_load.go with wrk's calling convention: `url` is the proxy, `target` the
+        https:// URL requested through intercepted tunnels."""
+        if not hasattr(self, "tunnel_bin"):
+            self.tunnel_bin = self.d / "tunnel_load"
+            env = dict(os.environ, GO111MODULE="off", GOCACHE=str(self.d / "go-cache"))
+            run(["go", "build", "-o", self.tunnel_bin, ROOT / "benches" / "tunnel_load.go"],
+                env=env)
+        cmd = ["taskset", "-c", self.gen_cpus, self.tunnel_bin, "-proxy", url, "-token", token,
+               "-ca", self.d / "sluice-ca.pem", "-url", target, "-c", conns,
+               "-d", f"{duration:.0f}s", "-delay", f"{delay_ms * 1000:.0f}us",
+               "-workspaces", workspaces]
+        out = subprocess.run(list(map(str, cmd)), check=True, capture_output=True,
+                             text=True).stdout
+        stats = json.loads(out.strip().splitlines()[-1])
+        stats["errors"] = sum(stats[k] for k in ("connect", "read", "write", "status", "timeout"))
+        return stats
+
     def measure(self, r: Result, url: str, target: str, workspaces: int, token: str,
-                pids: list[int]) -> None:
+                pids: list[int], client=None) -> None:
         a = self.args
-        self.wrk(url, target, workspaces, token, duration=a.warmup, conns=a.connections)
+        load = client or self.wrk
+        load(url, target, workspaces, token, duration=a.warmup, conns=a.connections)
         (u0, s0) = cpu_seconds(pids)
-        s = self.wrk(url, target, workspaces, token, duration=a.duration, conns=a.connections)
+        s = load(url, target, workspaces, token, duration=a.duration, conns=a.connections)
         (u1, s1) = cpu_seconds(pids)
         r.rps = s["requests"] / (s["duration_us"] / 1e6)
         r.errors = s["errors"]
@@ -498,8 +525,8 @@ class Bench:
                            f"{(s1 - s0) * per:.3f} system")
         c1 = u1 + s1
         conns = 10
-        s = self.wrk(url, target, workspaces, token, duration=a.duration, conns=conns,
-                     delay_ms=conns * 1000 / a.rate)
+        s = load(url, target, workspaces, token, duration=a.duration, conns=conns,
+                 delay_ms=conns * 1000 / a.rate)
         c2 = sum(cpu_seconds(pids))
         r.rate_rps = s["requests"] / (s["duration_us"] / 1e6)
         r.p50_ms = s["p50_us"] / 1000
@@ -511,8 +538,8 @@ class Bench:
         # Unloaded latency: one connection, 5 ms between a response and the next request, so
         # no request ever waits behind another. The paced run above bunches its connections
         # (closed-loop delay()), so its p50 also counts queueing, i.e. per-request CPU.
-        s = self.wrk(url, target, workspaces, token, duration=a.duration / 2, conns=1,
-                     delay_ms=5)
+        s = load(url, target, workspaces, token, duration=a.duration / 2, conns=1,
+                 delay_ms=5)
         r.solo_p50_ms = s["p50_us"] / 1000
         r.rate_errors += s["errors"]
 
@@ -555,7 +582,8 @@ class Bench:
             signal.SIGKILL)
 
     def sluice(self, name: str, scenario: str, *, redis: bool = False, cache_capacity: int =
-               10_000, workspaces: int = WORKSPACES, extra_connector: str = "") -> Result:
+               10_000, workspaces: int = WORKSPACES, extra_connector: str = "",
+               intercept: bool = False) -> Result:
         r = Result(name)
         up, up_log = self.start_upstream(scenario)
         redis_proc = None
@@ -570,8 +598,13 @@ class Bench:
             store = f'store = "embedded"\npath = "{self.d}/sluice-{scenario}.redb"'
         s = Sluice(free_port(), free_port(), secrets.token_hex(32), secrets.token_hex(32))
         conf = self.d / f"sluice-{scenario}.toml"
-        conf.write_text(sluice_conf(self.d, s, self.up_port, store, extra_connector,
-                                    cache_capacity))
+        text = sluice_conf(self.d, s, self.up_port, store, extra_connector, cache_capacity)
+        if intercept:
+            ca, key = self.d / "sluice-ca.pem", self.d / "sluice-ca.key"
+            if not ca.exists():
+                run([self.args.sluice, "ca", "init", "--cert", ca, "--key", key])
+            text += f'\n[interception]\nca_cert_file = "{ca}"\nca_key_file = "{key}"\n'
+        conf.write_text(text)
         env = dict(os.environ, SLUICE_LOG=self.args.sluice_log)
         p = self.spawn([self.args.sluice, "run", "--config", conf], self.proxy_cpu,
                        f"sluice-{scenario}.log", env=env)
@@ -589,9 +622,12 @@ class Bench:
 
         wait_for("sluice", ready)
         put_credentials(s, workspaces)
-        self.measure(r, f"http://127.0.0.1:{s.port}", f"http://{HOST}:{self.up_port}{PATH}",
-                     workspaces,
-                     s.caller_token, proc_tree(p.pid))
+        if intercept:
+            self.measure(r, f"http://127.0.0.1:{s.port}", f"https://{HOST}:{self.up_port}{PATH}",
+                         workspaces, s.caller_token, proc_tree(p.pid), client=self.tunnel_client)
+        else:
+            self.measure(r, f"http://127.0.0.1:{s.port}", f"http://{HOST}:{self.up_port}{PATH}",
+                         workspaces, s.caller_token, proc_tree(p.pid))
         m = metrics(s)
         hits = metric_sum(m, "sluice_credential_cache_total", 'result="hit"')
         misses = metric_sum(m, "sluice_credential_cache_total", 'result="miss"')
@@ -729,7 +765,7 @@ def main() -> None:
     ap.add_argument("--floor", help="pingora floor binary (default: build "
                     "target/release/examples/pingora_floor)")
     ap.add_argument("--only", help="comma-separated set-ups: direct,nginx,floor,warm,cold,"
-                    "limited (direct and nginx always run: the ratios need them)")
+                    "limited,tunnel (direct and nginx always run: the ratios need them)")
     ap.add_argument("--keep", action="store_true",
                     help="keep the working directory (configs, logs) for inspection")
     ap.add_argument("--out", help="also write the report to this file")
@@ -769,6 +805,8 @@ queue_size = {max(64, args.connections * 2)}
                                       cache_capacity=1)),
             ("limited", lambda: b.sluice("sluice, rate-limited", "limited", workspaces=1,
                                          extra_connector=limited)),
+            ("tunnel", lambda: b.sluice("sluice, intercepted TLS tunnels", "tunnel",
+                                        intercept=True)),
         ]
         results = []
         try:
