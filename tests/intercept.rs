@@ -32,7 +32,20 @@ async fn intercepting() -> Intercepting {
         key.display(),
         sha256_hex(SOLO_TOKEN)
     );
-    let gw = env.start_with("", &extra).await;
+    // `saas` narrowed to the names these tests send it, so other.saas.test belongs to
+    // `narrow` alone: a client with no routing header at all gets it inferred, with ws_7's
+    // credential injected.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let text = env
+        .config(listener.local_addr().unwrap().port(), "", &extra)
+        .replace(
+            "allowed_domains = [\"*.saas.test\"]",
+            "allowed_domains = [\"api.saas.test\", \"private.saas.test\", \"wrongname.saas.test\"]",
+        );
+    let path = env.dir.path().join("intercept.toml");
+    std::fs::write(&path, text).unwrap();
+    let snapshot = sluice::config::Snapshot::load(&path).unwrap();
+    let gw = sluice::server::serve(listener, snapshot).await.unwrap();
     put_credential(&gw, "ws_7", "narrow", true, &[("api_key", "key-of-ws-7")]).await;
     Intercepting { env, gw, ca }
 }
@@ -157,7 +170,7 @@ async fn curl_https_through_an_intercepted_tunnel() {
 async fn python_requests_and_httpx_with_only_environment_variables() {
     let t = intercepting().await;
     // No code change: HTTPS_PROXY and the CA bundle variables. The solo caller names the
-    // workspace (its only one) and api.saas.test the connector (only `saas` allows it).
+    // workspace (its only one) and other.saas.test the connector (only `narrow` allows it).
     let script = r#"
 import os, sys
 url = sys.argv[1]
@@ -176,7 +189,7 @@ with httpx.Client() as c:
         &[
             "-c",
             script,
-            &format!("https://api.saas.test:{}", t.env.upstream.port()),
+            &format!("https://other.saas.test:{}", t.env.upstream.port()),
         ],
         &[
             ("HTTPS_PROXY", proxy.clone()),
@@ -189,22 +202,12 @@ with httpx.Client() as c:
     .await;
     assert!(ok, "{out} {err}");
     assert_eq!(out, "200 True\n200\n", "{err}");
-    let seen: Vec<String> = t
-        .env
-        .upstream
-        .requests()
-        .iter()
-        .map(|r| r.target.clone())
-        .collect();
-    assert!(
-        seen.contains(&"/py-requests".to_string()) && seen.contains(&"/py-httpx".to_string()),
-        "{seen:?}"
-    );
+    t.upstream_saw("/py-requests");
+    t.upstream_saw("/py-httpx");
     for r in t.env.upstream.requests() {
-        assert!(!r.has_header("proxy-authorization") && !r.has_header("x-connector"));
         assert_eq!(
             r.sni.as_deref(),
-            Some("api.saas.test"),
+            Some("other.saas.test"),
             "sluice's own verified TLS upstream"
         );
     }
@@ -371,8 +374,8 @@ const { ProxyAgent, request } = require('undici');
         &[
             "-e",
             script,
-            &format!("https://api.saas.test:{port}/node-https"),
-            &format!("http://api.saas.test:{port}/node-http"),
+            &format!("https://other.saas.test:{port}/node-https"),
+            &format!("http://other.saas.test:{port}/node-http"),
         ],
         &[
             ("NODE_PATH", node_modules()),
@@ -383,14 +386,8 @@ const { ProxyAgent, request } = require('undici');
     .await;
     assert!(ok, "{out} {err}");
     assert_eq!(out, "200\n200\n", "{err}");
-    let seen: Vec<String> = t
-        .env
-        .upstream
-        .requests()
-        .iter()
-        .map(|r| r.target.clone())
-        .collect();
-    assert_eq!(seen, ["/node-https", "/node-http"]);
+    t.upstream_saw("/node-https");
+    t.upstream_saw("/node-http");
 }
 
 /// Go's net/http: `HTTPS_PROXY` and `SSL_CERT_FILE`, nothing else.
@@ -428,7 +425,7 @@ func main() {
         &[
             "run",
             &program.display().to_string(),
-            &format!("https://api.saas.test:{}/go", t.env.upstream.port()),
+            &format!("https://other.saas.test:{}/go", t.env.upstream.port()),
         ],
         &[
             ("HTTPS_PROXY", t.proxy("solo", SOLO_TOKEN)),
@@ -441,7 +438,5 @@ func main() {
     .await;
     assert!(ok, "{out} {err}");
     assert_eq!(out, "200\n", "{err}");
-    let r = t.env.upstream.requests().pop().unwrap();
-    assert_eq!(r.target, "/go");
-    assert!(!r.has_header("proxy-authorization"));
+    t.upstream_saw("/go");
 }
