@@ -20,6 +20,11 @@ struct Intercepting {
 
 /// sluice with a CA made by `sluice ca init` (the library call behind it) and `[interception]`.
 async fn intercepting() -> Intercepting {
+    intercepting_with("").await
+}
+
+/// [`intercepting`] with `more` appended to the config.
+async fn intercepting_with(more: &str) -> Intercepting {
     let env = Env::new().await;
     let (ca, key) = (
         env.dir.path().join("sluice-ca.pem"),
@@ -31,7 +36,7 @@ async fn intercepting() -> Intercepting {
         ca.display(),
         key.display(),
         sha256_hex(SOLO_TOKEN)
-    );
+    ) + more;
     // `saas` narrowed to the names these tests send it, so other.saas.test belongs to
     // `narrow` alone: a client with no routing header at all gets it inferred, with ws_7's
     // credential injected.
@@ -215,7 +220,13 @@ with httpx.Client() as c:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interception_refusals() {
-    let t = intercepting().await;
+    // An upstream whose certificate comes from a CA sluice does not trust.
+    let rogue = Upstream::start(&TestCa::new("rogue CA"), &["untrusted.saas.test"]).await;
+    let t = intercepting_with(&format!(
+        "\n[[connector]]\nconnector_id = \"rogue\"\ndisplay_name = \"Rogue\"\nauth_type = \"none\"\nallowed_domains = [\"untrusted.saas.test\"]\nallowed_ports = [{}]\n",
+        rogue.port()
+    ))
+    .await;
     let ca = t.ca.display().to_string();
     let curl = |url: String, proxy: String, extra: Vec<&'static str>| {
         let ca = ca.clone();
@@ -275,6 +286,19 @@ async fn interception_refusals() {
         ok && out.ends_with("\n502") && out.contains("upstream_tls_failed"),
         "{out} {err}"
     );
+    // Unknown CA on the upstream: the client's tunnel works, sluice's own TLS upstream is
+    // refused (its certificate verification is not relaxed by interception).
+    let (ok, out, err) = curl(
+        format!("https://untrusted.saas.test:{}/x", rogue.port()),
+        t.proxy("solo", SOLO_TOKEN),
+        vec![],
+    )
+    .await;
+    assert!(
+        ok && out.ends_with("\n502") && out.contains("upstream_tls_failed"),
+        "{out} {err}"
+    );
+    assert!(rogue.requests().is_empty() && rogue.connections() >= 1);
     // SNI, CONNECT authority and Host must agree: a raw client that asks for another name.
     let script = r#"
 import socket, ssl, sys
