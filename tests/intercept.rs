@@ -116,47 +116,41 @@ async fn curl_https_through_an_intercepted_tunnel() {
     let t = intercepting().await;
     let ca = t.ca.display().to_string();
     // Connector named on the CONNECT; workspace from the proxy URL's user name.
-    let (ok, out, err) = run(
-        "curl",
-        &[
-            "-sS",
-            "--cacert",
-            &ca,
-            "-x",
-            &t.proxy("ws_7", APP_TOKEN),
-            "--proxy-header",
-            "X-Connector: narrow",
-            "-w",
-            "\n%{http_code}",
-            &t.url("other.saas.test", "/curl?page=2"),
-        ],
-        &[],
-    )
+    let proxy = t.proxy("ws_7", APP_TOKEN);
+    let curl = |more: Vec<String>| {
+        let mut args: Vec<String> = ["-sS", "--cacert", &ca, "-x", &proxy]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.extend([
+            "--proxy-header".to_string(),
+            "X-Connector: narrow".to_string(),
+        ]);
+        args.extend(more);
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run("curl", &args, &[]).await
+        }
+    };
+    let (ok, out, err) = curl(vec![
+        "-w".into(),
+        "\n%{http_code}".into(),
+        t.url("other.saas.test", "/curl?page=2"),
+    ])
     .await;
     assert!(ok && out.ends_with("\n200"), "{out} {err}");
     t.upstream_saw("/curl?page=2");
     // Keep-alive: two URLs, one tunnel, one CONNECT.
-    let (ok, out, err) = run(
-        "curl",
-        &[
-            "-sS",
-            "--cacert",
-            &ca,
-            "-x",
-            &t.proxy("ws_7", APP_TOKEN),
-            "--proxy-header",
-            "X-Connector: narrow",
-            "-w",
-            "%{http_code}\n",
-            "-o",
-            "/dev/null",
-            &t.url("other.saas.test", "/k1"),
-            "-o",
-            "/dev/null",
-            &t.url("other.saas.test", "/k2"),
-        ],
-        &[],
-    )
+    let (ok, out, err) = curl(vec![
+        "-w".into(),
+        "%{http_code}\n".into(),
+        "-o".into(),
+        "/dev/null".into(),
+        t.url("other.saas.test", "/k1"),
+        "-o".into(),
+        "/dev/null".into(),
+        t.url("other.saas.test", "/k2"),
+    ])
     .await;
     assert!(ok && out == "200\n200\n", "{out} {err}");
     t.upstream_saw("/k2");
