@@ -116,6 +116,8 @@ pub struct SluiceApp {
 
 /// How long a new tunnel may stay silent before its first byte.
 const TUNNEL_FIRST_BYTE: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long an intercepted TLS handshake may take, from the client's first byte.
+const TLS_HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl SluiceApp {
     /// The connection after a CONNECT's 200: intercepted TLS, or plain HTTP, or closed.
@@ -151,10 +153,15 @@ impl SluiceApp {
         let acceptor = pingora::listeners::tls::Acceptor::from_server_config(
             intercept::server_config(resolver.clone()),
         );
-        let tls = match acceptor.tls_handshake(l4).await {
-            Ok(tls) => tls,
-            Err(e) => {
+        // A client that stalls its handshake holds nothing for long.
+        let tls = match tokio::time::timeout(TLS_HANDSHAKE, acceptor.tls_handshake(l4)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
                 info!(host = %tunnel.host, error = %e.etype().as_str(), "intercepted TLS handshake failed");
+                return None;
+            }
+            Err(_) => {
+                info!(host = %tunnel.host, "intercepted TLS handshake timed out");
                 return None;
             }
         };
