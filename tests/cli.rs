@@ -176,14 +176,34 @@ async fn explain_prints_each_check_and_the_verdict_without_sending() {
 
 /// Poll until the port accepts connections (the process is starting; there is no other signal).
 fn wait_listening(port: u16, child: &mut std::process::Child) {
+    if let Err(status) = try_wait_listening(port, child) {
+        panic!("sluice exited early: {status}");
+    }
+}
+
+/// [`wait_listening`], returning the exit status if sluice exits first.
+fn try_wait_listening(
+    port: u16,
+    child: &mut std::process::Child,
+) -> Result<(), std::process::ExitStatus> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         if let Ok(Some(status)) = child.try_wait() {
-            panic!("sluice exited early: {status}");
+            return Err(status);
         }
         assert!(Instant::now() < deadline, "sluice did not start listening");
         std::thread::yield_now();
     }
+    Ok(())
+}
+
+/// A free loopback port (free when asked: another process may take it before sluice does).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 const CANARY: &str = "CANARY-s3cr3t-9f8e7d";
@@ -239,16 +259,7 @@ async fn run_never_logs_a_secret_trace_text_every_target() {
 /// bodies. None may appear in the log in any form.
 async fn run_with_canaries(level: &str, format: &str) {
     let env = Env::new().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let closed = free_port();
     let path = env.dir.path().join("run.toml");
     // OAuth too: a canary client secret, and canary tokens that are always due for refresh.
     {
@@ -264,48 +275,61 @@ async fn run_with_canaries(level: &str, format: &str) {
          [connector.inject]\nquery = \"api_key\"\n{}",
         env.oauth_connectors(60_000, &format!("{CANARY}-client-secret"))
     );
-    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let config = env.config(port, "", &extra).replace(
-        "address = \"127.0.0.1:0\"",
-        &format!("address = \"127.0.0.1:{admin_port}\""),
-    );
-    std::fs::write(&path, config).unwrap();
-    let mut child = Command::new(SLUICE)
-        .args(["run", "--config"])
-        .arg(&path)
-        .env("SLUICE_LOG", level)
-        .env("SLUICE_LOG_FORMAT", format)
-        // Each line as it is logged, so a secret cannot hide in a batch cut off at kill.
-        .env("SLUICE_LOG_FLUSH_MS", "0")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Collect stderr as it is written.
-    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let mut pipe = child.stderr.take().unwrap();
-    let sink = log.clone();
-    let reader = std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = pipe.read(&mut buf) {
-            if n == 0 {
-                break;
+    // The ports are free when chosen, but tests run in parallel and their connections take
+    // ephemeral ports too: when sluice cannot bind one (the admin listener), it exits, and
+    // the start is tried again on new ports.
+    let mut attempt = 0;
+    let (mut child, log, reader, port, admin_port) = loop {
+        attempt += 1;
+        let (port, admin_port) = (free_port(), free_port());
+        let config = env.config(port, "", &extra).replace(
+            "address = \"127.0.0.1:0\"",
+            &format!("address = \"127.0.0.1:{admin_port}\""),
+        );
+        std::fs::write(&path, config).unwrap();
+        let mut child = Command::new(SLUICE)
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("SLUICE_LOG", level)
+            .env("SLUICE_LOG_FORMAT", format)
+            // Each line as it is logged, so a secret cannot hide in a batch cut off at kill.
+            .env("SLUICE_LOG_FLUSH_MS", "0")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Collect stderr as it is written.
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let mut pipe = child.stderr.take().unwrap();
+        let sink = log.clone();
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
             }
-            sink.lock()
-                .unwrap()
-                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        });
+        let (child, started) = tokio::task::spawn_blocking(move || {
+            let started = try_wait_listening(port, &mut child);
+            (child, started)
+        })
+        .await
+        .unwrap();
+        match started {
+            Ok(()) => break (child, log, reader, port, admin_port),
+            Err(status) => {
+                reader.join().unwrap();
+                // A startup that fails for another reason fails the same way three times.
+                let text = log.lock().unwrap().clone();
+                assert!(attempt < 3, "sluice exited early ({status}):\n{text}");
+                eprintln!("sluice exited early ({status}); again on new ports. Its log:\n{text}");
+            }
         }
-    });
-    let mut child = tokio::task::spawn_blocking(move || {
-        wait_listening(port, &mut child);
-        child
-    })
-    .await
-    .unwrap();
+    };
 
     let proxy = format!("http://127.0.0.1:{port}");
     let good = reqwest::Client::builder()
