@@ -646,7 +646,7 @@ impl ProxyHttp for Sluice {
         ctx.request_id = request_id(session);
         let admitted = self.admit(session, ctx).await;
         ctx.policy_done = Some(std::time::Instant::now());
-        if session.req_header().method == http::Method::CONNECT {
+        if connect {
             return self.answer_connect(session, ctx, admitted).await;
         }
         let admitted = match admitted {
