@@ -43,8 +43,6 @@ pub fn ca_params() -> CertificateParams {
 /// `sluice ca init`: a new CA (ECDSA P-256, ten years) written to `cert` (PEM) and `key`
 /// (PKCS#8 PEM, mode 0600). Refuses to overwrite either file.
 pub fn init_ca(cert: &Path, key: &Path) -> Result<(), String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     for path in [cert, key] {
         if path.exists() {
             return Err(format!("{} exists; not overwriting it", path.display()));
@@ -57,14 +55,11 @@ pub fn init_ca(cert: &Path, key: &Path) -> Result<(), String> {
     params.not_after = now + time::Duration::days(3650);
     let ca = params.self_signed(&pair).map_err(|e| e.to_string())?;
     let key_pem = zeroize::Zeroizing::new(pair.serialize_pem());
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(key)
-        .map_err(|e| format!("cannot create {}: {e}", key.display()))?;
-    file.write_all(key_pem.as_bytes())
-        .map_err(|e| format!("cannot write {}: {e}", key.display()))?;
+    crate::credential::secret::create_secret_file(key, key_pem.as_bytes())?;
+    if let Some(dir) = cert.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
     std::fs::write(cert, ca.pem()).map_err(|e| format!("cannot write {}: {e}", cert.display()))
 }
 

@@ -549,25 +549,12 @@ pub fn load_keyring(source: &crate::config::KeySource) -> Result<Keyring, String
 
 /// Write a new key file holding one fresh key, readable by its owner only.
 pub fn create_key_file(path: &std::path::Path) -> Result<(), String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    }
     let line = Keyring::generate_line(&format!("k{}", now_unix()))?;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| format!("cannot create key file {}: {e}", path.display()))?;
-    writeln!(
-        f,
-        "# sluice master keys: the first is active. Keep this file secret and backed up."
-    )
-    .and_then(|()| writeln!(f, "{}", &*line))
-    .map_err(|e| format!("cannot write key file {}: {e}", path.display()))
+    let text = Zeroizing::new(format!(
+        "# sluice master keys: the first is active. Keep this file secret and backed up.\n{}\n",
+        &*line
+    ));
+    secret::create_secret_file(path, text.as_bytes()).map_err(|e| format!("key file: {e}"))
 }
 
 fn check_key_file_mode(path: &std::path::Path) {
