@@ -37,6 +37,7 @@ pub mod error;
 pub mod explain;
 pub mod intercept;
 pub mod logging;
+pub mod logline;
 pub mod logwriter;
 pub mod outbound;
 pub mod policy;

@@ -49,6 +49,13 @@ pub fn init() -> Result<LogGuard, String> {
     // Colours only for a terminal: log files and collectors get plain text, written without
     // the default formatter's per-field painting (same bytes, fewer instructions).
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    // Access and audit lines of requests are encoded by hand, same bytes (crate::logline);
+    // a terminal's coloured text keeps them on tracing's formatter.
+    if json {
+        crate::logline::install(writer.clone(), crate::logline::Format::Json);
+    } else if !ansi {
+        crate::logline::install(writer.clone(), crate::logline::Format::Text);
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)

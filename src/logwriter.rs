@@ -193,6 +193,12 @@ impl BatchWriter {
         Ok((Self { inner }, guard))
     }
 
+    /// Append one whole line (the access-line encoder's way in; `tracing` records come
+    /// through [`MakeWriter`]). Same guarantees as every other line.
+    pub fn append(&self, line: &[u8]) -> io::Result<()> {
+        self.inner.append(line)
+    }
+
     /// Batching from `SLUICE_LOG_FLUSH_MS` (milliseconds; 0 writes every line at once).
     pub fn batching_from_env() -> Result<Batching, String> {
         let mut batching = Batching::default();

@@ -20,7 +20,7 @@ use http::header::{self, HeaderName};
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{ErrorSource, ErrorType};
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::config::{Snapshot, is_identifier};
 use crate::credential::inject::{Injected, with_query_param};
@@ -28,6 +28,7 @@ use crate::credential::oauth::{OAuthClient, Scope, TokenError};
 use crate::credential::{Connected, TenantState, Vault, VaultError};
 use crate::ctx::RequestCtx;
 use crate::error::{ERROR_HEADER, ErrorCode, Refusal};
+use crate::logline::{self, Line, Value};
 use crate::policy::{self, Vetted};
 use crate::ratelimit::breaker::{Outcome, Pass};
 use crate::ratelimit::headers::{learn, retry_after};
@@ -142,69 +143,8 @@ impl Sluice {
         ctx.bucket = Some(key);
         match decision {
             Decision::Go => Ok(true),
-            Decision::Refuse(wait) => Err(Refusal::new(
-                ErrorCode::RateLimited,
-                format!("connector {:?} is at its rate limit", vetted.connector),
-            )
-            .with_retry_after(wait)),
-            Decision::Turn(mut turn) => {
-                let waits = &crate::telemetry::METRICS.rate_limit_waits;
-                let depth = &crate::telemetry::METRICS.queue_depth;
-                depth.inc();
-                let _leave = DepthGuard(depth);
-                let released = if session.is_body_empty() {
-                    tokio::select! {
-                        r = &mut turn => r.is_ok(),
-                        _ = session.read_body_or_idle(true) => {
-                            // Dropping the receiver frees the place and the turn.
-                            waits.with_label_values(&[connector.id.as_str(), "left"]).inc();
-                            return Ok(false);
-                        }
-                    }
-                } else {
-                    turn.await.is_ok()
-                };
-                if !released {
-                    return Err(Refusal::new(
-                        ErrorCode::RateLimited,
-                        format!("connector {:?} is at its rate limit", vetted.connector),
-                    )
-                    .with_retry_after(Duration::from_secs(1)));
-                }
-                waits
-                    .with_label_values(&[connector.id.as_str(), "released"])
-                    .inc();
-                Ok(true)
-            }
-            Decision::Wait(wait, ticket) => {
-                let waits = &crate::telemetry::METRICS.rate_limit_waits;
-                let depth = &crate::telemetry::METRICS.queue_depth;
-                depth.inc();
-                let _leave = DepthGuard(depth);
-                // Without a body to read, a closed connection is visible while waiting: the
-                // waiter then leaves and its place and slot go to the next.
-                let left = if session.is_body_empty() {
-                    tokio::select! {
-                        () = tokio::time::sleep(wait) => false,
-                        _ = session.read_body_or_idle(true) => true,
-                    }
-                } else {
-                    tokio::time::sleep(wait).await;
-                    false
-                };
-                if left {
-                    drop(ticket);
-                    waits
-                        .with_label_values(&[connector.id.as_str(), "left"])
-                        .inc();
-                    return Ok(false);
-                }
-                ticket.used();
-                waits
-                    .with_label_values(&[connector.id.as_str(), "released"])
-                    .inc();
-                Ok(true)
-            }
+            // Boxed: waiting holds the body-read future; inline, every request would copy it.
+            other => Box::pin(wait_for_turn(session, connector, vetted, other)).await,
         }
     }
 
@@ -288,7 +228,8 @@ impl Sluice {
                 format!("workspace {ws:?} opted out of connector {conn:?}"),
             )),
             TenantState::Connected(c) if connector.oauth2.is_some() => {
-                let (token, injected) = self.oauth_token(ctx, vetted, c, false).await?;
+                // Boxed: the token client's future is large (see `Vault::lookup`).
+                let (token, injected) = Box::pin(self.oauth_token(ctx, vetted, c, false)).await?;
                 Ok((Some(injected), Some(token)))
             }
             TenantState::Connected(c) => connector
@@ -421,14 +362,78 @@ fn request_id(session: &Session) -> String {
     }
 }
 
-/// Displays the value, or nothing when there is none (a log field without an allocation).
-struct Blank<T>(Option<T>);
-
-impl<T: std::fmt::Display> std::fmt::Display for Blank<T> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.0 {
-            Some(v) => v.fmt(f),
-            None => Ok(()),
+/// Step 6 when the bucket did not say go: refuse, or wait for the request's turn (a
+/// fair-queue turn or a bucket slot). `Ok(false)`: the client left while waiting.
+async fn wait_for_turn(
+    session: &mut Session,
+    connector: &crate::config::Connector,
+    vetted: &Vetted,
+    decision: Decision,
+) -> Result<bool, Refusal> {
+    match decision {
+        Decision::Go => Ok(true),
+        Decision::Refuse(wait) => Err(Refusal::new(
+            ErrorCode::RateLimited,
+            format!("connector {:?} is at its rate limit", vetted.connector),
+        )
+        .with_retry_after(wait)),
+        Decision::Turn(mut turn) => {
+            let waits = &crate::telemetry::METRICS.rate_limit_waits;
+            let depth = &crate::telemetry::METRICS.queue_depth;
+            depth.inc();
+            let _leave = DepthGuard(depth);
+            let released = if session.is_body_empty() {
+                tokio::select! {
+                    r = &mut turn => r.is_ok(),
+                    _ = session.read_body_or_idle(true) => {
+                        // Dropping the receiver frees the place and the turn.
+                        waits.with_label_values(&[connector.id.as_str(), "left"]).inc();
+                        return Ok(false);
+                    }
+                }
+            } else {
+                turn.await.is_ok()
+            };
+            if !released {
+                return Err(Refusal::new(
+                    ErrorCode::RateLimited,
+                    format!("connector {:?} is at its rate limit", vetted.connector),
+                )
+                .with_retry_after(Duration::from_secs(1)));
+            }
+            waits
+                .with_label_values(&[connector.id.as_str(), "released"])
+                .inc();
+            Ok(true)
+        }
+        Decision::Wait(wait, ticket) => {
+            let waits = &crate::telemetry::METRICS.rate_limit_waits;
+            let depth = &crate::telemetry::METRICS.queue_depth;
+            depth.inc();
+            let _leave = DepthGuard(depth);
+            // Without a body to read, a closed connection is visible while waiting: the
+            // waiter then leaves and its place and slot go to the next.
+            let left = if session.is_body_empty() {
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => false,
+                    _ = session.read_body_or_idle(true) => true,
+                }
+            } else {
+                tokio::time::sleep(wait).await;
+                false
+            };
+            if left {
+                drop(ticket);
+                waits
+                    .with_label_values(&[connector.id.as_str(), "left"])
+                    .inc();
+                return Ok(false);
+            }
+            ticket.used();
+            waits
+                .with_label_values(&[connector.id.as_str(), "released"])
+                .inc();
+            Ok(true)
         }
     }
 }
@@ -707,7 +712,7 @@ impl ProxyHttp for Sluice {
                     "forced refresh without a token",
                 );
             };
-            match self.oauth_token(ctx, &vetted, &current, true).await {
+            match Box::pin(self.oauth_token(ctx, &vetted, &current, true)).await {
                 Ok((token, injected)) => {
                     ctx.oauth = Some(token);
                     ctx.injected = Some(injected);
@@ -1052,29 +1057,51 @@ impl ProxyHttp for Sluice {
             Some(v) => (v.connector.as_str(), v.workspace.as_str()),
             None => (routed(&X_CONNECTOR_NAME), routed(&X_WORKSPACE_NAME)),
         };
-        let upstream = Blank(ctx.vetted.as_ref().map(|v| v.addr));
-        let host = Blank(ctx.target.as_ref().map(|t| &t.host));
+        let upstream = ctx.vetted.as_ref().map(|v| v.addr);
+        let host = match ctx.target.as_ref().map(|t| &t.host) {
+            Some(crate::policy::domain::Host::Name(name)) => Value::Bare(name),
+            Some(literal) => Value::Shown(literal),
+            None => Value::Bare(""),
+        };
         let path = ctx.target.as_ref().map_or("", |t| t.path());
-        info!(
-            target: "sluice::access",
-            request_id = %ctx.request_id,
-            connector = %connector,
-            workspace = %workspace,
-            caller = ctx.caller.as_ref().map_or("", |c| c.name.as_str()),
-            method = %req.method,
-            host = %host,
-            path = path,
-            status = status,
-            outcome = code,
-            outcome_class = outcome_class,
-            upstream = %upstream,
-            org = ctx.vetted.as_ref().map_or("", |v| v.org.as_str()),
-            retries = ctx.attempts.saturating_sub(1),
-            policy_ms = phase_ms(Some(ctx.started), ctx.policy_done),
-            credential_ms = phase_ms(ctx.policy_done, ctx.credential_done),
-            wait_ms = phase_ms(ctx.credential_done, ctx.wait_done),
-            upstream_ms = phase_ms(ctx.wait_done.filter(|_| ctx.attempts > 0), Some(std::time::Instant::now())),
-            duration_ms = ctx.started.elapsed().as_millis() as u64,
+        let phase = |from, to| Value::U64(phase_ms(from, to));
+        logline::emit(
+            Line::Access,
+            &[
+                ("request_id", Value::Bare(&ctx.request_id)),
+                ("connector", Value::Bare(connector)),
+                ("workspace", Value::Bare(workspace)),
+                (
+                    "caller",
+                    Value::Quoted(ctx.caller.as_ref().map_or("", |c| c.name.as_str())),
+                ),
+                ("method", Value::Bare(req.method.as_str())),
+                ("host", host),
+                ("path", Value::Quoted(path)),
+                ("status", Value::U64(status.into())),
+                ("outcome", Value::Quoted(code)),
+                ("outcome_class", Value::Quoted(outcome_class)),
+                ("upstream", Value::Addr(upstream)),
+                (
+                    "org",
+                    Value::Quoted(ctx.vetted.as_ref().map_or("", |v| v.org.as_str())),
+                ),
+                ("retries", Value::U64(ctx.attempts.saturating_sub(1).into())),
+                ("policy_ms", phase(Some(ctx.started), ctx.policy_done)),
+                ("credential_ms", phase(ctx.policy_done, ctx.credential_done)),
+                ("wait_ms", phase(ctx.credential_done, ctx.wait_done)),
+                (
+                    "upstream_ms",
+                    phase(
+                        ctx.wait_done.filter(|_| ctx.attempts > 0),
+                        Some(std::time::Instant::now()),
+                    ),
+                ),
+                (
+                    "duration_ms",
+                    Value::U64(ctx.started.elapsed().as_millis() as u64),
+                ),
+            ],
         );
         // Only configured connector ids become label values.
         let connector_label = ctx
@@ -1106,9 +1133,26 @@ impl ProxyHttp for Sluice {
                 .observe(start.elapsed().as_secs_f64());
         }
         if let Some(r) = &ctx.refusal {
-            info!(target: "sluice::audit", request_id = %ctx.request_id, decision = outcome_class, host = %host, code = r.code.as_str(), reason = %r.message);
+            logline::emit(
+                Line::Audit,
+                &[
+                    ("request_id", Value::Bare(&ctx.request_id)),
+                    ("decision", Value::Quoted(outcome_class)),
+                    ("host", host),
+                    ("code", Value::Quoted(r.code.as_str())),
+                    ("reason", Value::Bare(&r.message)),
+                ],
+            );
         } else if ctx.vetted.is_some() {
-            info!(target: "sluice::audit", request_id = %ctx.request_id, decision = "allowed", host = %host, upstream = %upstream);
+            logline::emit(
+                Line::Audit,
+                &[
+                    ("request_id", Value::Bare(&ctx.request_id)),
+                    ("decision", Value::Quoted("allowed")),
+                    ("host", host),
+                    ("upstream", Value::Addr(upstream)),
+                ],
+            );
         }
     }
 }

@@ -20,7 +20,7 @@ pub mod redis;
 pub mod secret;
 pub mod store;
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use moka::future::Cache;
@@ -195,12 +195,21 @@ impl Vault {
         // The warm path: one cache read. Misses go through `try_get_with`, which lets one
         // caller load while the others for the same key wait for its result.
         if let Some(state) = self.fresh.get(&key).await {
-            crate::telemetry::METRICS
-                .credential_cache
-                .with_label_values(&["hit"])
-                .inc();
+            static HITS: LazyLock<prometheus::IntCounter> = LazyLock::new(|| {
+                crate::telemetry::METRICS
+                    .credential_cache
+                    .with_label_values(&["hit"])
+            });
+            HITS.inc();
             return Ok(state);
         }
+        // Boxed: the store read's future is large, and a future is moved whole wherever it
+        // goes, so carried inline every warm request would copy it (BENCHMARKS.md).
+        Box::pin(self.lookup_miss(key)).await
+    }
+
+    async fn lookup_miss(&self, key: (String, String)) -> Result<Arc<TenantState>, VaultError> {
+        let (workspace, connector) = (key.0.as_str(), key.1.as_str());
         crate::telemetry::METRICS
             .credential_cache
             .with_label_values(&["miss"])

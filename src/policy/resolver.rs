@@ -68,6 +68,12 @@ impl Resolver {
         let Some(dns) = &self.dns else {
             return Err(DnsError::NoRecords);
         };
+        // Boxed: hickory's lookup future is large, and a future is moved whole wherever it
+        // goes; inline, every request's policy step would copy it (BENCHMARKS.md).
+        Box::pin(self.query(dns, name)).await
+    }
+
+    async fn query(&self, dns: &TokioResolver, name: &str) -> Result<Vec<IpAddr>, DnsError> {
         // Fully qualified: no search-domain expansion.
         let fqdn = format!("{name}.");
         match tokio::time::timeout(self.timeout, dns.lookup_ip(fqdn.as_str())).await {

@@ -382,37 +382,11 @@ impl Limiter {
         now: Instant,
     ) -> Decision {
         if let Some((redis, interval, tolerance)) = self.shared_params(key, rl) {
-            let skey = shared_key(key);
-            match redis
-                .gcra_admit(&skey, interval, tolerance, rl.max_wait)
-                .await
-            {
-                Ok(0) => return Decision::Go,
-                Ok(wait) if wait < 0 => {
-                    return Decision::Refuse(Duration::from_millis(wait.unsigned_abs()));
-                }
-                Ok(wait) => {
-                    let wait = Duration::from_millis(wait as u64);
-                    let queued = self
-                        .queues
-                        .get_with_by_ref(key, || Arc::new(AtomicUsize::new(0)));
-                    if queued.fetch_add(1, Ordering::SeqCst) >= rl.queue_size {
-                        queued.fetch_sub(1, Ordering::SeqCst);
-                        let _ = redis
-                            .gcra_adjust(&skey, "give", interval.as_millis() as u64, tolerance)
-                            .await;
-                        return Decision::Refuse(wait);
-                    }
-                    let place = Place::Shared {
-                        redis: redis.clone(),
-                        key: skey,
-                        interval,
-                        tolerance,
-                        queued,
-                    };
-                    return Decision::Wait(wait, Ticket { place, used: false });
-                }
-                Err(e) => self.fell_back(key, &e),
+            // Boxed: the Redis script's future is large, and carried inline every request
+            // would copy it, shared budget or not (BENCHMARKS.md).
+            let shared = Box::pin(self.admit_shared(key, rl, redis, interval, tolerance)).await;
+            if let Some(decision) = shared {
+                return decision;
             }
         }
         if rl.per_application {
@@ -445,6 +419,53 @@ impl Limiter {
         }
     }
 
+    /// The shared (Redis GCRA) budget's answer; `None` when Redis is unreachable and this
+    /// replica's own bucket decides instead.
+    async fn admit_shared(
+        &self,
+        key: &BucketKey,
+        rl: &RateLimit,
+        redis: &Arc<RedisStore>,
+        interval: Duration,
+        tolerance: Duration,
+    ) -> Option<Decision> {
+        let skey = shared_key(key);
+        match redis
+            .gcra_admit(&skey, interval, tolerance, rl.max_wait)
+            .await
+        {
+            Ok(0) => Some(Decision::Go),
+            Ok(wait) if wait < 0 => {
+                Some(Decision::Refuse(Duration::from_millis(wait.unsigned_abs())))
+            }
+            Ok(wait) => {
+                let wait = Duration::from_millis(wait as u64);
+                let queued = self
+                    .queues
+                    .get_with_by_ref(key, || Arc::new(AtomicUsize::new(0)));
+                if queued.fetch_add(1, Ordering::SeqCst) >= rl.queue_size {
+                    queued.fetch_sub(1, Ordering::SeqCst);
+                    let _ = redis
+                        .gcra_adjust(&skey, "give", interval.as_millis() as u64, tolerance)
+                        .await;
+                    return Some(Decision::Refuse(wait));
+                }
+                let place = Place::Shared {
+                    redis: redis.clone(),
+                    key: skey,
+                    interval,
+                    tolerance,
+                    queued,
+                };
+                Some(Decision::Wait(wait, Ticket { place, used: false }))
+            }
+            Err(e) => {
+                self.fell_back(key, &e);
+                None
+            }
+        }
+    }
+
     /// Learn from a response (the local bucket always; the shared one too, best effort).
     pub async fn observe(
         &self,
@@ -465,21 +486,25 @@ impl Limiter {
                 _ => None,
             });
             let adjusted = match (hold, learned.remaining) {
+                // Boxed, as in `admit`: the script's future is large.
                 (Some(hold), _) => {
-                    redis
-                        .gcra_adjust(&shared_key(key), "hold", hold.as_millis() as u64, tolerance)
-                        .await
+                    Box::pin(redis.gcra_adjust(
+                        &shared_key(key),
+                        "hold",
+                        hold.as_millis() as u64,
+                        tolerance,
+                    ))
+                    .await
                 }
                 (None, Some(remaining)) => {
                     let used = capacity.saturating_sub(remaining.min(capacity));
-                    redis
-                        .gcra_adjust(
-                            &shared_key(key),
-                            "set",
-                            (interval * used as u32).as_millis() as u64,
-                            tolerance,
-                        )
-                        .await
+                    Box::pin(redis.gcra_adjust(
+                        &shared_key(key),
+                        "set",
+                        (interval * used as u32).as_millis() as u64,
+                        tolerance,
+                    ))
+                    .await
                 }
                 (None, None) => Ok(()),
             };

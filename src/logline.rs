@@ -1,0 +1,479 @@
+//! Step 9: the access and audit lines, encoded by hand.
+//!
+//! Every request writes two lines. Through `tracing`'s formatter each field goes through a
+//! visitor, `fmt::Arguments` and a `dyn fmt::Write`, and the timestamp is a calendar
+//! conversion plus seven formatted integers: callgrind counted ~24k instructions per request
+//! for the two lines, as much as the rest of sluice's own work (BENCHMARKS.md). Here a line is
+//! written field by field into one pre-sized per-thread buffer, the timestamp's
+//! `YYYY-MM-DDTHH:MM:SS.` prefix is formatted once per second per thread, and the finished line
+//! goes to the same batching writer (`logwriter`) as every other record, so the
+//! never-split, never-dropped guarantees are the writer's, unchanged.
+//!
+//! The bytes are exactly what tracing-subscriber writes for the same fields (text with colours
+//! off, or JSON with `flatten_event`); a unit test formats the same fields both ways and
+//! compares. The `SLUICE_LOG` filter still decides whether a line is written
+//! ([`enabled`] asks `tracing` per target); when the encoder is not installed (a terminal with
+//! colours, or a process that never called [`crate::logging::init`]) the lines go through
+//! `tracing` as before.
+
+use std::cell::RefCell;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::logwriter::BatchWriter;
+
+/// One field's value, named after how `tracing` records it.
+#[derive(Clone, Copy)]
+pub enum Value<'a> {
+    /// `name = %value`: text writes it bare, JSON as a string.
+    Bare(&'a str),
+    /// `name = value` with a `&str`: text writes it `Debug`-quoted, JSON as a string.
+    Quoted(&'a str),
+    /// An unsigned integer.
+    U64(u64),
+    /// `name = %addr` of an optional address: empty when absent.
+    Addr(Option<SocketAddr>),
+    /// `name = %value` of anything else: formatted, then written as [`Value::Bare`].
+    Shown(&'a dyn std::fmt::Display),
+}
+
+/// The output format: tracing-subscriber's text (colours off) or JSON lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+struct Sink {
+    writer: BatchWriter,
+    format: Format,
+}
+
+static SINK: OnceLock<Sink> = OnceLock::new();
+
+/// Route access and audit lines through the encoder, to `writer` in `format`. Called once, by
+/// [`crate::logging::init`]; a second call is ignored.
+pub fn install(writer: BatchWriter, format: Format) {
+    let _ = SINK.set(Sink { writer, format });
+}
+
+/// Which line: each has its own target, so `SLUICE_LOG=sluice::audit=off` still works.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Line {
+    Access,
+    Audit,
+}
+
+impl Line {
+    pub const fn target(self) -> &'static str {
+        match self {
+            Line::Access => "sluice::access",
+            Line::Audit => "sluice::audit",
+        }
+    }
+}
+
+/// Whether the filter lets this line through (an `INFO` record of its target).
+pub fn enabled(line: Line) -> bool {
+    match line {
+        Line::Access => tracing::enabled!(target: "sluice::access", tracing::Level::INFO),
+        Line::Audit => tracing::enabled!(target: "sluice::audit", tracing::Level::INFO),
+    }
+}
+
+/// Write one line, if the filter lets it through.
+pub fn emit(line: Line, fields: &[(&str, Value<'_>)]) {
+    if !enabled(line) {
+        return;
+    }
+    match SINK.get() {
+        Some(sink) => BUF.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            buf.clear();
+            encode(
+                &mut buf,
+                sink.format,
+                line.target(),
+                SystemTime::now(),
+                fields,
+            );
+            // Nowhere to report a failed log write; the gateway serves on.
+            let _ = sink.writer.append(&buf);
+        }),
+        None => {
+            // Not installed: the same fields as one `tracing` message (a terminal, a test).
+            let mut text = Vec::with_capacity(256);
+            write_text_fields(&mut text, fields);
+            let text = String::from_utf8_lossy(&text);
+            match line {
+                Line::Access => tracing::info!(target: "sluice::access", "{text}"),
+                Line::Audit => tracing::info!(target: "sluice::audit", "{text}"),
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// The line being encoded; kept between lines, so its capacity is allocated once.
+    static BUF: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(512));
+    /// The timestamp's prefix up to the fraction (`2026-12-02T18:54:55.`) and its second.
+    static SECOND: RefCell<(i64, Vec<u8>)> = const { RefCell::new((i64::MIN, Vec::new())) };
+}
+
+/// The whole line, newline included, as tracing-subscriber would write it.
+pub fn encode(
+    out: &mut Vec<u8>,
+    format: Format,
+    target: &str,
+    now: SystemTime,
+    fields: &[(&str, Value<'_>)],
+) {
+    match format {
+        Format::Text => {
+            write_timestamp(out, now);
+            out.extend_from_slice(b"  INFO ");
+            out.extend_from_slice(target.as_bytes());
+            out.extend_from_slice(b": ");
+            write_text_fields(out, fields);
+        }
+        Format::Json => {
+            out.extend_from_slice(b"{\"timestamp\":\"");
+            write_timestamp(out, now);
+            out.extend_from_slice(b"\",\"level\":\"INFO\"");
+            for (name, value) in fields {
+                out.push(b',');
+                json_str(out, name);
+                out.push(b':');
+                match value {
+                    Value::Bare(s) | Value::Quoted(s) => json_str(out, s),
+                    Value::U64(n) => {
+                        out.extend_from_slice(itoa::Buffer::new().format(*n).as_bytes())
+                    }
+                    Value::Addr(addr) => {
+                        out.push(b'"');
+                        // An address's text has nothing JSON escapes.
+                        if let Some(a) = addr {
+                            write_addr(out, a);
+                        }
+                        out.push(b'"');
+                    }
+                    Value::Shown(v) => json_str(out, &v.to_string()),
+                }
+            }
+            out.extend_from_slice(b",\"target\":");
+            json_str(out, target);
+            out.push(b'}');
+        }
+    }
+    out.push(b'\n');
+}
+
+fn write_text_fields(out: &mut Vec<u8>, fields: &[(&str, Value<'_>)]) {
+    for (i, (name, value)) in fields.iter().enumerate() {
+        if i > 0 {
+            out.push(b' ');
+        }
+        out.extend_from_slice(name.as_bytes());
+        out.push(b'=');
+        match value {
+            Value::Bare(s) => out.extend_from_slice(s.as_bytes()),
+            Value::Quoted(s) => debug_str(out, s),
+            Value::U64(n) => out.extend_from_slice(itoa::Buffer::new().format(*n).as_bytes()),
+            Value::Addr(Some(a)) => write_addr(out, a),
+            Value::Addr(None) => {}
+            Value::Shown(v) => {
+                let _ = write!(out, "{v}");
+            }
+        }
+    }
+}
+
+/// An address as its `Display` writes it; IPv4 (every upstream in practice) without the
+/// formatting machinery, which costs more than the rest of the line.
+fn write_addr(out: &mut Vec<u8>, addr: &SocketAddr) {
+    match addr {
+        SocketAddr::V4(a) => {
+            let mut n = itoa::Buffer::new();
+            for (i, octet) in a.ip().octets().iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                out.extend_from_slice(n.format(*octet).as_bytes());
+            }
+            out.push(b':');
+            out.extend_from_slice(n.format(a.port()).as_bytes());
+        }
+        SocketAddr::V6(_) => {
+            let _ = write!(out, "{addr}");
+        }
+    }
+}
+
+/// `{:?}` of a `str`: printable ASCII without `"` or `\` is copied between quotes; anything
+/// else takes the standard library's escaping, so the bytes are always `Debug`'s.
+fn debug_str(out: &mut Vec<u8>, s: &str) {
+    if s.bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        let _ = write!(out, "{s:?}");
+    }
+}
+
+/// A JSON string, escaped as serde_json escapes it (the formatter tracing-subscriber uses).
+fn json_str(out: &mut Vec<u8>, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        // Writing into a Vec cannot fail, and a str always serializes.
+        let _ = serde_json::to_writer(&mut *out, s);
+    }
+}
+
+/// `2026-12-02T18:54:55.123456Z`, tracing-subscriber's `SystemTime` format (microseconds,
+/// UTC); the part before the fraction is formatted once per second per thread.
+fn write_timestamp(out: &mut Vec<u8>, now: SystemTime) {
+    let (secs, micros) = match now.duration_since(UNIX_EPOCH) {
+        Ok(d) => (d.as_secs() as i64, d.subsec_micros()),
+        Err(e) => {
+            // Before 1970: whole seconds down, the fraction counted up from there.
+            let d = e.duration();
+            let (s, n) = (d.as_secs() as i64, d.subsec_nanos());
+            if n == 0 {
+                (-s, 0)
+            } else {
+                (-s - 1, (1_000_000_000 - n) / 1_000)
+            }
+        }
+    };
+    SECOND.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        if cell.0 != secs {
+            cell.1.clear();
+            civil_prefix(&mut cell.1, secs);
+            cell.0 = secs;
+        }
+        out.extend_from_slice(&cell.1);
+    });
+    let mut frac = [b'0'; 6];
+    let mut m = micros;
+    for d in frac.iter_mut().rev() {
+        *d = b'0' + (m % 10) as u8;
+        m /= 10;
+    }
+    out.extend_from_slice(&frac);
+    out.push(b'Z');
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.` for seconds since the epoch (proleptic Gregorian, UTC), the year
+/// written as tracing-subscriber writes it (`+` above 9999, five places with the sign below 0).
+fn civil_prefix(out: &mut Vec<u8>, secs: i64) {
+    let days = secs.div_euclid(86_400);
+    let tod = secs.rem_euclid(86_400);
+    // Howard Hinnant's days-to-civil.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let _ = if year > 9999 {
+        write!(out, "+{year}")
+    } else if year < 0 {
+        write!(out, "{year:05}")
+    } else {
+        write!(out, "{year:04}")
+    };
+    let _ = write!(
+        out,
+        "-{month:02}-{day:02}T{:02}:{:02}:{:02}.",
+        tod / 3600,
+        tod % 3600 / 60,
+        tod % 60
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::logwriter::{Batching, plain_fields};
+    use std::io;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    impl io::Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    const ADDR: &str = "[2001:db8::1]:8443";
+    const V4: &str = "10.0.255.7:443";
+
+    /// The fields of a refused request's access line with every awkward value: quotes,
+    /// backslashes, newlines, terminal controls, non-ASCII, empty values, an IPv6 address.
+    fn fields(addr: &SocketAddr) -> Vec<(&'static str, Value<'_>)> {
+        vec![
+            ("request_id", Value::Bare("01J9Z8")),
+            ("connector", Value::Bare("hubspot")),
+            ("workspace", Value::Bare("")),
+            ("caller", Value::Quoted("app \"quoted\" \\ back")),
+            ("method", Value::Bare("GET")),
+            ("host", Value::Bare("api.hubapi.com")),
+            ("path", Value::Quoted("/a b\n\x1b[31m\u{7f}é\u{200b}")),
+            ("status", Value::U64(403)),
+            ("outcome", Value::Quoted("domain_not_allowed")),
+            ("upstream", Value::Addr(Some(*addr))),
+            ("none", Value::Addr(None)),
+            ("reason", Value::Bare("said \"no\"\t\\ here\u{1}")),
+            ("duration_ms", Value::U64(u64::MAX)),
+            ("shown", Value::Shown(addr)),
+            ("v4", Value::Addr(Some(V4.parse().unwrap()))),
+        ]
+    }
+
+    /// The same event through tracing-subscriber, as `logging::init` configures it.
+    fn through_tracing(format: Format) -> String {
+        let out = Shared::default();
+        let (w, guard) = BatchWriter::new(
+            Box::new(out.clone()),
+            Batching {
+                interval: Duration::ZERO,
+                ..Batching::default()
+            },
+        )
+        .unwrap();
+        let addr: SocketAddr = ADDR.parse().unwrap();
+        let emit = || {
+            tracing::info!(target: "sluice::access", request_id = %"01J9Z8", connector = %"hubspot", workspace = %"", caller = "app \"quoted\" \\ back", method = %"GET", host = %"api.hubapi.com", path = "/a b\n\x1b[31m\u{7f}é\u{200b}", status = 403u16, outcome = "domain_not_allowed", upstream = %addr, none = %"", reason = %"said \"no\"\t\\ here\u{1}", duration_ms = u64::MAX, shown = %addr, v4 = %V4.parse::<SocketAddr>().unwrap());
+        };
+        let builder = tracing_subscriber::fmt().with_ansi(false).with_writer(w);
+        match format {
+            Format::Text => {
+                tracing::subscriber::with_default(builder.fmt_fields(plain_fields()).finish(), emit)
+            }
+            Format::Json => {
+                tracing::subscriber::with_default(builder.json().flatten_event(true).finish(), emit)
+            }
+        }
+        drop(guard);
+        String::from_utf8(out.0.lock().unwrap().clone()).unwrap()
+    }
+
+    fn by_hand(format: Format, now: SystemTime) -> String {
+        let addr: SocketAddr = ADDR.parse().unwrap();
+        let mut out = Vec::new();
+        encode(&mut out, format, "sluice::access", now, &fields(&addr));
+        String::from_utf8(out).unwrap()
+    }
+
+    /// Everything but the timestamp, which the two take at different instants.
+    fn without_timestamp(line: &str, format: Format) -> String {
+        match format {
+            Format::Text => line.split_once(' ').unwrap().1.to_string(),
+            Format::Json => {
+                let (head, rest) = line.split_once("\"timestamp\":\"").unwrap();
+                format!("{head}{}", rest.split_once('"').unwrap().1)
+            }
+        }
+    }
+
+    #[test]
+    fn lines_are_byte_for_byte_what_tracing_writes() {
+        for format in [Format::Text, Format::Json] {
+            let theirs = through_tracing(format);
+            let ours = by_hand(format, SystemTime::now());
+            assert_eq!(
+                without_timestamp(&ours, format),
+                without_timestamp(&theirs, format),
+                "{format:?}"
+            );
+            assert!(ours.ends_with('\n') && ours.matches('\n').count() == 1);
+        }
+    }
+
+    /// The calendar arithmetic against the `time` crate's, around leap days, century
+    /// rules, the epoch and before it.
+    #[test]
+    fn timestamps_match_an_independent_calendar() {
+        let instants = [
+            0i64,
+            -1,
+            -86_400 * 365 - 7,
+            -62_167_219_200, // 0000-01-01
+            -62_167_219_201, // -0001-12-31T23:59:59
+            951_782_400,     // 2000-02-29
+            951_868_799,
+            4_107_542_399, // 2100-02-28T23:59:59
+            1_796_169_295,
+            253_402_300_799, // 9999-12-31T23:59:59
+        ];
+        for secs in instants {
+            for nanos in [0u32, 1_000, 999_999_999, 123_456_789] {
+                let total = i128::from(secs) * 1_000_000_000 + i128::from(nanos);
+                let t = if total >= 0 {
+                    UNIX_EPOCH + Duration::from_nanos(total as u64)
+                } else {
+                    UNIX_EPOCH - Duration::from_nanos((-total) as u64)
+                };
+                let mut ours = Vec::new();
+                write_timestamp(&mut ours, t);
+                let d = time::OffsetDateTime::from_unix_timestamp_nanos(total).unwrap();
+                let year = match d.year() {
+                    y if y > 9999 => format!("+{y}"),
+                    y if y < 0 => format!("{y:05}"),
+                    y => format!("{y:04}"),
+                };
+                let theirs = format!(
+                    "{year}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+                    u8::from(d.month()),
+                    d.day(),
+                    d.hour(),
+                    d.minute(),
+                    d.second(),
+                    d.microsecond()
+                );
+                assert_eq!(
+                    String::from_utf8(ours).unwrap(),
+                    theirs,
+                    "{secs}s {nanos}ns"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_second_prefix_is_recomputed_when_the_second_changes() {
+        let at = |s: u64, us: u64| {
+            let mut out = Vec::new();
+            write_timestamp(
+                &mut out,
+                UNIX_EPOCH + Duration::from_micros(s * 1_000_000 + us),
+            );
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(at(59, 999_999), "1970-01-01T00:00:59.999999Z");
+        assert_eq!(at(60, 0), "1970-01-01T00:01:00.000000Z");
+        assert_eq!(at(60, 42), "1970-01-01T00:01:00.000042Z");
+        assert_eq!(at(59, 1), "1970-01-01T00:00:59.000001Z");
+        // Past the `time` crate's range: tracing-subscriber's sign convention.
+        assert_eq!(at(253_402_300_800, 7), "+10000-01-01T00:00:00.000007Z");
+    }
+}
