@@ -428,10 +428,13 @@ mod tests {
         for secs in instants {
             for nanos in [0u32, 1_000, 999_999_999, 123_456_789] {
                 let total = i128::from(secs) * 1_000_000_000 + i128::from(nanos);
+                let abs = total.unsigned_abs();
+                let span =
+                    Duration::new((abs / 1_000_000_000) as u64, (abs % 1_000_000_000) as u32);
                 let t = if total >= 0 {
-                    UNIX_EPOCH + Duration::from_nanos(total as u64)
+                    UNIX_EPOCH + span
                 } else {
-                    UNIX_EPOCH - Duration::from_nanos((-total) as u64)
+                    UNIX_EPOCH - span
                 };
                 let mut ours = Vec::new();
                 write_timestamp(&mut ours, t);

@@ -378,16 +378,13 @@ async fn wait_for_turn(
         )
         .with_retry_after(wait)),
         Decision::Turn(mut turn) => {
-            let waits = &crate::telemetry::METRICS.rate_limit_waits;
-            let depth = &crate::telemetry::METRICS.queue_depth;
-            depth.inc();
-            let _leave = DepthGuard(depth);
+            let _leave = DepthGuard::enter();
             let released = if session.is_body_empty() {
                 tokio::select! {
                     r = &mut turn => r.is_ok(),
                     _ = session.read_body_or_idle(true) => {
                         // Dropping the receiver frees the place and the turn.
-                        waits.with_label_values(&[connector.id.as_str(), "left"]).inc();
+                        count_wait(connector, "left");
                         return Ok(false);
                     }
                 }
@@ -401,16 +398,11 @@ async fn wait_for_turn(
                 )
                 .with_retry_after(Duration::from_secs(1)));
             }
-            waits
-                .with_label_values(&[connector.id.as_str(), "released"])
-                .inc();
+            count_wait(connector, "released");
             Ok(true)
         }
         Decision::Wait(wait, ticket) => {
-            let waits = &crate::telemetry::METRICS.rate_limit_waits;
-            let depth = &crate::telemetry::METRICS.queue_depth;
-            depth.inc();
-            let _leave = DepthGuard(depth);
+            let _leave = DepthGuard::enter();
             // Without a body to read, a closed connection is visible while waiting: the
             // waiter then leaves and its place and slot go to the next.
             let left = if session.is_body_empty() {
@@ -424,24 +416,36 @@ async fn wait_for_turn(
             };
             if left {
                 drop(ticket);
-                waits
-                    .with_label_values(&[connector.id.as_str(), "left"])
-                    .inc();
+                count_wait(connector, "left");
                 return Ok(false);
             }
             ticket.used();
-            waits
-                .with_label_values(&[connector.id.as_str(), "released"])
-                .inc();
+            count_wait(connector, "released");
             Ok(true)
         }
     }
 }
 
-/// Decrements the queue-depth gauge however the wait ends.
-struct DepthGuard<'a>(&'a prometheus::IntGauge);
+/// A waited request's end in `sluice_rate_limit_waits_total`: `left` or `released`.
+fn count_wait(connector: &crate::config::Connector, how: &str) {
+    crate::telemetry::METRICS
+        .rate_limit_waits
+        .with_label_values(&[connector.id.as_str(), how])
+        .inc();
+}
 
-impl Drop for DepthGuard<'_> {
+/// Counts a request in the queue-depth gauge while it waits, however the wait ends.
+struct DepthGuard(&'static prometheus::IntGauge);
+
+impl DepthGuard {
+    fn enter() -> Self {
+        let depth = &crate::telemetry::METRICS.queue_depth;
+        depth.inc();
+        Self(depth)
+    }
+}
+
+impl Drop for DepthGuard {
     fn drop(&mut self) {
         self.0.dec();
     }
