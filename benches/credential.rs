@@ -67,6 +67,7 @@ fn cache_hit(c: &mut Criterion) {
             cache_ttl: Duration::from_secs(3600),
             max_staleness: Duration::from_secs(3600),
             read_timeout: Duration::from_secs(1),
+            outage_backoff: Duration::from_secs(1),
         },
     );
     rt.block_on(async {

@@ -570,6 +570,20 @@ fn downstream_refusal(e: &Error) -> Refusal {
     Refusal::new(code, format!("{what} ({})", e.etype().as_str()))
 }
 
+/// pingora reports every connect deadline as `ConnectTimedout` and tells them apart only in
+/// the context text. The TCP connect's reads "timeout 5s connecting to server …"; the TLS
+/// handshake's, which pingora's rustls connector also bounds by `connection_timeout`, reads
+/// "connecting to server …, timeout 5s"; the total one (connect + `tls_handshake_timeout_ms`,
+/// src/upstream.rs) reads "…, total-connection timeout 15s" and can only fire once TCP is up,
+/// because the TCP deadline is shorter. So ", timeout " or "total-connection timeout" means
+/// the handshake stalled (a peer's Display holds neither). `tests/gateway.rs` pins the
+/// wording with an upstream that accepts and never answers the ClientHello. Error path only:
+/// the rendering allocates.
+fn tls_handshake_stalled(e: &Error) -> bool {
+    let text = e.to_string();
+    text.contains(", timeout ") || text.contains("total-connection timeout")
+}
+
 /// Map a pingora failure to sluice's error model.
 fn refusal_for(e: &Error, ctx: &RequestCtx) -> Refusal {
     use ErrorType::*;
@@ -578,6 +592,9 @@ fn refusal_for(e: &Error, ctx: &RequestCtx) -> Refusal {
         return downstream_refusal(e);
     }
     let (code, what) = match e.etype() {
+        ConnectTimedout if tls_handshake_stalled(e) => {
+            (ErrorCode::UpstreamTlsFailed, "TLS handshake timed out")
+        }
         ConnectTimedout => (ErrorCode::UpstreamConnectFailed, "connect timed out"),
         ConnectRefused | ConnectNoRoute | ConnectError | BindError | SocketError
         | ConnectProxyFailure => (ErrorCode::UpstreamConnectFailed, "connect failed"),

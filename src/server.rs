@@ -54,13 +54,19 @@ fn server_conf(snap: &Snapshot, bundle: Option<&CaBundle>) -> ServerConf {
         // retry policy stops earlier; fail_to_connect, upstream_response_filter and
         // error_while_proxy decide.
         max_retries: crate::ratelimit::retry::MAX_ATTEMPTS as usize,
-        // pingora rounds these to whole seconds.
-        grace_period_seconds: Some(snap.listener.shutdown_grace.as_secs()),
-        graceful_shutdown_timeout_seconds: Some(snap.listener.shutdown_timeout.as_secs().max(1)),
+        // pingora counts these in whole seconds: round up, so requests in flight get at least
+        // the configured time (2500 ms -> 3 s), never less.
+        grace_period_seconds: Some(whole_seconds_up(snap.listener.shutdown_grace)),
+        graceful_shutdown_timeout_seconds: Some(whole_seconds_up(snap.listener.shutdown_timeout)),
         upgrade_sock: snap.listener.upgrade_sock.to_string_lossy().into_owned(),
         pid_file: snap.listener.pid_file.to_string_lossy().into_owned(),
         ..ServerConf::default()
     }
+}
+
+/// `d` in whole seconds, rounded up.
+fn whole_seconds_up(d: std::time::Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
 /// The listening app for a snapshot: the proxy, and the interception CA when configured.
@@ -485,4 +491,25 @@ pub async fn serve(listener: TcpListener, mut snapshot: Snapshot) -> Result<Runn
         admin_addr,
         shutdown: tx,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::whole_seconds_up;
+    use std::time::Duration;
+
+    #[test]
+    fn shutdown_periods_round_up_to_whole_seconds() {
+        for (ms, secs) in [
+            (0, 0),
+            (1, 1),
+            (999, 1),
+            (1000, 1),
+            (1001, 2),
+            (2500, 3),
+            (30_000, 30),
+        ] {
+            assert_eq!(whole_seconds_up(Duration::from_millis(ms)), secs, "{ms} ms");
+        }
+    }
 }

@@ -115,7 +115,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     .expect("valid metric");
     let credential_cache = counter(
         "sluice_credential_cache_total",
-        "Credential lookups by result (hit, miss).",
+        "Credential lookups: hit (fresh cache), miss (the store was asked), stale (a cached credential served because the store is unavailable).",
         &["result"],
     );
     let store_errors = counter(

@@ -592,6 +592,21 @@ async fn credentials_set(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_requests_in_flight_finish_then_exits_zero() {
+    sigterm_with_a_request_in_flight("shutdown_grace_ms = 3000\nshutdown_timeout_ms = 1000", 1000)
+        .await;
+}
+
+/// pingora counts the grace period in whole seconds: 1100 ms must give a 1500 ms request its
+/// time (rounded down it would be cut off after 1 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grace_period_in_milliseconds_is_rounded_up_not_down() {
+    sigterm_with_a_request_in_flight("shutdown_grace_ms = 1100\nshutdown_timeout_ms = 300", 1500)
+        .await;
+}
+
+/// Start `sluice run`, send a request taking `delay_ms` at the upstream, SIGTERM while it is
+/// there: the request must finish with 200 and sluice must exit 0.
+async fn sigterm_with_a_request_in_flight(listener_extra: &str, delay_ms: u64) {
     let env = Env::new().await;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -599,11 +614,7 @@ async fn sigterm_lets_requests_in_flight_finish_then_exits_zero() {
         .unwrap()
         .port();
     let path = env.dir.path().join("term.toml");
-    let config = env.config(
-        port,
-        "shutdown_grace_ms = 3000\nshutdown_timeout_ms = 1000",
-        "",
-    );
+    let config = env.config(port, listener_extra, "");
     std::fs::write(&path, config).unwrap();
     let mut child = Command::new(SLUICE)
         .args(["run", "--config"])
@@ -627,7 +638,8 @@ async fn sigterm_lets_requests_in_flight_finish_then_exits_zero() {
         )
         .build()
         .unwrap();
-    let url = env.url("api.saas.test", "/delay/1000");
+    let target = format!("/delay/{delay_ms}");
+    let url = env.url("api.saas.test", &target);
     let in_flight = tokio::spawn(async move {
         c.get(url)
             .header("X-Connector", "saas")
@@ -638,12 +650,7 @@ async fn sigterm_lets_requests_in_flight_finish_then_exits_zero() {
     });
     // Wait until the request is at the upstream, then ask sluice to stop.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !env
-        .upstream
-        .requests()
-        .iter()
-        .any(|r| r.target == "/delay/1000")
-    {
+    while !env.upstream.requests().iter().any(|r| r.target == target) {
         assert!(
             Instant::now() < deadline,
             "the request never reached the upstream"

@@ -535,3 +535,152 @@ async fn readiness_follows_the_store_and_the_cache() {
     );
     assert_eq!(probe(&cold, "/healthz").await.0, 200, "alive all the same");
 }
+
+/// With Redis killed, every admin call that needs the store answers 503 `store_unavailable`
+/// within `credentials.read_timeout_ms` (250 ms here) instead of waiting on the client's
+/// reconnects; and a write reported as failed does not land once Redis is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_calls_fail_fast_while_redis_is_down_and_failed_writes_stay_failed() {
+    use reqwest::Method;
+    use serde_json::json;
+    let env = Env::new().await;
+    let mut redis = RedisServer::start().await;
+    let gw = env
+        .start_on_redis(&redis.url(), &connectors(env.upstream.port()))
+        .await;
+    let admin = Admin::new(&gw, Some(ADMIN_TOKEN));
+    let path = "/admin/workspaces/ws_7/credentials/narrow";
+    let (status, _, meta) = admin
+        .call(
+            Method::PUT,
+            path,
+            Some(json!({ "fields": { "api_key": "before" } })),
+        )
+        .await;
+    assert_eq!(status, 200, "{meta}");
+
+    redis.stop();
+    let during = json!({ "fields": { "api_key": "during-outage" } });
+    let calls = [
+        (Method::PUT, path, Some(during.clone())),
+        (Method::GET, path, None),
+        (Method::GET, "/admin/credentials?workspace=ws_7", None),
+        (Method::DELETE, path, None),
+        (
+            Method::PUT,
+            "/admin/workspaces/ws_other/credentials/narrow",
+            Some(during),
+        ),
+    ];
+    for (method, p, body) in calls {
+        let started = Instant::now();
+        let (status, code, body) = admin.call(method.clone(), p, body).await;
+        let took = started.elapsed();
+        assert_eq!(
+            (status, code.as_deref()),
+            (503, Some("store_unavailable")),
+            "{method} {p}: {body}"
+        );
+        assert_eq!(body["error"]["code"], "store_unavailable", "{body}");
+        // 250 ms read timeout; the margin is for a loaded CI machine, not for the client's
+        // reconnect back-off (seconds), which is what this guards against.
+        assert!(
+            took < Duration::from_secs(2),
+            "{method} {p} took {took:?} with redis down"
+        );
+    }
+
+    // Redis comes back empty (no persistence). A later write through the same client is
+    // ordered after anything it might still have queued, so once that one succeeds, a
+    // queued write from the outage would be visible too.
+    redis.resume().await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, _, _) = admin
+            .call(
+                Method::PUT,
+                "/admin/workspaces/ws_42/credentials/narrow",
+                Some(json!({ "fields": { "api_key": "after" } })),
+            )
+            .await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sluice did not reconnect to redis"
+        );
+        tokio::task::yield_now().await;
+    }
+    for p in [path, "/admin/workspaces/ws_other/credentials/narrow"] {
+        let (status, _, body) = admin.call(Method::GET, p, None).await;
+        assert_eq!(
+            status, 404,
+            "a write reported as failed took effect: {p} {body}"
+        );
+    }
+    let mut conn = redis.connection().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*ws_other*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(keys.is_empty(), "outage write reached redis: {keys:?}");
+}
+
+/// After one failed read the store is not asked again for the back-off
+/// (`credentials.outage_backoff_ms`): cached credentials past their TTL are served at once,
+/// and the store-error counter moves once, not once per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_one_failed_read_stale_credentials_are_served_without_asking_the_store() {
+    let env = Env::new().await;
+    let mut redis = RedisServer::start().await;
+    let gw = env
+        .start_on_redis(
+            &redis.url(),
+            // Inside [credentials]: a back-off no loaded CI machine outlasts.
+            &format!(
+                "outage_backoff_ms = 60000\n{}",
+                connectors(env.upstream.port())
+            ),
+        )
+        .await;
+    put_credential(
+        &gw,
+        "ws_other",
+        "narrow",
+        true,
+        &[("api_key", "cached-key")],
+    )
+    .await;
+    put_credential(&gw, "ws_7", "narrow", true, &[("api_key", "cached-too")]).await;
+    let url = env.url("other.saas.test", "/");
+    for ws in ["ws_other", "ws_7"] {
+        let (status, _, _) = call(&gw, url.clone(), "narrow", ws, &[]).await;
+        assert_eq!(status, 200, "{ws} loaded and cached while redis is up");
+    }
+    let stale = r#"sluice_credential_cache_total{result="stale"}"#;
+    let (errors_before, stale_before) = (store_errors(&gw).await, metric(&gw, stale).await);
+
+    redis.stop();
+    gw.vault.as_ref().unwrap().invalidate_all_fresh();
+    for ws in ["ws_other", "ws_7", "ws_other", "ws_7", "ws_other"] {
+        let (status, _, _) = call(&gw, url.clone(), "narrow", ws, &[]).await;
+        assert_eq!(status, 200, "{ws}: the stale copy is served");
+    }
+    assert_eq!(
+        store_errors(&gw).await - errors_before,
+        1,
+        "the store was asked once, then left alone for the back-off"
+    );
+    assert_eq!(metric(&gw, stale).await - stale_before, 5);
+}
+
+async fn store_errors(gw: &sluice::server::Running) -> u64 {
+    metric(gw, r#"sluice_credential_store_errors_total{store="read"}"#).await
+        + metric(
+            gw,
+            r#"sluice_credential_store_errors_total{store="timeout"}"#,
+        )
+        .await
+}

@@ -790,6 +790,61 @@ allowed_ports = [{closed}]
     assert_eq!(resp.headers()["x-sluice-error"], "upstream_connect_failed");
 }
 
+/// An upstream that accepts TCP and never answers the ClientHello: the handshake deadline
+/// (`upstream.tls_handshake_timeout_ms`) fires, and the README's table calls that
+/// `upstream_tls_failed`, not a connect failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_tls_handshake_is_upstream_tls_failed() {
+    let env = Env::new().await;
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let stalled = silent.local_addr().unwrap().port();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((sock, _)) = silent.accept().await {
+            open.push(sock);
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let text = env
+        .config(
+            port,
+            "",
+            &format!(
+                r#"
+[[connector]]
+connector_id = "stalled"
+display_name = "Stalled"
+auth_type = "none"
+allowed_domains = ["api.saas.test"]
+allowed_ports = [{stalled}]
+"#
+            ),
+        )
+        .replace(
+            "connect_timeout_ms = 2000",
+            "connect_timeout_ms = 400\ntls_handshake_timeout_ms = 300",
+        );
+    let path = env.dir.path().join("stalled.toml");
+    std::fs::write(&path, &text).unwrap();
+    let snapshot = sluice::config::Snapshot::load(&path).unwrap();
+    let gw = sluice::server::serve(listener, snapshot).await.unwrap();
+    let client = client(&gw, Some(("ops", OPS_TOKEN)));
+    let resp = routed(
+        client.get(format!("http://api.saas.test:{stalled}/")),
+        "stalled",
+        "ws_7",
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 502);
+    assert_eq!(resp.headers()["x-sluice-error"], "upstream_tls_failed");
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "upstream_tls_failed", "{body}");
+    held.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn caller_scope_all_and_dev_mode() {
     let env = Env::new().await;

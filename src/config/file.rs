@@ -70,6 +70,8 @@ pub struct CredentialsFile {
     pub max_staleness_ms: u64,
     #[serde(default = "default_read_timeout_ms")]
     pub read_timeout_ms: u64,
+    #[serde(default = "default_outage_backoff_ms")]
+    pub outage_backoff_ms: u64,
 }
 
 fn default_cache_capacity() -> u64 {
@@ -83,6 +85,9 @@ fn default_max_staleness_ms() -> u64 {
 }
 fn default_read_timeout_ms() -> u64 {
     250
+}
+fn default_outage_backoff_ms() -> u64 {
+    1_000
 }
 
 #[derive(Debug, Deserialize)]

@@ -1031,6 +1031,11 @@ fn validate(raw: FileConfig, source: &Path, base: &Path) -> Result<Snapshot, Vec
                 "credentials.read_timeout_ms",
                 c.read_timeout_ms,
             ),
+            outage_backoff: duration_ms(
+                &mut errors,
+                "credentials.outage_backoff_ms",
+                c.outage_backoff_ms,
+            ),
         };
         if vault.max_staleness < vault.cache_ttl {
             errors.push(

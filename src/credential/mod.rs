@@ -9,6 +9,11 @@
 //!   only when the store is unavailable, so a Redis outage does not fail requests whose
 //!   credentials were seen recently.
 //!
+//! After a store read fails, the vault counts the store as down for `outage_backoff`: a miss
+//! with a `last_good` entry is answered from it at once instead of paying the read timeout
+//! again on every request. Misses without one still try the store (nothing else could answer
+//! them), and any successful read ends the back-off.
+//!
 //! A write or delete through this process invalidates both locally and, on Redis, tells every
 //! other replica through pub/sub.
 
@@ -20,6 +25,7 @@ pub mod redis;
 pub mod secret;
 pub mod store;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -82,6 +88,9 @@ pub struct VaultSettings {
     pub cache_ttl: Duration,
     pub max_staleness: Duration,
     pub read_timeout: Duration,
+    /// After a failed store read, serve `last_good` entries without asking the store for
+    /// this long.
+    pub outage_backoff: Duration,
 }
 
 type Key = (String, String);
@@ -92,6 +101,47 @@ pub struct Vault {
     fresh: Cache<Key, Arc<TenantState>>,
     last_good: Cache<Key, Arc<TenantState>>,
     read_timeout: Duration,
+    outage: Outage,
+}
+
+/// "The store failed a read recently": a deadline in milliseconds on the vault's own clock
+/// (tokio's, so tests can pause it), 0 when the store is not known to be down. One atomic, no
+/// lock: every request that misses reads it.
+struct Outage {
+    epoch: tokio::time::Instant,
+    until_ms: AtomicU64,
+    backoff: Duration,
+}
+
+impl Outage {
+    fn new(backoff: Duration) -> Self {
+        Self {
+            epoch: tokio::time::Instant::now(),
+            until_ms: AtomicU64::new(0),
+            backoff,
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        // +1: a deadline of 0 means "none", even in the first millisecond.
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
+    }
+
+    fn active(&self) -> bool {
+        self.until_ms.load(Ordering::Relaxed) > self.now_ms()
+    }
+
+    fn begin(&self) {
+        let backoff = u64::try_from(self.backoff.as_millis()).unwrap_or(u64::MAX);
+        self.until_ms
+            .store(self.now_ms().saturating_add(backoff), Ordering::Relaxed);
+    }
+
+    fn end(&self) {
+        if self.until_ms.load(Ordering::Relaxed) != 0 {
+            self.until_ms.store(0, Ordering::Relaxed);
+        }
+    }
 }
 
 /// What the admin API and CLI may see of a record: never a value.
@@ -157,6 +207,7 @@ impl Vault {
                 .time_to_live(settings.max_staleness)
                 .build(),
             read_timeout: settings.read_timeout,
+            outage: Outage::new(settings.outage_backoff),
         }
     }
 
@@ -210,6 +261,15 @@ impl Vault {
 
     async fn lookup_miss(&self, key: (String, String)) -> Result<Arc<TenantState>, VaultError> {
         let (workspace, connector) = (key.0.as_str(), key.1.as_str());
+        if self.outage.active() {
+            if let Some(state) = self.last_good.get(&key).await {
+                crate::telemetry::METRICS
+                    .credential_cache
+                    .with_label_values(&["stale"])
+                    .inc();
+                return Ok(state);
+            }
+        }
         crate::telemetry::METRICS
             .credential_cache
             .with_label_values(&["miss"])
@@ -227,7 +287,11 @@ impl Vault {
                 VaultError::Store(StoreError::Unavailable(reason)) => {
                     match self.last_good.get(&key).await {
                         Some(state) => {
-                            warn!(workspace, connector, reason = %reason, "credential store unavailable; serving the cached credential");
+                            warn!(workspace, connector, reason = %reason, backoff_ms = self.outage.backoff.as_millis() as u64, "credential store unavailable; serving cached credentials without asking it for the back-off");
+                            crate::telemetry::METRICS
+                                .credential_cache
+                                .with_label_values(&["stale"])
+                                .inc();
                             Ok(state)
                         }
                         None => Err((*e).clone()),
@@ -243,12 +307,18 @@ impl Vault {
             match tokio::time::timeout(self.read_timeout, self.store.get(workspace, connector))
                 .await
             {
-                Ok(Ok(r)) => r,
+                Ok(Ok(r)) => {
+                    self.outage.end();
+                    r
+                }
                 Ok(Err(e)) => {
                     crate::telemetry::METRICS
                         .store_errors
                         .with_label_values(&["read"])
                         .inc();
+                    if matches!(e, StoreError::Unavailable(_)) {
+                        self.outage.begin();
+                    }
                     return Err(e.into());
                 }
                 Err(_) => {
@@ -256,6 +326,7 @@ impl Vault {
                         .store_errors
                         .with_label_values(&["timeout"])
                         .inc();
+                    self.outage.begin();
                     return Err(StoreError::Unavailable(format!(
                         "read timed out after {:?}",
                         self.read_timeout
@@ -363,6 +434,8 @@ impl Vault {
             .sealed_record(workspace, connector, enabled, fields, None)
             .await?;
         self.store.put(&record).await?;
+        // The store answered: no reason to keep serving stale copies in its place.
+        self.outage.end();
         self.invalidate_everywhere(workspace, connector).await;
         Ok(Metadata::from(&record))
     }
@@ -654,6 +727,7 @@ mod tests {
             cache_ttl: Duration::from_secs(60),
             max_staleness: Duration::from_secs(600),
             read_timeout: Duration::from_secs(5),
+            outage_backoff: Duration::from_secs(1),
         };
         (Arc::new(Vault::new(store.clone(), keys, &settings)), store)
     }
@@ -754,6 +828,7 @@ mod tests {
             cache_ttl: Duration::from_secs(60),
             max_staleness: Duration::from_secs(60),
             read_timeout: Duration::from_secs(5),
+            outage_backoff: Duration::from_secs(1),
         };
         let before = Vault::new(store.clone(), Keyring::parse(&old).unwrap(), &settings);
         before.put("ws", "a", true, &fields("x")).await.unwrap();
@@ -793,6 +868,7 @@ mod tests {
             cache_ttl: Duration::from_secs(60),
             max_staleness: Duration::from_secs(60),
             read_timeout: Duration::from_secs(5),
+            outage_backoff: Duration::from_secs(1),
         };
         let old = Keyring::generate_line("old").unwrap();
         let new = Keyring::generate_line("new").unwrap();

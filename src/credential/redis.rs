@@ -26,6 +26,14 @@
 //!
 //! The connection manager reconnects by itself; sluice also starts when Redis is down and
 //! connects once it is up, answering `credential_store_unavailable` (or from cache) meanwhile.
+//!
+//! Every call is bounded by `credentials.read_timeout_ms` as a whole: while Redis is down the
+//! connection manager would hold a command until it reconnects (seconds, then send it late),
+//! so a caller gets `Unavailable` at the deadline instead and the command, dropped before it
+//! was written, never reaches the Redis that comes back. A record is written in one
+//! `MULTI`/`EXEC` (the record and its workspace's index share a slot), so it is all or
+//! nothing; the global workspace listing is added to first, and listing tolerates a
+//! workspace whose records are not there.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -130,8 +138,8 @@ const DEFINITION_KINDS: [&str; 3] = ["connector", "org", "workspace"];
 pub struct RedisStore {
     client: redis::Client,
     conn: Arc<ArcSwapOption<ConnectionManager>>,
-    /// Bounds the request-path calls (rate-limit scripts): the connection manager's own
-    /// reconnect backoff must not stall a request while Redis is down.
+    /// Bounds every call: the connection manager's own reconnect backoff must not stall a
+    /// request or an admin call while Redis is down.
     timeout: Duration,
 }
 
@@ -195,6 +203,21 @@ impl RedisStore {
             .ok_or_else(|| unavailable("not connected"))
     }
 
+    /// Run `call` (one or more commands) within the store's timeout. At the deadline the
+    /// future is dropped: a command still waiting for a connection is never sent.
+    async fn bounded<T>(
+        &self,
+        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(result) => result.map_err(unavailable),
+            Err(_) => Err(unavailable(format_args!(
+                "no answer within {} ms",
+                self.timeout.as_millis()
+            ))),
+        }
+    }
+
     /// Listen for invalidations from other replicas until the process ends.
     pub fn start_invalidation_listener(&self, on_invalidate: Invalidator) {
         let client = self.client.clone();
@@ -250,11 +273,7 @@ impl RedisStore {
             .arg(interval.as_millis() as u64)
             .arg(tolerance.as_millis() as u64)
             .arg(max_wait.as_millis() as u64);
-        let call = invocation.invoke_async(&mut conn);
-        tokio::time::timeout(self.timeout, call)
-            .await
-            .map_err(|_| unavailable("timed out"))?
-            .map_err(unavailable)
+        self.bounded(invocation.invoke_async(&mut conn)).await
     }
 
     /// A shared bucket adjustment (see `GCRA_ADJUST`).
@@ -272,11 +291,8 @@ impl RedisStore {
             .arg(mode)
             .arg(ms)
             .arg(tolerance.as_millis() as u64);
-        let call = invocation.invoke_async::<i64>(&mut conn);
-        tokio::time::timeout(self.timeout, call)
-            .await
-            .map_err(|_| unavailable("timed out"))?
-            .map_err(unavailable)?;
+        self.bounded(invocation.invoke_async::<i64>(&mut conn))
+            .await?;
         Ok(())
     }
 }
@@ -289,98 +305,100 @@ impl CredentialStore for RedisStore {
         connector: &str,
     ) -> Result<Option<CredentialRecord>, StoreError> {
         let mut conn = self.conn()?;
-        let bytes: Option<Vec<u8>> = conn
-            .get(record_key(workspace, connector))
-            .await
-            .map_err(unavailable)?;
+        let bytes: Option<Vec<u8>> = self
+            .bounded(conn.get(record_key(workspace, connector)))
+            .await?;
         bytes.map(|b| decode(&b)).transpose()
     }
 
     async fn put(&self, record: &CredentialRecord) -> Result<(), StoreError> {
         let mut conn = self.conn()?;
-        let () = conn
-            .set(record_key(&record.workspace, &record.name), encode(record))
-            .await
-            .map_err(unavailable)?;
-        let _: i64 = conn
-            .sadd(index_key(&record.workspace), &record.name)
-            .await
-            .map_err(unavailable)?;
-        let _: i64 = conn
-            .sadd(WORKSPACES, &record.workspace)
-            .await
-            .map_err(unavailable)?;
-        Ok(())
+        self.bounded(async move {
+            // The listing first: a workspace listed without records is tolerated, a record
+            // that no listing finds is not.
+            let _: i64 = conn.sadd(WORKSPACES, &record.workspace).await?;
+            redis::pipe()
+                .atomic()
+                .set(record_key(&record.workspace, &record.name), encode(record))
+                .ignore()
+                .sadd(index_key(&record.workspace), &record.name)
+                .ignore()
+                .query_async::<()>(&mut conn)
+                .await
+        })
+        .await
     }
 
     async fn delete(&self, workspace: &str, connector: &str) -> Result<bool, StoreError> {
         let mut conn = self.conn()?;
-        let removed: i64 = conn
-            .del(record_key(workspace, connector))
-            .await
-            .map_err(unavailable)?;
-        let _: i64 = conn
-            .srem(index_key(workspace), connector)
-            .await
-            .map_err(unavailable)?;
+        let (removed,): (i64,) = self
+            .bounded(
+                redis::pipe()
+                    .atomic()
+                    .del(record_key(workspace, connector))
+                    .srem(index_key(workspace), connector)
+                    .ignore()
+                    .query_async(&mut conn),
+            )
+            .await?;
         Ok(removed > 0)
     }
 
     async fn list(&self) -> Result<Vec<CredentialRecord>, StoreError> {
         let mut conn = self.conn()?;
-        let workspaces: Vec<String> = conn.smembers(WORKSPACES).await.map_err(unavailable)?;
-        let mut out = Vec::new();
-        for ws in workspaces {
-            let connectors: Vec<String> =
-                conn.smembers(index_key(&ws)).await.map_err(unavailable)?;
-            for c in connectors {
-                let bytes: Option<Vec<u8>> =
-                    conn.get(record_key(&ws, &c)).await.map_err(unavailable)?;
-                if let Some(b) = bytes {
-                    out.push(decode(&b)?);
+        let blobs = self
+            .bounded(async move {
+                let workspaces: Vec<String> = conn.smembers(WORKSPACES).await?;
+                let mut blobs = Vec::new();
+                for ws in workspaces {
+                    let connectors: Vec<String> = conn.smembers(index_key(&ws)).await?;
+                    for c in connectors {
+                        let bytes: Option<Vec<u8>> = conn.get(record_key(&ws, &c)).await?;
+                        blobs.extend(bytes);
+                    }
                 }
-            }
-        }
-        Ok(out)
+                Ok(blobs)
+            })
+            .await?;
+        blobs.iter().map(|b| decode(b)).collect()
     }
 
     async fn list_definitions(&self) -> Result<Vec<(String, String, Vec<u8>)>, StoreError> {
         let mut conn = self.conn()?;
-        let mut out = Vec::new();
-        for kind in DEFINITION_KINDS {
-            let all: std::collections::HashMap<String, Vec<u8>> = conn
-                .hgetall(definitions_key(kind))
-                .await
-                .map_err(unavailable)?;
-            out.extend(
-                all.into_iter()
-                    .map(|(id, json)| (kind.to_string(), id, json)),
-            );
-        }
-        Ok(out)
+        self.bounded(async move {
+            let mut out = Vec::new();
+            for kind in DEFINITION_KINDS {
+                let all: std::collections::HashMap<String, Vec<u8>> =
+                    conn.hgetall(definitions_key(kind)).await?;
+                out.extend(
+                    all.into_iter()
+                        .map(|(id, json)| (kind.to_string(), id, json)),
+                );
+            }
+            Ok(out)
+        })
+        .await
     }
 
     async fn put_definition(&self, kind: &str, id: &str, json: &[u8]) -> Result<(), StoreError> {
         let mut conn = self.conn()?;
-        let _: i64 = conn
-            .hset(definitions_key(kind), id, json)
-            .await
-            .map_err(unavailable)?;
+        let _: i64 = self
+            .bounded(conn.hset(definitions_key(kind), id, json))
+            .await?;
         Ok(())
     }
 
     async fn delete_definition(&self, kind: &str, id: &str) -> Result<bool, StoreError> {
         let mut conn = self.conn()?;
-        let removed: i64 = conn
-            .hdel(definitions_key(kind), id)
-            .await
-            .map_err(unavailable)?;
+        let removed: i64 = self.bounded(conn.hdel(definitions_key(kind), id)).await?;
         Ok(removed > 0)
     }
 
     async fn publish_definitions_changed(&self) {
         if let Ok(mut conn) = self.conn() {
-            let sent: Result<i64, _> = conn.publish(CHANNEL, DEFINITIONS_CHANGED).await;
+            let sent: Result<i64, _> = self
+                .bounded(conn.publish(CHANNEL, DEFINITIONS_CHANGED))
+                .await;
             if let Err(e) = sent {
                 warn!(error = %e, "cannot publish a definitions change");
             }
@@ -394,42 +412,39 @@ impl CredentialStore for RedisStore {
         ttl: Duration,
     ) -> Result<Option<u64>, StoreError> {
         let mut conn = self.conn()?;
-        let fence: u64 = conn
-            .incr(fence_key(workspace, connector), 1)
-            .await
-            .map_err(unavailable)?;
-        let acquired: Option<String> = redis::cmd("SET")
-            .arg(lock_key(workspace, connector))
-            .arg(fence)
-            .arg("NX")
-            .arg("PX")
-            .arg(ttl.as_millis() as u64)
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        Ok(acquired.map(|_| fence))
+        self.bounded(async move {
+            let fence: u64 = conn.incr(fence_key(workspace, connector), 1).await?;
+            let acquired: Option<String> = redis::cmd("SET")
+                .arg(lock_key(workspace, connector))
+                .arg(fence)
+                .arg("NX")
+                .arg("PX")
+                .arg(ttl.as_millis() as u64)
+                .query_async(&mut conn)
+                .await?;
+            Ok(acquired.map(|_| fence))
+        })
+        .await
     }
 
     async fn put_fenced(&self, record: &CredentialRecord, fence: u64) -> Result<bool, StoreError> {
         let mut conn = self.conn()?;
-        let written: i64 = redis::Script::new(PUT_FENCED)
-            .key(lock_key(&record.workspace, &record.name))
+        let script = redis::Script::new(PUT_FENCED);
+        let mut invocation = script.key(lock_key(&record.workspace, &record.name));
+        invocation
             .key(record_key(&record.workspace, &record.name))
             .arg(fence)
-            .arg(encode(record))
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
+            .arg(encode(record));
+        let written: i64 = self.bounded(invocation.invoke_async(&mut conn)).await?;
         Ok(written == 1)
     }
 
     async fn release_refresh_lock(&self, workspace: &str, connector: &str, fence: u64) {
         if let Ok(mut conn) = self.conn() {
-            let _: Result<i64, _> = redis::Script::new(RELEASE)
-                .key(lock_key(workspace, connector))
-                .arg(fence)
-                .invoke_async(&mut conn)
-                .await;
+            let script = redis::Script::new(RELEASE);
+            let mut invocation = script.key(lock_key(workspace, connector));
+            invocation.arg(fence);
+            let _: Result<i64, _> = self.bounded(invocation.invoke_async(&mut conn)).await;
         }
     }
 
@@ -440,24 +455,22 @@ impl CredentialStore for RedisStore {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         let mut conn = self.conn()?;
-        let () = conn
-            .pset_ex(
-                format!("sluice:oauth:pending:{state}"),
-                payload,
-                ttl.as_millis() as u64,
-            )
-            .await
-            .map_err(unavailable)?;
-        Ok(())
+        self.bounded(conn.pset_ex(
+            format!("sluice:oauth:pending:{state}"),
+            payload,
+            ttl.as_millis() as u64,
+        ))
+        .await
     }
 
     async fn take_pending_authorization(&self, state: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let mut conn = self.conn()?;
-        redis::cmd("GETDEL")
-            .arg(format!("sluice:oauth:pending:{state}"))
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)
+        self.bounded(
+            redis::cmd("GETDEL")
+                .arg(format!("sluice:oauth:pending:{state}"))
+                .query_async(&mut conn),
+        )
+        .await
     }
 
     async fn publish_invalidation(&self, workspace: &str, connector: &str) {
@@ -468,8 +481,8 @@ impl CredentialStore for RedisStore {
             );
             return;
         };
-        let sent: Result<i64, _> = conn
-            .publish(CHANNEL, format!("{workspace}/{connector}"))
+        let sent: Result<i64, _> = self
+            .bounded(conn.publish(CHANNEL, format!("{workspace}/{connector}")))
             .await;
         if let Err(e) = sent {
             warn!(workspace, connector, error = %e, "cannot publish a cache invalidation");
