@@ -825,10 +825,7 @@ allowed_ports = [{stalled}]
             "connect_timeout_ms = 2000",
             "connect_timeout_ms = 400\ntls_handshake_timeout_ms = 300",
         );
-    let path = env.dir.path().join("stalled.toml");
-    std::fs::write(&path, &text).unwrap();
-    let snapshot = sluice::config::Snapshot::load(&path).unwrap();
-    let gw = sluice::server::serve(listener, snapshot).await.unwrap();
+    let gw = env.serve_text(listener, "stalled.toml", &text).await;
     let client = client(&gw, Some(("ops", OPS_TOKEN)));
     let resp = routed(
         client.get(format!("http://api.saas.test:{stalled}/")),

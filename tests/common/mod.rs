@@ -606,8 +606,14 @@ create_key_file_if_missing = true
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let text = self.config(port, listener_extra, extra);
-        let path = self.dir.path().join("sluice.toml");
-        std::fs::write(&path, &text).unwrap();
+        self.serve_text(listener, "sluice.toml", &text).await
+    }
+
+    /// Write `text` to `file` in the test's directory and serve it on `listener`: for a config
+    /// the defaults above cannot express.
+    pub async fn serve_text(&self, listener: TcpListener, file: &str, text: &str) -> Running {
+        let path = self.dir.path().join(file);
+        std::fs::write(&path, text).unwrap();
         let snapshot = Snapshot::load(&path).unwrap_or_else(|e| panic!("test config: {e}"));
         serve(listener, snapshot).await.unwrap()
     }
@@ -617,10 +623,8 @@ create_key_file_if_missing = true
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let text = self.config_with_store(port, "", extra, Some(redis_url));
-        let path = self.dir.path().join(format!("sluice-{port}.toml"));
-        std::fs::write(&path, &text).unwrap();
-        let snapshot = Snapshot::load(&path).unwrap_or_else(|e| panic!("test config: {e}"));
-        serve(listener, snapshot).await.unwrap()
+        self.serve_text(listener, &format!("sluice-{port}.toml"), &text)
+            .await
     }
 
     pub async fn start(&self) -> Running {
