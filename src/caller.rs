@@ -123,7 +123,7 @@ impl Callers {
         // password).
         match claimed_name {
             Some(n) if !n.is_empty() && n != caller.name => {
-                if crate::config::is_identifier(n.as_bytes()) && caller.scope.permits(&n) {
+                if crate::names::is_identifier(n.as_bytes()) && caller.scope.permits(&n) {
                     Ok((caller.clone(), Some(n)))
                 } else {
                     Err(denied())

@@ -55,7 +55,7 @@ pub fn init_ca(cert: &Path, key: &Path) -> Result<(), String> {
     params.not_after = now + time::Duration::days(3650);
     let ca = params.self_signed(&pair).map_err(|e| e.to_string())?;
     let key_pem = zeroize::Zeroizing::new(pair.serialize_pem());
-    crate::credential::secret::create_secret_file(key, key_pem.as_bytes())?;
+    crate::files::create_secret_file(key, key_pem.as_bytes())?;
     if let Some(dir) = cert.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;

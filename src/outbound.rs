@@ -53,7 +53,7 @@ impl OutboundTls {
             native.into_iter().map(|c| CertificateDer::from(c.to_vec())),
         );
         if let Some(path) = extra_ca_file {
-            for der in crate::upstream::read_ca_file(path)? {
+            for der in crate::files::read_ca_file(path)? {
                 roots
                     .add(CertificateDer::from(der))
                     .map_err(|e| format!("{}: {e}", path.display()))?;

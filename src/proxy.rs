@@ -22,13 +22,14 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{ErrorSource, ErrorType};
 use tracing::warn;
 
-use crate::config::{Snapshot, is_identifier};
+use crate::config::Snapshot;
 use crate::credential::inject::{Injected, with_query_param};
 use crate::credential::oauth::{OAuthClient, Scope, TokenError};
 use crate::credential::{Connected, TenantState, Vault, VaultError};
 use crate::ctx::RequestCtx;
 use crate::error::{ERROR_HEADER, ErrorCode, Refusal};
 use crate::logline::{self, Line, Value};
+use crate::names::is_identifier;
 use crate::policy::{self, Vetted};
 use crate::ratelimit::breaker::{Outcome, Pass};
 use crate::ratelimit::headers::{learn, retry_after};
@@ -88,7 +89,7 @@ impl Sluice {
             config,
             vault,
             oauth,
-            limiter: Limiter::new(shared_budgets),
+            limiter: Limiter::new(shared_budgets.map(crate::ratelimit::shared::SharedBudget::new)),
             breakers: Breakers::default(),
         }
     }
@@ -168,9 +169,9 @@ impl Sluice {
             return Err(Refusal::new(ErrorCode::Internal, "not an OAuth connector"));
         };
         let scope = Scope {
-            snap,
+            rules: &**snap,
             vault,
-            connector,
+            connector: connector.rules(),
             oauth: oauth2,
             workspace: &vetted.workspace,
             org: &vetted.org,
@@ -326,7 +327,7 @@ impl Sluice {
                     .insert(parse_target(req.raw_path(), &req.headers)?);
                 tunnel::check_inside(&t, target)?;
                 policy::evaluate_routed(
-                    &ctx.snapshot,
+                    &*ctx.snapshot,
                     Some(&caller),
                     &t.connector,
                     &t.workspace,
@@ -339,7 +340,7 @@ impl Sluice {
             }
             None => {
                 policy::evaluate(
-                    &ctx.snapshot,
+                    &*ctx.snapshot,
                     Some(&caller),
                     req.raw_path(),
                     &req.headers,

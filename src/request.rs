@@ -13,9 +13,8 @@
 use http::HeaderMap;
 use http::header::{self, HeaderName};
 
-use crate::config::is_identifier;
 use crate::error::{ErrorCode, Refusal};
-use crate::policy::domain::{Host, parse_host};
+use crate::names::{Host, is_identifier};
 
 /// The app's routing headers.
 pub const X_CONNECTOR: &str = "x-connector";
@@ -117,49 +116,9 @@ pub fn parse_target(raw_target: &[u8], headers: &HeaderMap) -> Result<Target, Re
     })
 }
 
-/// `host[:port]`, strictly: no userinfo, no empty or non-decimal port, IPv6 only in brackets.
+/// `host[:port]`, strictly ([`crate::names::parse_authority`]), refused as an invalid request.
 pub fn parse_authority(authority: &str) -> Result<(Host, Option<u16>), Refusal> {
-    if authority.contains('@') {
-        return Err(invalid("userinfo in the authority is not allowed"));
-    }
-    let (host, port) = if authority.starts_with('[') {
-        let close = authority
-            .find(']')
-            .ok_or_else(|| invalid("unterminated IPv6 literal"))?;
-        let (host, rest) = authority.split_at(close + 1);
-        match rest {
-            "" => (host, None),
-            _ => (
-                host,
-                Some(
-                    rest.strip_prefix(':')
-                        .ok_or_else(|| invalid("junk after IPv6 literal"))?,
-                ),
-            ),
-        }
-    } else {
-        match authority.split_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (authority, None),
-        }
-    };
-    let port = port.map(parse_port).transpose()?;
-    let host = parse_host(host).map_err(invalid)?;
-    Ok((host, port))
-}
-
-fn parse_port(p: &str) -> Result<u16, Refusal> {
-    if p.is_empty()
-        || p.len() > 5
-        || !p.bytes().all(|b| b.is_ascii_digit())
-        || (p.len() > 1 && p.starts_with('0'))
-    {
-        return Err(invalid(format!("port {p:?} is not a decimal port number")));
-    }
-    match p.parse::<u32>() {
-        Ok(n @ 1..=65535) => Ok(n as u16),
-        _ => Err(invalid(format!("port {p} is out of range"))),
-    }
+    crate::names::parse_authority(authority).map_err(invalid)
 }
 
 /// `X-Connector` and `X-Workspace`: each present exactly once, an identifier (so never

@@ -18,8 +18,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::admin::{AdminState, Reloader};
+use crate::admin::AdminState;
 use crate::config::Snapshot;
+use crate::config::reload::{Reloader, watch_config};
 use crate::credential::oauth::OAuthClient;
 use crate::credential::redis::Invalidation;
 use crate::credential::{Vault, build_vault};
@@ -323,55 +324,6 @@ async fn assemble(snapshot: Snapshot) -> Result<Parts, String> {
         redis,
         admin_addr,
     })
-}
-
-/// How often the config file is checked for changes.
-const CONFIG_POLL: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Reload the config file on SIGHUP, and when its content changes (polled, debounced: a new
-/// content must be the same on two consecutive polls, so a half-written file is not tried).
-/// Polling rather than inotify also follows atomic renames and Kubernetes' symlink swaps.
-fn watch_config(reloader: Arc<Reloader>) {
-    let on_hup = reloader.clone();
-    tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut hup = match signal(SignalKind::hangup()) {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(error = %e, "cannot listen for SIGHUP; config reloads only on file changes");
-                return;
-            }
-        };
-        while hup.recv().await.is_some() {
-            on_hup.reload_file().await;
-        }
-    });
-    tokio::spawn(async move {
-        let path = reloader.source();
-        let digest = |text: &[u8]| -> [u8; 32] {
-            use sha2::Digest;
-            sha2::Sha256::digest(text).into()
-        };
-        let mut applied = digest(reloader.current_text().as_bytes());
-        let mut candidate = None;
-        loop {
-            tokio::time::sleep(CONFIG_POLL).await;
-            let Ok(text) = tokio::fs::read(&path).await else {
-                continue;
-            };
-            let seen = digest(&text);
-            if seen == applied {
-                candidate = None;
-            } else if candidate == Some(seen) {
-                reloader.reload_file().await;
-                // Tried once per content: an invalid file is not retried until it changes.
-                applied = seen;
-                candidate = None;
-            } else {
-                candidate = Some(seen);
-            }
-        }
-    });
 }
 
 /// `sluice run`: serve forever under pingora's server. SIGTERM stops accepting and lets

@@ -12,25 +12,25 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use pingora::upstreams::peer::HttpPeer;
 
-use crate::config::Upstream;
+use crate::files::read_ca_file;
 use crate::policy::Vetted;
 
-/// Read a PEM file and return its certificates (DER), or why it is unusable.
-pub fn read_ca_file(path: &Path) -> Result<Vec<Vec<u8>>, String> {
-    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let certs: Vec<Vec<u8>> = rustls_pemfile::certs(&mut pem.as_slice())
-        .map(|c| c.map(|c| c.to_vec()))
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("{} is not PEM: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{} holds no certificate", path.display()));
-    }
-    Ok(certs)
+/// `[upstream]`: how sluice talks to SaaS APIs.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub extra_ca_file: Option<PathBuf>,
+    pub connect_timeout: Duration,
+    pub tls_handshake_timeout: Duration,
+    pub read_timeout: Duration,
+    pub write_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub pool_size: usize,
 }
 
 /// A CA bundle file that removes itself when dropped.

@@ -177,9 +177,9 @@ pub(super) async fn callback(state: &AdminState, query: &str) -> ApiResult {
     let snap = state.config.load_full();
     let (connector, oauth, org) = oauth_target(&snap, &pending.workspace, &pending.connector)?;
     let scope = Scope {
-        snap: &snap,
+        rules: &*snap,
         vault: &state.vault,
-        connector,
+        connector: connector.rules(),
         oauth,
         workspace: &pending.workspace,
         org,
@@ -205,9 +205,9 @@ pub(super) async fn connect(state: &AdminState, workspace: &str, connector: &str
         ));
     }
     let scope = Scope {
-        snap: &snap,
+        rules: &*snap,
         vault: &state.vault,
-        connector: c,
+        connector: c.rules(),
         oauth,
         workspace,
         org,
@@ -238,9 +238,9 @@ pub(super) async fn revoke_before_delete(
         return Ok(None);
     };
     let scope = Scope {
-        snap: &snap,
+        rules: &*snap,
         vault: &state.vault,
-        connector: c,
+        connector: c.rules(),
         oauth,
         workspace,
         org,

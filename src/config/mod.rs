@@ -7,6 +7,7 @@
 //! file are resolved against the directory the file is in.
 
 pub mod file;
+pub mod reload;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -20,8 +21,12 @@ use ipnetwork::IpNetwork;
 use crate::caller::{Caller, Callers, WorkspaceScope};
 use crate::credential::VaultSettings;
 use crate::credential::inject::Injection;
-use crate::policy::domain::{DomainList, DomainPattern, Host, parse_host};
+pub use crate::credential::{Credentials, KeySource, StoreKind};
+use crate::names::{Host, is_identifier, parse_host};
+use crate::policy::domain::{DomainList, DomainPattern};
 use crate::policy::resolver::{Resolver, ResolverSettings};
+use crate::policy::{ConnectorRules, Egress, Rules};
+pub use crate::upstream::Upstream;
 use file::FileConfig;
 
 /// How a connector authenticates to its upstream. Injection arrives with the credential vault;
@@ -131,43 +136,6 @@ pub const DEFAULT_MAX_HEADER_BYTES: usize = 60 * 1024;
 pub const PARSER_MAX_HEADER_COUNT: usize = 256;
 pub const PARSER_MAX_HEADER_BYTES: usize = 1_048_575;
 
-/// `[upstream]`: how sluice talks to SaaS APIs.
-#[derive(Debug, Clone)]
-pub struct Upstream {
-    pub extra_ca_file: Option<PathBuf>,
-    pub connect_timeout: Duration,
-    pub tls_handshake_timeout: Duration,
-    pub read_timeout: Duration,
-    pub write_timeout: Duration,
-    pub idle_timeout: Duration,
-    pub pool_size: usize,
-}
-
-/// Where sealed credentials live.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StoreKind {
-    Embedded { path: PathBuf },
-    Redis { url: String },
-}
-
-/// Where the master keys come from (never the TOML itself).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KeySource {
-    File {
-        path: PathBuf,
-        create_if_missing: bool,
-    },
-    Env(String),
-}
-
-/// `[credentials]`.
-#[derive(Debug, Clone)]
-pub struct Credentials {
-    pub store: StoreKind,
-    pub keys: KeySource,
-    pub vault: VaultSettings,
-}
-
 /// Connectors, orgs and workspaces created through the admin API and persisted in the store.
 /// They are merged with the TOML file's and validated with it; ids may not clash with the
 /// file's (the file's entries are read-only through the API).
@@ -266,16 +234,6 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
-/// Identifiers (connector, workspace, org, caller names, `X-Connector`/`X-Workspace` values):
-/// 1–128 bytes of ASCII letters, digits, `_`, `-`, `.`, starting with a letter or digit.
-pub fn is_identifier(s: &[u8]) -> bool {
-    !s.is_empty()
-        && s.len() <= 128
-        && s[0].is_ascii_alphanumeric()
-        && s.iter()
-            .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
-}
-
 impl Snapshot {
     /// Read, parse and validate a config file.
     pub fn load(path: &Path) -> Result<Snapshot, ConfigErrors> {
@@ -322,6 +280,42 @@ impl Snapshot {
     /// The address classes the operator has let through, for the startup warning.
     pub fn exception_warnings(&self) -> impl Iterator<Item = &IpNetwork> {
         self.exception_cidrs.iter()
+    }
+}
+
+impl Connector {
+    /// What the policy checks of this connector.
+    pub fn rules(&self) -> ConnectorRules<'_> {
+        ConnectorRules {
+            id: &self.id,
+            display_name: &self.display_name,
+            enabled: self.enabled,
+            allowed_domains: &self.allowed_domains,
+            allowed_ports: &self.allowed_ports,
+        }
+    }
+}
+
+/// The policy's narrow view of a snapshot.
+impl Rules for Snapshot {
+    fn connector(&self, id: &str) -> Option<ConnectorRules<'_>> {
+        self.connectors.get(id).map(|c| c.rules())
+    }
+
+    fn workspace_org(&self, workspace: &str) -> Option<&str> {
+        self.workspaces.get(workspace).map(|w| w.org.as_str())
+    }
+
+    fn org_allowlist(&self, org: &str) -> Option<&DomainList> {
+        self.orgs.get(org).and_then(|o| o.allowlist.as_ref())
+    }
+
+    fn egress(&self) -> Egress<'_> {
+        Egress {
+            resolver: &self.resolver,
+            exception_cidrs: &self.exception_cidrs,
+            listener: self.listener.address,
+        }
     }
 }
 
@@ -514,7 +508,7 @@ fn validate(raw: FileConfig, source: &Path, base: &Path) -> Result<Snapshot, Vec
     let u = &raw.upstream;
     let extra_ca_file = u.extra_ca_file.as_ref().map(|p| resolve_path(base, p));
     if let Some(path) = &extra_ca_file {
-        if let Err(e) = crate::upstream::read_ca_file(path) {
+        if let Err(e) = crate::files::read_ca_file(path) {
             errors.push("upstream.extra_ca_file", e);
         }
     }

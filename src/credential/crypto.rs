@@ -26,7 +26,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use zeroize::Zeroizing;
 
-use crate::config::is_identifier;
+use crate::names::is_identifier;
 
 const NONCE_LEN: usize = 12;
 const AAD_PREFIX: &[u8] = b"sluice-credential-v1";

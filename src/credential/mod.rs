@@ -23,6 +23,7 @@ pub mod inject;
 pub mod oauth;
 pub mod redis;
 pub mod secret;
+mod setup;
 pub mod store;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,7 +32,8 @@ use std::time::Duration;
 
 use moka::future::Cache;
 use tracing::{error, warn};
-use zeroize::Zeroizing;
+
+pub use setup::{Credentials, KeySource, StoreKind, build_vault, create_key_file, load_keyring};
 
 use crypto::{Keyring, OpenError};
 use secret::SecretFields;
@@ -598,73 +600,6 @@ impl Vault {
         }
         self.invalidate_everywhere(workspace, connector).await;
         Ok(true)
-    }
-}
-
-/// Read the master keys from where the config says.
-pub fn load_keyring(source: &crate::config::KeySource) -> Result<Keyring, String> {
-    use crate::config::KeySource;
-    match source {
-        KeySource::Env(var) => {
-            let text = Zeroizing::new(
-                std::env::var(var).map_err(|_| format!("environment variable {var} is not set"))?,
-            );
-            Keyring::parse(&text).map_err(|e| format!("{var}: {e}"))
-        }
-        KeySource::File {
-            path,
-            create_if_missing,
-        } => {
-            if *create_if_missing && !path.exists() {
-                create_key_file(path)?;
-                warn!(path = %path.display(), "created a new master key file (credentials.create_key_file_if_missing); back it up: without it the stored credentials cannot be opened");
-            }
-            check_key_file_mode(path);
-            let text = Zeroizing::new(
-                std::fs::read_to_string(path)
-                    .map_err(|e| format!("cannot read key file {}: {e}", path.display()))?,
-            );
-            Keyring::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
-        }
-    }
-}
-
-/// Write a new key file holding one fresh key, readable by its owner only.
-pub fn create_key_file(path: &std::path::Path) -> Result<(), String> {
-    let line = Keyring::generate_line(&format!("k{}", now_unix()))?;
-    let text = Zeroizing::new(format!(
-        "# sluice master keys: the first is active. Keep this file secret and backed up.\n{}\n",
-        &*line
-    ));
-    secret::create_secret_file(path, text.as_bytes()).map_err(|e| format!("key file: {e}"))
-}
-
-fn check_key_file_mode(path: &std::path::Path) {
-    use std::os::unix::fs::PermissionsExt;
-    if let Ok(meta) = std::fs::metadata(path) {
-        if meta.permissions().mode() & 0o077 != 0 {
-            warn!(path = %path.display(), "the master key file is readable by group or others; chmod 600 it");
-        }
-    }
-}
-
-/// The vault the config describes, and the Redis store behind it when there is one (its
-/// invalidation listener is started by the server, which knows what to do on each message).
-pub async fn build_vault(
-    creds: &crate::config::Credentials,
-) -> Result<(Arc<Vault>, Option<Arc<redis::RedisStore>>), String> {
-    use crate::config::StoreKind;
-    let keyring = load_keyring(&creds.keys)?;
-    match &creds.store {
-        StoreKind::Embedded { path } => {
-            let store = Arc::new(embedded::EmbeddedStore::open(path)?);
-            Ok((Arc::new(Vault::new(store, keyring, &creds.vault)), None))
-        }
-        StoreKind::Redis { url } => {
-            let store = Arc::new(redis::RedisStore::new(url, creds.vault.read_timeout).await?);
-            let vault = Arc::new(Vault::new(store.clone(), keyring, &creds.vault));
-            Ok((vault, Some(store)))
-        }
     }
 }
 

@@ -31,11 +31,10 @@ use zeroize::Zeroizing;
 use super::secret::{Secret, SecretFields};
 use super::store::{OAuthMeta, now_unix};
 use super::{Connected, Vault, VaultError};
-use crate::config::{Connector, Snapshot};
+use crate::names::parse_authority;
 use crate::outbound::{OutboundError, OutboundTls};
 use crate::policy::domain::{DomainList, Host};
-use crate::policy::{Destination, vet_destination};
-use crate::request::parse_authority;
+use crate::policy::{ConnectorRules, Destination, Rules, vet_destination};
 
 /// `[connector.oauth2]` as written.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -120,8 +119,7 @@ impl HttpsUrl {
             .ok_or_else(|| format!("{raw:?} must be an https:// URL"))?;
         let end = rest.find(['/', '?']).unwrap_or(rest.len());
         let (authority, path) = rest.split_at(end);
-        let (host, port) =
-            parse_authority(authority).map_err(|r| format!("{raw:?}: {}", r.message))?;
+        let (host, port) = parse_authority(authority).map_err(|e| format!("{raw:?}: {e}"))?;
         if path.contains('#') || !path.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(format!(
                 "{raw:?} has a fragment or a character that needs escaping"
@@ -366,11 +364,11 @@ pub const REFRESH_TOKEN: &str = "refresh_token";
 type Key = (String, String, u64);
 
 /// Everything a token operation is about: which workspace, which connector, under which
-/// config snapshot, with which vault.
+/// policy rules (the request's config snapshot), with which vault.
 pub struct Scope<'a> {
-    pub snap: &'a Snapshot,
+    pub rules: &'a dyn Rules,
     pub vault: &'a Vault,
-    pub connector: &'a Connector,
+    pub connector: ConnectorRules<'a>,
     pub oauth: &'a OAuth2,
     pub workspace: &'a str,
     pub org: &'a str,
@@ -409,7 +407,7 @@ impl OAuthClient {
 
     /// Vet `url` for (connector, workspace's org) exactly like app traffic.
     async fn destination(&self, sc: &Scope<'_>, url: &HttpsUrl) -> Result<Destination, TokenError> {
-        vet_destination(sc.snap, sc.connector, sc.org, &url.host, url.port, &mut ())
+        vet_destination(sc.rules, sc.connector, sc.org, &url.host, url.port, &mut ())
             .await
             .map_err(|r| TokenError::Policy(format!("{}: {}", r.code, r.message)))
     }
@@ -517,7 +515,7 @@ impl OAuthClient {
                 oauth: current.oauth,
             }));
         }
-        let backoff_key = (workspace.to_string(), connector.id.clone());
+        let backoff_key = (workspace.to_string(), connector.id.to_owned());
         if let Some((until, _)) = self.backoff.get(&backoff_key) {
             if Instant::now() < until {
                 return if unexpired && !force {
@@ -533,7 +531,11 @@ impl OAuthClient {
                 };
             }
         }
-        let key = (workspace.to_string(), connector.id.clone(), current.version);
+        let key = (
+            workspace.to_string(),
+            connector.id.to_owned(),
+            current.version,
+        );
         let result = self
             .inflight
             .try_get_with(key, self.refresh(sc, current.version))
@@ -574,20 +576,20 @@ impl OAuthClient {
         let deadline = Instant::now() + lock_ttl + oauth.timeout;
         loop {
             match store
-                .acquire_refresh_lock(workspace, &connector.id, lock_ttl)
+                .acquire_refresh_lock(workspace, connector.id, lock_ttl)
                 .await
                 .map_err(|e| TokenError::Unavailable(e.to_string()))?
             {
                 Some(fence) => {
                     let outcome = self.refresh_locked(sc, seen, fence).await;
                     store
-                        .release_refresh_lock(workspace, &connector.id, fence)
+                        .release_refresh_lock(workspace, connector.id, fence)
                         .await;
                     return outcome;
                 }
                 None => {
                     // Another replica is refreshing: wait for its result in the store.
-                    if let Some((r, c)) = vault.read_through(workspace, &connector.id).await? {
+                    if let Some((r, c)) = vault.read_through(workspace, connector.id).await? {
                         if r.version > seen {
                             if r.oauth.is_some_and(|o| o.needs_reauthorization) {
                                 return Err(TokenError::NeedsReauthorization);
@@ -613,7 +615,7 @@ impl OAuthClient {
         fence: u64,
     ) -> Result<Arc<Connected>, TokenError> {
         let (vault, connector, oauth, workspace) = (sc.vault, sc.connector, sc.oauth, sc.workspace);
-        let Some((record, current)) = vault.read_through(workspace, &connector.id).await? else {
+        let Some((record, current)) = vault.read_through(workspace, connector.id).await? else {
             return Err(TokenError::Rejected("the credential was removed".into()));
         };
         if record.version > seen {
@@ -642,7 +644,7 @@ impl OAuthClient {
             Ok((fields, meta)) => {
                 // Persist first (the refresh token may have rotated), then use.
                 let written = vault
-                    .put_oauth(workspace, &connector.id, &fields, meta, Some(fence))
+                    .put_oauth(workspace, connector.id, &fields, meta, Some(fence))
                     .await?
                     .ok_or_else(|| {
                         TokenError::Unavailable("lost the refresh lock before writing".into())
@@ -650,7 +652,7 @@ impl OAuthClient {
                 info!(target: "sluice::audit", workspace, connector = %connector.id, expires_at = meta.expires_at, "OAuth token refreshed");
                 crate::telemetry::METRICS
                     .token_refreshes
-                    .with_label_values(&[&connector.id, "ok"])
+                    .with_label_values(&[connector.id, "ok"])
                     .inc();
                 Ok(Arc::new(written))
             }
@@ -660,12 +662,12 @@ impl OAuthClient {
                     needs_reauthorization: true,
                 };
                 vault
-                    .put_oauth(workspace, &connector.id, &current.fields, meta, Some(fence))
+                    .put_oauth(workspace, connector.id, &current.fields, meta, Some(fence))
                     .await?;
                 warn!(target: "sluice::audit", workspace, connector = %connector.id, "OAuth refresh refused (invalid_grant): credential needs reauthorization");
                 crate::telemetry::METRICS
                     .token_refreshes
-                    .with_label_values(&[&connector.id, "needs_reauthorization"])
+                    .with_label_values(&[connector.id, "needs_reauthorization"])
                     .inc();
                 Err(TokenError::NeedsReauthorization)
             }
@@ -677,7 +679,7 @@ impl OAuthClient {
                 };
                 crate::telemetry::METRICS
                     .token_refreshes
-                    .with_label_values(&[&connector.id, label])
+                    .with_label_values(&[connector.id, label])
                     .inc();
                 Err(e)
             }
@@ -720,10 +722,10 @@ impl OAuthClient {
         meta: OAuthMeta,
     ) -> Result<OAuthMeta, TokenError> {
         sc.vault
-            .put_oauth(sc.workspace, &sc.connector.id, fields, meta, None)
+            .put_oauth(sc.workspace, sc.connector.id, fields, meta, None)
             .await?;
         self.backoff
-            .invalidate(&(sc.workspace.to_string(), sc.connector.id.clone()));
+            .invalidate(&(sc.workspace.to_string(), sc.connector.id.to_owned()));
         info!(target: "sluice::audit", workspace = sc.workspace, connector = %sc.connector.id, "OAuth connected");
         Ok(meta)
     }

@@ -77,38 +77,6 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0";
 
-/// GCRA admission on one key, with Redis's clock (so every replica agrees). Returns 0 to go
-/// now, a positive wait in ms for a reservation, or a negative wait when refused.
-/// ARGV: interval ms, tolerance ms, max wait ms.
-const GCRA_ADMIT: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local interval, tolerance, max_wait = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
-if tat < now then tat = now end
-local wait = tat - tolerance - now
-if wait > max_wait then return -wait end
-if wait < 0 then wait = 0 end
-redis.call('SET', KEYS[1], tat + interval, 'PX', tat + interval - now + tolerance + 60000)
-return wait";
-
-/// Move the bucket: `mode` 'hold' keeps everyone waiting `ms` (tat = max(tat, now + ms +
-/// tolerance)); 'set' puts tat at now + `ms`; 'give' returns one interval (a waiter left).
-const GCRA_ADJUST: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local mode, ms, tolerance = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
-if mode == 'hold' then
-  tat = math.max(tat, now + ms + tolerance)
-elseif mode == 'set' then
-  tat = now + ms
-else
-  tat = math.max(now, tat - ms)
-end
-redis.call('SET', KEYS[1], tat, 'PX', math.max(tat - now, 0) + tolerance + 60000)
-return tat - now";
-
 fn index_key(workspace: &str) -> String {
     format!("sluice:cred:{{{workspace}}}:connectors")
 }
@@ -195,7 +163,9 @@ impl RedisStore {
         Ok(store)
     }
 
-    fn conn(&self) -> Result<ConnectionManager, StoreError> {
+    /// The current connection (a cheap clone), for other Redis users that share this one
+    /// (the shared rate-limit budgets), or `Unavailable` before the first connection.
+    pub fn conn(&self) -> Result<ConnectionManager, StoreError> {
         self.conn
             .load()
             .as_deref()
@@ -205,7 +175,7 @@ impl RedisStore {
 
     /// Run `call` (one or more commands) within the store's timeout. At the deadline the
     /// future is dropped: a command still waiting for a connection is never sent.
-    async fn bounded<T>(
+    pub async fn bounded<T>(
         &self,
         call: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, StoreError> {
@@ -254,46 +224,6 @@ impl RedisStore {
                 warn!("redis invalidation subscription lost; resubscribing");
             }
         });
-    }
-}
-
-impl RedisStore {
-    /// A shared GCRA admission (see `GCRA_ADMIT`).
-    pub async fn gcra_admit(
-        &self,
-        key: &str,
-        interval: Duration,
-        tolerance: Duration,
-        max_wait: Duration,
-    ) -> Result<i64, StoreError> {
-        let mut conn = self.conn()?;
-        let script = redis::Script::new(GCRA_ADMIT);
-        let mut invocation = script.key(key);
-        invocation
-            .arg(interval.as_millis() as u64)
-            .arg(tolerance.as_millis() as u64)
-            .arg(max_wait.as_millis() as u64);
-        self.bounded(invocation.invoke_async(&mut conn)).await
-    }
-
-    /// A shared bucket adjustment (see `GCRA_ADJUST`).
-    pub async fn gcra_adjust(
-        &self,
-        key: &str,
-        mode: &str,
-        ms: u64,
-        tolerance: Duration,
-    ) -> Result<(), StoreError> {
-        let mut conn = self.conn()?;
-        let script = redis::Script::new(GCRA_ADJUST);
-        let mut invocation = script.key(key);
-        invocation
-            .arg(mode)
-            .arg(ms)
-            .arg(tolerance.as_millis() as u64);
-        self.bounded(invocation.invoke_async::<i64>(&mut conn))
-            .await?;
-        Ok(())
     }
 }
 

@@ -99,26 +99,6 @@ impl fmt::Debug for SecretFields {
     }
 }
 
-/// Create `path` (and its directory) holding `contents`, readable by its owner only (0600).
-/// Never overwrites: an existing file is an error. For key material: master keys, the
-/// interception CA's key.
-pub fn create_secret_file(path: &std::path::Path, contents: &[u8]) -> Result<(), String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    }
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| format!("cannot create {}: {e}", path.display()))?
-        .write_all(contents)
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

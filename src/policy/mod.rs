@@ -14,13 +14,47 @@ use std::net::{IpAddr, SocketAddr};
 
 use http::HeaderMap;
 
+use ipnetwork::IpNetwork;
+
 use crate::caller::Caller;
-use crate::config::Snapshot;
 use crate::error::{ErrorCode, Refusal};
 use crate::request::{Target, parse_target, routing_headers};
 use address::{AddrClass, classify, embedded_ipv4};
-use domain::Host;
-use resolver::DnsError;
+use domain::{DomainList, Host};
+use resolver::{DnsError, Resolver};
+
+/// What the policy reads of the configuration, and nothing more: the config snapshot
+/// implements it (`config::Snapshot`), tests and tools can implement it over anything.
+pub trait Rules: Sync {
+    /// The connector's routing rules, if it exists.
+    fn connector(&self, id: &str) -> Option<ConnectorRules<'_>>;
+    /// The org a workspace belongs to, if the workspace exists.
+    fn workspace_org(&self, workspace: &str) -> Option<&str>;
+    /// The org's own allowlist (`None`: the org adds no restriction, or there is no such org).
+    fn org_allowlist(&self, org: &str) -> Option<&DomainList>;
+    /// The egress settings every destination is held to.
+    fn egress(&self) -> Egress<'_>;
+}
+
+/// A connector as the policy sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectorRules<'a> {
+    pub id: &'a str,
+    pub display_name: &'a str,
+    pub enabled: bool,
+    pub allowed_domains: &'a DomainList,
+    pub allowed_ports: &'a [u16],
+}
+
+/// Resolution and the address policy's inputs.
+#[derive(Clone, Copy)]
+pub struct Egress<'a> {
+    pub resolver: &'a Resolver,
+    /// Operator exceptions to the special-purpose address policy.
+    pub exception_cidrs: &'a [IpNetwork],
+    /// sluice's own proxy listener (never a destination).
+    pub listener: SocketAddr,
+}
 
 /// A destination that passed every check.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,8 +120,8 @@ impl Observer for () {
 /// Decide. `caller` is `None` only for `sluice explain` without `--caller`. Once the target
 /// parses it is left in `target`, whatever the verdict, so refusals can be logged with the
 /// destination that was asked for.
-pub async fn evaluate<O: Observer>(
-    snap: &Snapshot,
+pub async fn evaluate<R: Rules + ?Sized, O: Observer>(
+    rules: &R,
     caller: Option<&Caller>,
     raw_target: &[u8],
     headers: &HeaderMap,
@@ -99,7 +133,7 @@ pub async fn evaluate<O: Observer>(
         format!("X-Connector: {connector_id}, X-Workspace: {workspace_id}")
     });
     evaluate_routed(
-        snap,
+        rules,
         caller,
         connector_id,
         workspace_id,
@@ -114,8 +148,8 @@ pub async fn evaluate<O: Observer>(
 /// [`evaluate`] once the connector and workspace are known (from the routing headers, or from
 /// the CONNECT tunnel a request arrived in).
 #[allow(clippy::too_many_arguments)]
-pub async fn evaluate_routed<O: Observer>(
-    snap: &Snapshot,
+pub async fn evaluate_routed<R: Rules + ?Sized, O: Observer>(
+    rules: &R,
     caller: Option<&Caller>,
     connector_id: &str,
     workspace_id: &str,
@@ -124,7 +158,7 @@ pub async fn evaluate_routed<O: Observer>(
     target: &mut Option<Target>,
     obs: &mut O,
 ) -> Result<Vetted, Refusal> {
-    let connector = snap.connectors.get(connector_id).ok_or_else(|| {
+    let connector = rules.connector(connector_id).ok_or_else(|| {
         Refusal::new(
             ErrorCode::UnknownConnector,
             format!("no connector {connector_id:?}"),
@@ -140,7 +174,7 @@ pub async fn evaluate_routed<O: Observer>(
         format!("{} ({}), enabled", connector.id, connector.display_name)
     });
 
-    let workspace = snap.workspaces.get(workspace_id).ok_or_else(|| {
+    let org = rules.workspace_org(workspace_id).ok_or_else(|| {
         Refusal::new(
             ErrorCode::UnknownWorkspace,
             format!("no workspace {workspace_id:?}"),
@@ -161,9 +195,7 @@ pub async fn evaluate_routed<O: Observer>(
         }),
         None => obs.passed(Check::Caller, || "not checked (no --caller given)".into()),
     }
-    obs.passed(Check::Workspace, || {
-        format!("{} in org {}", workspace.id, workspace.org)
-    });
+    obs.passed(Check::Workspace, || format!("{workspace_id} in org {org}"));
 
     let target: &Target = target.insert(parse_target(raw_target, headers)?);
     obs.passed(Check::Target, || {
@@ -171,18 +203,18 @@ pub async fn evaluate_routed<O: Observer>(
     });
 
     let dest = vet_destination(
-        snap,
+        rules,
         connector,
-        &workspace.org,
+        org,
         &target.host,
         target.upstream_port(),
         obs,
     )
     .await?;
     Ok(Vetted {
-        connector: connector.id.clone(),
-        workspace: workspace.id.clone(),
-        org: workspace.org.clone(),
+        connector: connector.id.to_owned(),
+        workspace: workspace_id.to_owned(),
+        org: org.to_owned(),
         sni: dest.sni,
         host_header: dest.host_header,
         addr: dest.addr,
@@ -200,15 +232,15 @@ pub struct Destination {
 /// The destination half of the policy, shared by app traffic and sluice's own calls (OAuth
 /// token, revocation): port allowed → connector allowlist → org allowlist → resolve → every
 /// address outside the special-purpose blocks → not sluice itself → pin one address.
-pub async fn vet_destination<O: Observer>(
-    snap: &Snapshot,
-    connector: &crate::config::Connector,
+pub async fn vet_destination<R: Rules + ?Sized, O: Observer>(
+    rules: &R,
+    connector: ConnectorRules<'_>,
     org_id: &str,
     host: &Host,
     port: u16,
     obs: &mut O,
 ) -> Result<Destination, Refusal> {
-    let connector_id = connector.id.as_str();
+    let connector_id = connector.id;
     if !connector.allowed_ports.contains(&port) {
         return Err(Refusal::new(
             ErrorCode::PortNotAllowed,
@@ -241,8 +273,7 @@ pub async fn vet_destination<O: Observer>(
         format!("{name} matches {pattern}")
     });
 
-    let org = snap.orgs.get(org_id);
-    match org.and_then(|o| o.allowlist.as_ref()) {
+    match rules.org_allowlist(org_id) {
         Some(list) => {
             let pattern = list.matching(host).ok_or_else(|| {
                 Refusal::new(
@@ -257,7 +288,8 @@ pub async fn vet_destination<O: Observer>(
         }),
     }
 
-    let addrs = snap.resolver.resolve(name).await.map_err(|e| match e {
+    let egress = rules.egress();
+    let addrs = egress.resolver.resolve(name).await.map_err(|e| match e {
         DnsError::Timeout(_) => {
             Refusal::new(ErrorCode::DnsTimeout, format!("resolving {name} timed out"))
         }
@@ -277,7 +309,7 @@ pub async fn vet_destination<O: Observer>(
             obs.passed(Check::Address, || format!("{ip} is public"));
             continue;
         }
-        match exception_for(snap, ip) {
+        match exception_for(egress.exception_cidrs, ip) {
             Some(net) => obs.passed(Check::Address, || {
                 format!("{ip} is {class}, allowed by operator exception {net}")
             }),
@@ -292,7 +324,7 @@ pub async fn vet_destination<O: Observer>(
 
     // Every address passed; connect to the first, and only to it.
     let addr = SocketAddr::new(addrs[0], port);
-    if is_own_listener(snap, addr) {
+    if is_own_listener(egress.listener, addr) {
         return Err(Refusal::new(
             ErrorCode::SelfConnection,
             format!("{name}:{port} is sluice's own listener"),
@@ -318,12 +350,12 @@ pub async fn vet_destination<O: Observer>(
 }
 
 /// The operator exception covering `ip` (or the IPv4 address it embeds), if any.
-fn exception_for(snap: &Snapshot, ip: IpAddr) -> Option<&ipnetwork::IpNetwork> {
+fn exception_for(exceptions: &[IpNetwork], ip: IpAddr) -> Option<&IpNetwork> {
     let embedded = match ip {
         IpAddr::V6(v6) => embedded_ipv4(v6).map(IpAddr::V4),
         IpAddr::V4(_) => None,
     };
-    snap.exception_cidrs
+    exceptions
         .iter()
         .find(|net| net.contains(ip) || embedded.is_some_and(|e| net.contains(e)))
 }
@@ -333,8 +365,7 @@ fn exception_for(snap: &Snapshot, ip: IpAddr) -> Option<&ipnetwork::IpNetwork> {
 /// treats loopback and unspecified destinations on the listener's port as itself. Every other
 /// local address is special-purpose or public, and public local addresses on the listener's
 /// port remain a known gap (documented in the README).
-fn is_own_listener(snap: &Snapshot, addr: SocketAddr) -> bool {
-    let listen = snap.listener.address;
+fn is_own_listener(listen: SocketAddr, addr: SocketAddr) -> bool {
     if addr.port() != listen.port() {
         return false;
     }

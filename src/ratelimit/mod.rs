@@ -15,6 +15,7 @@ pub mod bucket;
 pub mod fair;
 pub mod headers;
 pub mod retry;
+pub mod shared;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,7 +24,7 @@ use std::time::Duration;
 use http::HeaderName;
 use tracing::warn;
 
-use crate::credential::redis::RedisStore;
+use shared::{Adjust, SharedBudget};
 
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
@@ -208,7 +209,7 @@ pub struct Limiter {
     fair: moka::sync::Cache<BucketKey, Arc<fair::FairBucket>>,
     /// Waiters per shared bucket in this replica (the queue bound is per replica).
     queues: moka::sync::Cache<BucketKey, Arc<AtomicUsize>>,
-    shared: Option<Arc<RedisStore>>,
+    shared: Option<SharedBudget>,
     /// After a failed Redis call, local buckets decide until then (no timeout per request).
     shared_down_until: Mutex<Option<Instant>>,
 }
@@ -235,7 +236,7 @@ fn shared_key(key: &BucketKey) -> String {
 enum Place {
     Local(Arc<Mutex<Option<Bucket>>>),
     Shared {
-        redis: Arc<RedisStore>,
+        redis: SharedBudget,
         key: String,
         interval: Duration,
         tolerance: Duration,
@@ -289,7 +290,7 @@ impl Drop for Ticket {
                     (redis.clone(), key.clone(), *interval, *tolerance);
                 tokio::spawn(async move {
                     let _ = redis
-                        .gcra_adjust(&key, "give", interval.as_millis() as u64, tolerance)
+                        .adjust(&key, Adjust::Give, interval.as_millis() as u64, tolerance)
                         .await;
                 });
             }
@@ -309,7 +310,7 @@ pub enum Decision {
 }
 
 impl Limiter {
-    pub fn new(shared: Option<Arc<RedisStore>>) -> Self {
+    pub fn new(shared: Option<SharedBudget>) -> Self {
         Self {
             // Idle buckets are forgotten (and relearned); the bound keeps memory flat.
             buckets: moka::sync::Cache::builder()
@@ -347,7 +348,7 @@ impl Limiter {
         &self,
         key: &BucketKey,
         rl: &RateLimit,
-    ) -> Option<(&Arc<RedisStore>, Duration, Duration)> {
+    ) -> Option<(&SharedBudget, Duration, Duration)> {
         let redis = self.shared.as_ref().filter(|_| rl.shared)?;
         let down_until = *self.shared_down_until.lock().expect("lock");
         if down_until.is_some_and(|until| Instant::now() < until) {
@@ -425,15 +426,12 @@ impl Limiter {
         &self,
         key: &BucketKey,
         rl: &RateLimit,
-        redis: &Arc<RedisStore>,
+        redis: &SharedBudget,
         interval: Duration,
         tolerance: Duration,
     ) -> Option<Decision> {
         let skey = shared_key(key);
-        match redis
-            .gcra_admit(&skey, interval, tolerance, rl.max_wait)
-            .await
-        {
+        match redis.admit(&skey, interval, tolerance, rl.max_wait).await {
             Ok(0) => Some(Decision::Go),
             Ok(wait) if wait < 0 => {
                 Some(Decision::Refuse(Duration::from_millis(wait.unsigned_abs())))
@@ -446,7 +444,7 @@ impl Limiter {
                 if queued.fetch_add(1, Ordering::SeqCst) >= rl.queue_size {
                     queued.fetch_sub(1, Ordering::SeqCst);
                     let _ = redis
-                        .gcra_adjust(&skey, "give", interval.as_millis() as u64, tolerance)
+                        .adjust(&skey, Adjust::Give, interval.as_millis() as u64, tolerance)
                         .await;
                     return Some(Decision::Refuse(wait));
                 }
@@ -488,9 +486,9 @@ impl Limiter {
             let adjusted = match (hold, learned.remaining) {
                 // Boxed, as in `admit`: the script's future is large.
                 (Some(hold), _) => {
-                    Box::pin(redis.gcra_adjust(
+                    Box::pin(redis.adjust(
                         &shared_key(key),
-                        "hold",
+                        Adjust::Hold,
                         hold.as_millis() as u64,
                         tolerance,
                     ))
@@ -498,9 +496,9 @@ impl Limiter {
                 }
                 (None, Some(remaining)) => {
                     let used = capacity.saturating_sub(remaining.min(capacity));
-                    Box::pin(redis.gcra_adjust(
+                    Box::pin(redis.adjust(
                         &shared_key(key),
-                        "set",
+                        Adjust::Set,
                         (interval * used as u32).as_millis() as u64,
                         tolerance,
                     ))
