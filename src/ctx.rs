@@ -2,15 +2,33 @@
 //! through the phases. Later steps (credential, pacing, retries) add their state here.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::caller::Caller;
-use crate::config::Snapshot;
+use crate::config::{Connector, Snapshot};
 use crate::credential::Connected;
 use crate::credential::inject::Injected;
 use crate::error::Refusal;
 use crate::policy::Vetted;
 use crate::request::Target;
+
+/// The retry state: what the next upstream attempt does before connecting.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum NextAttempt {
+    /// No retry decided (the first attempt, or the last one failed for good).
+    #[default]
+    None,
+    /// A retry after a transient failure, once this backoff has passed.
+    After(Duration),
+    /// The retry after an upstream 401 on an OAuth connector: one forced refresh first.
+    RefreshToken,
+}
+
+impl NextAttempt {
+    pub fn is_decided(self) -> bool {
+        self != Self::None
+    }
+}
 
 pub struct RequestCtx {
     /// The config this request was admitted under, for its whole life (a reload does not
@@ -28,23 +46,22 @@ pub struct RequestCtx {
     pub target: Option<Target>,
     /// Set when every policy check passed; the only source of the upstream peer.
     pub vetted: Option<Vetted>,
+    /// The vetted connector, resolved once at admission; every later step reads it here.
+    pub connector: Option<Arc<Connector>>,
     /// What to inject upstream, rendered from the workspace's credential before connecting.
     pub injected: Option<Injected>,
     /// Upstream attempts made so far.
     pub attempts: u32,
-    /// The wait before the next attempt, when a retry was decided.
-    pub retry_delay: Option<std::time::Duration>,
+    /// What the next attempt must do first, once a retry was decided.
+    pub next: NextAttempt,
     /// The circuit breaker of the vetted (connector, host), once the first attempt looked it up.
     pub breaker: Option<crate::ratelimit::BreakerHandle>,
     /// The rate-limit bucket this request drew from (its response teaches it).
     pub bucket: Option<crate::ratelimit::BucketKey>,
     /// OAuth connectors: the token state injected, kept for a forced refresh after a 401.
     pub oauth: Option<Arc<Connected>>,
-    /// An upstream 401 asked for one forced refresh and one retry; `oauth_retried` makes it one.
-    pub oauth_force: bool,
+    /// An upstream 401 asked for one forced refresh and one retry already (it is only one).
     pub oauth_retried: bool,
-    /// A refusal decided in a later phase (e.g. the forced refresh failed), for `fail_to_proxy`.
-    pub pending_refusal: Option<Refusal>,
     /// Set when sluice answered the request itself.
     pub refusal: Option<Refusal>,
     /// The CONNECT tunnel this connection is (from the CONNECT itself, then carried from
@@ -64,15 +81,14 @@ impl RequestCtx {
             caller: None,
             target: None,
             vetted: None,
+            connector: None,
             injected: None,
             attempts: 0,
-            retry_delay: None,
+            next: NextAttempt::None,
             breaker: None,
             bucket: None,
             oauth: None,
-            oauth_force: false,
             oauth_retried: false,
-            pending_refusal: None,
             refusal: None,
             tunnel: None,
         }

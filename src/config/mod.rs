@@ -170,7 +170,8 @@ pub struct Snapshot {
     pub upstream: Upstream,
     /// Operator exceptions to the special-purpose address policy.
     pub exception_cidrs: Vec<IpNetwork>,
-    pub connectors: HashMap<String, Connector>,
+    /// Shared: a request keeps its connector (`RequestCtx::connector`) without a lookup.
+    pub connectors: HashMap<String, Arc<Connector>>,
     pub orgs: HashMap<String, Org>,
     pub workspaces: HashMap<String, Workspace>,
     pub callers: Callers,
@@ -818,7 +819,7 @@ fn validate(raw: FileConfig, source: &Path, base: &Path) -> Result<Snapshot, Vec
             enabled: c.enabled,
         };
         if connectors
-            .insert(c.connector_id.clone(), connector)
+            .insert(c.connector_id.clone(), Arc::new(connector))
             .is_some()
         {
             errors.push(format!("{key}.connector_id"), "duplicate connector_id");

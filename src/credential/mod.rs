@@ -35,6 +35,7 @@ use tracing::{error, warn};
 
 pub use setup::{Credentials, KeySource, StoreKind, build_vault, create_key_file, load_keyring};
 
+use crate::error::{ErrorCode, Refusal};
 use crypto::{Keyring, OpenError};
 use secret::SecretFields;
 use store::{CredentialRecord, CredentialStore, RecordValue, StoreError, now_unix};
@@ -81,6 +82,29 @@ pub enum VaultError {
     /// A write was refused (bad field values, unknown fields).
     #[error("{0}")]
     Invalid(String),
+}
+
+/// The one mapping from a vault failure to what the app is told.
+impl From<VaultError> for Refusal {
+    fn from(e: VaultError) -> Self {
+        match e {
+            VaultError::Store(_) => Refusal::new(
+                ErrorCode::CredentialStoreUnavailable,
+                "the credential store is unavailable and no cached credential can be used",
+            ),
+            VaultError::Unreadable {
+                workspace,
+                connector,
+                ..
+            } => Refusal::new(
+                ErrorCode::CredentialUnreadable,
+                format!(
+                    "the stored credential for workspace {workspace:?} and connector {connector:?} cannot be opened"
+                ),
+            ),
+            VaultError::Invalid(m) => Refusal::new(ErrorCode::Internal, m),
+        }
+    }
 }
 
 /// Cache and timeout settings.

@@ -31,6 +31,7 @@ use zeroize::Zeroizing;
 use super::secret::{Secret, SecretFields};
 use super::store::{OAuthMeta, now_unix};
 use super::{Connected, Vault, VaultError};
+use crate::error::{ErrorCode, Refusal};
 use crate::names::parse_authority;
 use crate::outbound::{OutboundError, OutboundTls};
 use crate::policy::domain::{DomainList, Host};
@@ -339,6 +340,27 @@ pub enum TokenError {
     Policy(String),
     #[error(transparent)]
     Vault(#[from] VaultError),
+}
+
+/// The one mapping from a token failure to what the app is told. A store failure is the
+/// vault's refusal; any other vault failure means no valid token could be had.
+impl From<TokenError> for Refusal {
+    fn from(e: TokenError) -> Self {
+        match e {
+            TokenError::NeedsReauthorization => Refusal::new(
+                ErrorCode::OAuthReauthorizationRequired,
+                "the provider refused the refresh token: the workspace must connect this connector again",
+            ),
+            TokenError::Vault(VaultError::Store(_)) => Refusal::new(
+                ErrorCode::CredentialStoreUnavailable,
+                "the credential store is unavailable",
+            ),
+            other => Refusal::new(
+                ErrorCode::OAuthRefreshFailed,
+                format!("no valid access token: {other}"),
+            ),
+        }
+    }
 }
 
 #[derive(Deserialize)]

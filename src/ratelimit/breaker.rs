@@ -67,6 +67,25 @@ enum State {
     HalfOpen { probe_since: Instant },
 }
 
+/// The breaker's state as logs and metrics name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+impl BreakerState {
+    /// `closed`, `open` or `half_open`: the log field and metric label value.
+    pub fn as_label(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::Open => "open",
+            Self::HalfOpen => "half_open",
+        }
+    }
+}
+
 /// What the breaker says to one attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pass {
@@ -100,12 +119,11 @@ impl Default for Breaker {
 }
 
 impl Breaker {
-    /// `closed`, `open` or `half_open` (log and metric label).
-    pub fn label(&self) -> &'static str {
+    pub fn state(&self) -> BreakerState {
         match self.state {
-            State::Closed { .. } => "closed",
-            State::Open { .. } => "open",
-            State::HalfOpen { .. } => "half_open",
+            State::Closed { .. } => BreakerState::Closed,
+            State::Open { .. } => BreakerState::Open,
+            State::HalfOpen { .. } => BreakerState::HalfOpen,
         }
     }
 
@@ -130,14 +148,14 @@ impl Breaker {
         }
     }
 
-    /// Record an attempt's outcome; returns (old, new) state labels when it changed.
+    /// Record an attempt's outcome; returns (old, new) state when it changed.
     pub fn record(
         &mut self,
         now: Instant,
         outcome: Outcome,
         policy: &BreakerPolicy,
-    ) -> Option<(&'static str, &'static str)> {
-        let before = self.label();
+    ) -> Option<(BreakerState, BreakerState)> {
+        let before = self.state();
         self.state = match (self.state, outcome) {
             (_, Outcome::Neutral) => self.state,
             (_, Outcome::Success) => State::Closed { failures: 0 },
@@ -156,7 +174,7 @@ impl Breaker {
             },
             (open @ State::Open { .. }, Outcome::Failure) => open,
         };
-        (self.label() != before).then(|| (before, self.label()))
+        (self.state() != before).then(|| (before, self.state()))
     }
 }
 
@@ -187,7 +205,8 @@ mod tests {
         );
         b.record(t0, Outcome::Neutral, &p);
         assert_eq!(
-            b.record(t0, Outcome::Failure, &p).map(|(_, to)| to),
+            b.record(t0, Outcome::Failure, &p)
+                .map(|(_, to)| to.as_label()),
             Some("open")
         );
         assert_eq!(
@@ -205,14 +224,15 @@ mod tests {
         }
         let t1 = t0 + Duration::from_secs(30);
         assert_eq!(b.admit(t1, &p), Pass::Probe);
-        assert_eq!(b.label(), "half_open");
+        assert_eq!(b.state().as_label(), "half_open");
         assert!(
             matches!(b.admit(t1, &p), Pass::Reject(_)),
             "only one probe at a time"
         );
         // The probe fails: open again for a full period.
         assert_eq!(
-            b.record(t1, Outcome::Failure, &p).map(|(_, to)| to),
+            b.record(t1, Outcome::Failure, &p)
+                .map(|(_, to)| to.as_label()),
             Some("open")
         );
         assert_eq!(
@@ -223,7 +243,8 @@ mod tests {
         let t2 = t1 + Duration::from_secs(30);
         assert_eq!(b.admit(t2, &p), Pass::Probe);
         assert_eq!(
-            b.record(t2, Outcome::Success, &p).map(|(_, to)| to),
+            b.record(t2, Outcome::Success, &p)
+                .map(|(_, to)| to.as_label()),
             Some("closed")
         );
         assert_eq!(b.admit(t2, &p), Pass::Allow);

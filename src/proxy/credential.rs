@@ -1,0 +1,96 @@
+//! Step 5: the workspace's credential, rendered into what gets injected; for OAuth
+//! connectors, a token that is not expired (refreshed first when it is, or when forced after
+//! an upstream 401).
+
+use std::sync::Arc;
+
+use super::Sluice;
+use crate::credential::inject::Injected;
+use crate::credential::oauth::Scope;
+use crate::credential::{Connected, TenantState};
+use crate::ctx::RequestCtx;
+use crate::error::{ErrorCode, Refusal};
+
+impl Sluice {
+    /// Step 5: sets `ctx.injected` (and `ctx.oauth`, the token state it came from).
+    pub(super) async fn credential(&self, ctx: &mut RequestCtx) -> Result<(), Refusal> {
+        let (Some(vetted), Some(connector)) = (&ctx.vetted, &ctx.connector) else {
+            return Err(Refusal::new(
+                ErrorCode::Internal,
+                "credential before admission",
+            ));
+        };
+        if !connector.injection.needs_credential() {
+            return Ok(());
+        }
+        let vault = self.vault.as_ref().ok_or_else(|| {
+            Refusal::new(ErrorCode::Internal, "no credential store is configured")
+        })?;
+        let (ws, conn) = (vetted.workspace.as_str(), vetted.connector.as_str());
+        let state = vault.lookup(ws, conn).await.map_err(Refusal::from)?;
+        match &*state {
+            TenantState::Unconfigured => Err(Refusal::new(
+                ErrorCode::CredentialNotConfigured,
+                format!("workspace {ws:?} has no credential for connector {conn:?}"),
+            )),
+            TenantState::OptedOut => Err(Refusal::new(
+                ErrorCode::WorkspaceOptedOut,
+                format!("workspace {ws:?} opted out of connector {conn:?}"),
+            )),
+            TenantState::Connected(c) if connector.oauth2.is_some() => {
+                // Boxed: the token client's future is large (see `Vault::lookup`).
+                let (token, injected) = Box::pin(self.oauth_token(ctx, c, false)).await?;
+                ctx.injected = Some(injected);
+                ctx.oauth = Some(token);
+                Ok(())
+            }
+            TenantState::Connected(c) => {
+                let injected = connector
+                    .injection
+                    .render(&c.fields)
+                    .map_err(|m| Refusal::new(ErrorCode::CredentialIncomplete, m))?;
+                ctx.injected = Some(injected);
+                Ok(())
+            }
+        }
+    }
+
+    /// A token for an OAuth connector (refreshed when `force`, after a 401), rendered for
+    /// injection.
+    pub(super) async fn oauth_token(
+        &self,
+        ctx: &RequestCtx,
+        current: &Connected,
+        force: bool,
+    ) -> Result<(Arc<Connected>, Injected), Refusal> {
+        let (Some(vetted), Some(connector), Some(vault)) =
+            (&ctx.vetted, &ctx.connector, &self.vault)
+        else {
+            return Err(Refusal::new(
+                ErrorCode::Internal,
+                "connector or vault missing",
+            ));
+        };
+        let Some(oauth2) = &connector.oauth2 else {
+            return Err(Refusal::new(ErrorCode::Internal, "not an OAuth connector"));
+        };
+        let scope = Scope {
+            rules: &*ctx.snapshot,
+            vault,
+            connector: connector.rules(),
+            oauth: oauth2,
+            workspace: &vetted.workspace,
+            org: &vetted.org,
+        };
+        let token = self
+            .oauth
+            .token(&scope, current, force)
+            .await
+            .map_err(Refusal::from)?;
+        let injected = connector
+            .injection
+            .render(&token.fields)
+            .map_err(|m| Refusal::new(ErrorCode::CredentialIncomplete, m))?;
+        Ok((token, injected))
+    }
+}

@@ -1,0 +1,167 @@
+//! Step 9: the access line and the audit line for every request (also refused ones), and the
+//! request metrics. Label values are only configured connector ids, error codes and fixed
+//! classes; routing headers are logged only when they are identifiers (no log forging).
+
+use http::header::HeaderName;
+use pingora::proxy::Session;
+
+use super::{X_CONNECTOR_NAME, X_WORKSPACE_NAME};
+use crate::ctx::RequestCtx;
+use crate::logline::{self, Line, Value};
+use crate::names::{Host, is_identifier};
+
+/// What pingora's own error log lines say about a request: never the query string (it may
+/// carry credentials or personal data), never a header value.
+pub(super) fn summary(session: &Session, ctx: &RequestCtx) -> String {
+    let method = &session.req_header().method;
+    match &ctx.target {
+        Some(t) => format!(
+            "{method} {}{} request_id={}",
+            t.host,
+            t.path(),
+            ctx.request_id
+        ),
+        None => format!("{method} request_id={}", ctx.request_id),
+    }
+}
+
+/// Milliseconds between two phase marks (0 when the phase did not happen).
+fn phase_ms(from: Option<std::time::Instant>, to: Option<std::time::Instant>) -> u64 {
+    match (from, to) {
+        (Some(a), Some(b)) => b.saturating_duration_since(a).as_millis() as u64,
+        _ => 0,
+    }
+}
+
+/// How the request ended, for the `outcome_class` field and label.
+fn outcome_class(ctx: &RequestCtx) -> &'static str {
+    match &ctx.refusal {
+        None => "forwarded",
+        Some(r) if r.code.is_skip() => "skipped",
+        Some(_) => "refused",
+    }
+}
+
+fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "none",
+    }
+}
+
+/// `logging`: the lines and the metrics.
+pub(super) fn request_done(session: &Session, ctx: &RequestCtx) {
+    let req = session.req_header();
+    let status = session.response_written().map_or(0, |r| r.status.as_u16());
+    let code = ctx.refusal.as_ref().map_or("ok", |r| r.code.as_str());
+    let outcome_class = outcome_class(ctx);
+    // Identifiers are ASCII, so the `&str` borrows the header: nothing is copied.
+    let routed = |name: &HeaderName| {
+        req.headers
+            .get(name)
+            .filter(|v| is_identifier(v.as_bytes()))
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+    };
+    let (connector, workspace) = match &ctx.vetted {
+        Some(v) => (v.connector.as_str(), v.workspace.as_str()),
+        None => (routed(&X_CONNECTOR_NAME), routed(&X_WORKSPACE_NAME)),
+    };
+    let upstream = ctx.vetted.as_ref().map(|v| v.addr);
+    let host = match ctx.target.as_ref().map(|t| &t.host) {
+        Some(Host::Name(name)) => Value::Bare(name),
+        Some(literal) => Value::Shown(literal),
+        None => Value::Bare(""),
+    };
+    let path = ctx.target.as_ref().map_or("", |t| t.path());
+    let phase = |from, to| Value::U64(phase_ms(from, to));
+    logline::emit(
+        Line::Access,
+        &[
+            ("request_id", Value::Bare(&ctx.request_id)),
+            ("connector", Value::Bare(connector)),
+            ("workspace", Value::Bare(workspace)),
+            (
+                "caller",
+                Value::Quoted(ctx.caller.as_ref().map_or("", |c| c.name.as_str())),
+            ),
+            ("method", Value::Bare(req.method.as_str())),
+            ("host", host),
+            ("path", Value::Quoted(path)),
+            ("status", Value::U64(status.into())),
+            ("outcome", Value::Quoted(code)),
+            ("outcome_class", Value::Quoted(outcome_class)),
+            ("upstream", Value::Addr(upstream)),
+            (
+                "org",
+                Value::Quoted(ctx.vetted.as_ref().map_or("", |v| v.org.as_str())),
+            ),
+            ("retries", Value::U64(ctx.attempts.saturating_sub(1).into())),
+            ("policy_ms", phase(Some(ctx.started), ctx.policy_done)),
+            ("credential_ms", phase(ctx.policy_done, ctx.credential_done)),
+            ("wait_ms", phase(ctx.credential_done, ctx.wait_done)),
+            (
+                "upstream_ms",
+                phase(
+                    ctx.wait_done.filter(|_| ctx.attempts > 0),
+                    Some(std::time::Instant::now()),
+                ),
+            ),
+            (
+                "duration_ms",
+                Value::U64(ctx.started.elapsed().as_millis() as u64),
+            ),
+        ],
+    );
+    // Only configured connector ids become label values: the admitted connector, or (for a
+    // request refused before that) a routing header naming one.
+    let connector_label = match &ctx.connector {
+        Some(c) => c.id.as_str(),
+        None => ctx
+            .snapshot
+            .connectors
+            .get_key_value(connector)
+            .map_or("", |(k, _)| k.as_str()),
+    };
+    let metrics = &crate::telemetry::METRICS;
+    metrics
+        .requests
+        .with_label_values(&[connector_label, code, outcome_class, status_class(status)])
+        .inc();
+    metrics
+        .request_seconds
+        .with_label_values(&[connector_label, outcome_class])
+        .observe(ctx.started.elapsed().as_secs_f64());
+    if let (Some(start), true) = (ctx.wait_done, ctx.attempts > 0) {
+        metrics
+            .upstream_seconds
+            .with_label_values(&[connector_label])
+            .observe(start.elapsed().as_secs_f64());
+    }
+    if let Some(r) = &ctx.refusal {
+        logline::emit(
+            Line::Audit,
+            &[
+                ("request_id", Value::Bare(&ctx.request_id)),
+                ("decision", Value::Quoted(outcome_class)),
+                ("host", host),
+                ("code", Value::Quoted(r.code.as_str())),
+                ("reason", Value::Bare(&r.message)),
+            ],
+        );
+    } else if ctx.vetted.is_some() {
+        logline::emit(
+            Line::Audit,
+            &[
+                ("request_id", Value::Bare(&ctx.request_id)),
+                ("decision", Value::Quoted("allowed")),
+                ("host", host),
+                ("upstream", Value::Addr(upstream)),
+            ],
+        );
+    }
+}

@@ -1,0 +1,154 @@
+//! Step 6: the call paced by its connector's token bucket (go, wait in the fair queue, or
+//! refuse with `Retry-After`); step 8: every upstream response teaches the bucket what the
+//! API's rate-limit headers said.
+
+use std::time::Duration;
+
+use pingora::ErrorType;
+use pingora::prelude::*;
+use pingora::proxy::Session;
+use tokio::time::Instant;
+
+use super::Sluice;
+use crate::config::Connector;
+use crate::ctx::RequestCtx;
+use crate::error::{ErrorCode, Refusal};
+use crate::ratelimit::headers::learn;
+use crate::ratelimit::{Decision, bucket_key};
+
+impl Sluice {
+    /// Take a token from the bucket, wait for one in the queue, or refuse.
+    /// `Ok(false)`: the client left while waiting.
+    pub(super) async fn pace(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<bool, Refusal> {
+        let (Some(vetted), Some(connector)) = (&ctx.vetted, &ctx.connector) else {
+            return Ok(true);
+        };
+        let rl = &connector.rate_limit;
+        let key = bucket_key(rl, &vetted.connector, &vetted.workspace);
+        let decision = self
+            .limiter
+            .admit(&key, rl, &vetted.workspace, Instant::now())
+            .await;
+        ctx.bucket = Some(key);
+        match decision {
+            Decision::Go => Ok(true),
+            // Boxed: waiting holds the body-read future; inline, every request would copy it.
+            other => Box::pin(wait_for_turn(session, connector, other)).await,
+        }
+    }
+
+    /// Step 8: the response's rate-limit headers (and a 429) adjust the bucket it drew from.
+    pub(super) async fn learn(&self, ctx: &RequestCtx, response: &ResponseHeader) {
+        let (Some(key), Some(connector)) = (&ctx.bucket, &ctx.connector) else {
+            return;
+        };
+        let rl = &connector.rate_limit;
+        let learned = learn(&response.headers, &rl.headers, std::time::SystemTime::now());
+        let too_many = response.status == http::StatusCode::TOO_MANY_REQUESTS;
+        self.limiter
+            .observe(key, rl, &learned, too_many, Instant::now())
+            .await;
+    }
+}
+
+/// The error that ends a request whose client left while it waited: nobody to answer, and
+/// the access line says `client_closed`.
+pub(super) fn client_left() -> Box<Error> {
+    Error::explain(
+        ErrorType::ConnectionClosed,
+        "client left while waiting for the rate limit",
+    )
+    .into_down()
+}
+
+fn rate_limited(connector: &Connector, retry_after: Duration) -> Refusal {
+    Refusal::new(
+        ErrorCode::RateLimited,
+        format!("connector {:?} is at its rate limit", connector.id),
+    )
+    .with_retry_after(retry_after)
+}
+
+/// When the bucket did not say go: refuse, or wait for the request's turn (a fair-queue
+/// turn or a bucket slot). `Ok(false)`: the client left while waiting.
+async fn wait_for_turn(
+    session: &mut Session,
+    connector: &Connector,
+    decision: Decision,
+) -> Result<bool, Refusal> {
+    match decision {
+        Decision::Go => Ok(true),
+        Decision::Refuse(wait) => Err(rate_limited(connector, wait)),
+        Decision::Turn(mut turn) => {
+            let _leave = DepthGuard::enter();
+            let released = if session.is_body_empty() {
+                tokio::select! {
+                    r = &mut turn => r.is_ok(),
+                    _ = session.read_body_or_idle(true) => {
+                        // Dropping the receiver frees the place and the turn.
+                        count_wait(connector, "left");
+                        return Ok(false);
+                    }
+                }
+            } else {
+                turn.await.is_ok()
+            };
+            if !released {
+                return Err(rate_limited(connector, Duration::from_secs(1)));
+            }
+            count_wait(connector, "released");
+            Ok(true)
+        }
+        Decision::Wait(wait, ticket) => {
+            let _leave = DepthGuard::enter();
+            // Without a body to read, a closed connection is visible while waiting: the
+            // waiter then leaves and its place and slot go to the next.
+            let left = if session.is_body_empty() {
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => false,
+                    _ = session.read_body_or_idle(true) => true,
+                }
+            } else {
+                tokio::time::sleep(wait).await;
+                false
+            };
+            if left {
+                drop(ticket);
+                count_wait(connector, "left");
+                return Ok(false);
+            }
+            ticket.used();
+            count_wait(connector, "released");
+            Ok(true)
+        }
+    }
+}
+
+/// A waited request's end in `sluice_rate_limit_waits_total`: `left` or `released`.
+fn count_wait(connector: &Connector, how: &str) {
+    crate::telemetry::METRICS
+        .rate_limit_waits
+        .with_label_values(&[connector.id.as_str(), how])
+        .inc();
+}
+
+/// Counts a request in the queue-depth gauge while it waits, however the wait ends.
+struct DepthGuard(&'static prometheus::IntGauge);
+
+impl DepthGuard {
+    fn enter() -> Self {
+        let depth = &crate::telemetry::METRICS.queue_depth;
+        depth.inc();
+        Self(depth)
+    }
+}
+
+impl Drop for DepthGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
