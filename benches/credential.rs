@@ -10,7 +10,7 @@ use std::time::Duration;
 use criterion::{Criterion, criterion_group, criterion_main};
 use sluice::credential::crypto::Keyring;
 use sluice::credential::embedded::EmbeddedStore;
-use sluice::credential::inject::{InjectFile, Injection};
+use sluice::credential::inject::{AuthType, InjectFile, Injection};
 use sluice::credential::secret::{Secret, SecretFields};
 use sluice::credential::{TenantState, Vault, VaultSettings};
 
@@ -101,9 +101,9 @@ fn render_injection(c: &mut Criterion) {
         headers: [("X-HubSpot-Portal".to_string(), "{portal_id}".to_string())].into(),
         ..Default::default()
     };
-    let inject = Injection::build("bearer", &file, &names).unwrap();
+    let inject = Injection::build(AuthType::Bearer, &file, &names).unwrap();
     let basic = Injection::build(
-        "basic",
+        AuthType::Basic,
         &InjectFile::default(),
         &["username".into(), "password".into()],
     )

@@ -38,6 +38,7 @@ pub mod explain;
 pub mod files;
 pub mod intercept;
 pub mod json;
+pub mod label;
 pub mod logging;
 pub mod logline;
 pub mod logwriter;

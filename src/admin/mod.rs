@@ -27,7 +27,7 @@ use tracing::{info, warn};
 use zeroize::Zeroizing;
 
 use crate::caller::token_hash;
-use crate::config::Snapshot;
+use crate::config::{FieldType, Snapshot};
 use crate::credential::oauth::OAuthClient;
 use crate::credential::secret::{Secret, SecretFields};
 use crate::credential::{Vault, VaultError};
@@ -183,6 +183,16 @@ fn yes() -> bool {
     true
 }
 
+/// What a field type asks for, in an error message.
+fn field_kind(t: FieldType) -> &'static str {
+    match t {
+        FieldType::Text | FieldType::Password => "text",
+        FieldType::Url => "an http:// or https:// URL",
+        FieldType::Email => "an email address",
+        FieldType::Number => "a number",
+    }
+}
+
 async fn put_credential(state: &AdminState, ws: &str, conn: &str, body: &[u8]) -> ApiResult {
     let put: CredentialPut = parse(body)?;
     let snap = state.config.load();
@@ -200,7 +210,7 @@ async fn put_credential(state: &AdminState, ws: &str, conn: &str, body: &[u8]) -
     }
     let mut fields = SecretFields::new();
     for (name, value) in put.fields {
-        if !connector.auth_fields.iter().any(|f| f.name == name) {
+        let Some(field) = connector.auth_fields.iter().find(|f| f.name == name) else {
             // The unknown name is not echoed: it may be a value typed into the wrong place.
             let known: Vec<&str> = connector
                 .auth_fields
@@ -211,6 +221,14 @@ async fn put_credential(state: &AdminState, ws: &str, conn: &str, body: &[u8]) -
                 "a field connector {conn:?} does not define (its fields: {})",
                 known.join(", ")
             )));
+        };
+        // The value is not echoed either: it is a secret.
+        if !field.field_type.accepts(&value) {
+            return Err(ApiError::invalid(format!(
+                "field {name:?} ({}) must be {}",
+                field.label,
+                field_kind(field.field_type)
+            )));
         }
         fields.insert(name, Secret::new(value.as_str()));
     }
@@ -218,8 +236,8 @@ async fn put_credential(state: &AdminState, ws: &str, conn: &str, body: &[u8]) -
         for f in connector.auth_fields.iter().filter(|f| f.required) {
             if fields.get(&f.name).is_none() {
                 return Err(ApiError::invalid(format!(
-                    "required field {:?} is missing",
-                    f.name
+                    "required field {:?} ({}) is missing",
+                    f.name, f.label
                 )));
             }
         }

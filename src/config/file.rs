@@ -7,6 +7,11 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::FieldType;
+use crate::credential::Store;
+use crate::credential::inject::AuthType;
+use crate::label::Choice;
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
@@ -55,7 +60,7 @@ fn default_admin_address() -> String {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CredentialsFile {
-    pub store: String,
+    pub store: Choice<Store>,
     pub path: Option<PathBuf>,
     pub redis_url: Option<String>,
     pub key_file: Option<PathBuf>,
@@ -164,7 +169,7 @@ pub struct EgressFile {
 pub struct ConnectorFile {
     pub connector_id: String,
     pub display_name: String,
-    pub auth_type: String,
+    pub auth_type: Choice<AuthType>,
     #[serde(default)]
     pub auth_schema: AuthSchemaFile,
     #[serde(default)]
@@ -206,13 +211,13 @@ pub struct AuthFieldFile {
     pub name: String,
     pub label: String,
     #[serde(rename = "type", default = "text")]
-    pub field_type: String,
+    pub field_type: Choice<FieldType>,
     #[serde(default)]
     pub required: bool,
 }
 
-fn text() -> String {
-    "text".into()
+fn text() -> Choice<FieldType> {
+    FieldType::Text.into()
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -21,6 +21,21 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_perc
 use zeroize::Zeroizing;
 
 use super::secret::SecretFields;
+use crate::label::Label;
+
+/// How a connector authenticates to its upstream (`auth_type`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, strum::EnumString, strum::IntoStaticStr, strum::VariantNames,
+)]
+#[strum(serialize_all = "snake_case")]
+pub enum AuthType {
+    None,
+    ApiKey,
+    Basic,
+    Bearer,
+    #[strum(serialize = "oauth2")]
+    OAuth2,
+}
 
 /// RFC 3986 unreserved characters stay as they are; everything else is percent-encoded.
 const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
@@ -155,7 +170,7 @@ impl InjectFile {
 impl Injection {
     /// Validate a connector's injection rules against its auth type and fields.
     pub fn build(
-        auth_type: &str,
+        auth_type: AuthType,
         file: &InjectFile,
         fields: &[String],
     ) -> Result<Self, Vec<String>> {
@@ -178,7 +193,7 @@ impl Injection {
         let mut primary = None;
         let mut basic = false;
         match auth_type {
-            "none"
+            AuthType::None
                 if file.header.is_some()
                     || file.query.is_some()
                     || file.format.is_some()
@@ -186,7 +201,7 @@ impl Injection {
             {
                 errors.push("auth_type \"none\" injects nothing: remove [inject]".into());
             }
-            "basic" => {
+            AuthType::Basic => {
                 if file.header.is_some() || file.query.is_some() || file.format.is_some() {
                     errors.push("auth_type \"basic\" always sends Authorization: Basic; only inject.headers may be set".into());
                 }
@@ -199,10 +214,10 @@ impl Injection {
                 }
                 basic = true;
             }
-            "api_key" | "bearer" | "oauth2" => {
+            AuthType::ApiKey | AuthType::Bearer | AuthType::OAuth2 => {
                 let (default_header, default_format) = match auth_type {
-                    "api_key" => (None, "{api_key}"),
-                    "bearer" => (Some("authorization"), "Bearer {token}"),
+                    AuthType::ApiKey => (None, "{api_key}"),
+                    AuthType::Bearer => (Some("authorization"), "Bearer {token}"),
                     _ => (Some("authorization"), "Bearer {access_token}"),
                 };
                 let placement = match (&file.header, &file.query) {
@@ -211,7 +226,7 @@ impl Injection {
                         None
                     }
                     (Some(h), None) => header_name(h, &mut errors).map(Placement::Header),
-                    (None, Some(q)) if auth_type == "api_key" => {
+                    (None, Some(q)) if auth_type == AuthType::ApiKey => {
                         if q.is_empty()
                             || q.bytes()
                                 .any(|b| !(b.is_ascii_alphanumeric() || b"-._~".contains(&b)))
@@ -224,7 +239,10 @@ impl Injection {
                         }
                     }
                     (None, Some(_)) => {
-                        errors.push(format!("auth_type {auth_type:?} sends a header; inject.query is only for api_key"));
+                        errors.push(format!(
+                            "auth_type {:?} sends a header; inject.query is only for api_key",
+                            auth_type.as_label()
+                        ));
                         None
                     }
                     (None, None) => match default_header {
@@ -242,7 +260,7 @@ impl Injection {
                     primary = Some((p, t));
                 }
             }
-            _ => {}
+            AuthType::None => {}
         }
         let mut headers = Vec::new();
         for (name, text) in &file.headers {
@@ -360,7 +378,7 @@ mod tests {
     #[test]
     fn bearer_defaults_and_extra_headers() {
         let inj = Injection::build(
-            "bearer",
+            AuthType::Bearer,
             &file(None, None, None, &[("X-Organization-ID", "{org_id}")]),
             &names(&["token", "org_id"]),
         )
@@ -378,7 +396,7 @@ mod tests {
     #[test]
     fn basic_and_api_key_placements() {
         let basic = Injection::build(
-            "basic",
+            AuthType::Basic,
             &InjectFile::default(),
             &names(&["username", "password"]),
         )
@@ -392,7 +410,7 @@ mod tests {
         );
 
         let q = Injection::build(
-            "api_key",
+            AuthType::ApiKey,
             &file(None, Some("api_key"), None, &[]),
             &names(&["api_key"]),
         )
@@ -402,7 +420,7 @@ mod tests {
         assert_eq!((name.as_str(), value.as_str()), ("api_key", "a b&c"));
 
         let h = Injection::build(
-            "api_key",
+            AuthType::ApiKey,
             &file(Some("X-API-Key"), None, Some("Key {api_key}"), &[]),
             &names(&["api_key"]),
         )
@@ -417,34 +435,56 @@ mod tests {
     fn config_errors() {
         let f = names(&["api_key"]);
         assert!(
-            Injection::build("api_key", &InjectFile::default(), &f).is_err(),
+            Injection::build(AuthType::ApiKey, &InjectFile::default(), &f).is_err(),
             "needs a placement"
         );
-        assert!(Injection::build("api_key", &file(Some("X-K"), Some("k"), None, &[]), &f).is_err());
         assert!(
-            Injection::build("api_key", &file(Some("X-K"), None, Some("{nope}"), &[]), &f).is_err()
+            Injection::build(
+                AuthType::ApiKey,
+                &file(Some("X-K"), Some("k"), None, &[]),
+                &f
+            )
+            .is_err()
         );
         assert!(
-            Injection::build("api_key", &file(Some("bad header"), None, None, &[]), &f).is_err()
+            Injection::build(
+                AuthType::ApiKey,
+                &file(Some("X-K"), None, Some("{nope}"), &[]),
+                &f
+            )
+            .is_err()
         );
         assert!(
-            Injection::build("bearer", &InjectFile::default(), &f).is_err(),
+            Injection::build(
+                AuthType::ApiKey,
+                &file(Some("bad header"), None, None, &[]),
+                &f
+            )
+            .is_err()
+        );
+        assert!(
+            Injection::build(AuthType::Bearer, &InjectFile::default(), &f).is_err(),
             "no token field"
         );
         assert!(
             Injection::build(
-                "bearer",
+                AuthType::Bearer,
                 &file(None, Some("k"), None, &[]),
                 &names(&["token"])
             )
             .is_err()
         );
-        assert!(Injection::build("basic", &InjectFile::default(), &f).is_err());
+        assert!(Injection::build(AuthType::Basic, &InjectFile::default(), &f).is_err());
         assert!(
-            Injection::build("none", &file(None, None, None, &[("X-A", "{api_key}")]), &f).is_err()
+            Injection::build(
+                AuthType::None,
+                &file(None, None, None, &[("X-A", "{api_key}")]),
+                &f
+            )
+            .is_err()
         );
         assert!(
-            !Injection::build("none", &InjectFile::default(), &[])
+            !Injection::build(AuthType::None, &InjectFile::default(), &[])
                 .unwrap()
                 .needs_credential()
         );
@@ -452,7 +492,8 @@ mod tests {
 
     #[test]
     fn missing_field_is_named_not_valued() {
-        let inj = Injection::build("bearer", &InjectFile::default(), &names(&["token"])).unwrap();
+        let inj =
+            Injection::build(AuthType::Bearer, &InjectFile::default(), &names(&["token"])).unwrap();
         let err = inj
             .render(&fields(&[("other", "secret-value")]))
             .unwrap_err();

@@ -33,7 +33,9 @@ use std::time::Duration;
 use moka::future::Cache;
 use tracing::{error, warn};
 
-pub use setup::{Credentials, KeySource, StoreKind, build_vault, create_key_file, load_keyring};
+pub use setup::{
+    Credentials, KeySource, Store, StoreKind, build_vault, create_key_file, load_keyring,
+};
 
 use crate::error::{ErrorCode, Refusal};
 use crypto::{Keyring, OpenError};

@@ -32,6 +32,7 @@ use super::secret::{Secret, SecretFields};
 use super::store::{OAuthMeta, now_unix};
 use super::{Connected, Vault, VaultError};
 use crate::error::{ErrorCode, Refusal};
+use crate::label::Choice;
 use crate::names::parse_authority;
 use crate::outbound::{OutboundError, OutboundTls};
 use crate::policy::domain::{DomainList, Host};
@@ -41,7 +42,7 @@ use crate::policy::{ConnectorRules, Destination, Rules, vet_destination};
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OAuth2File {
-    pub grant: String,
+    pub grant: Choice<Grant>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub authorization_url: Option<String>,
     pub token_url: String,
@@ -52,7 +53,7 @@ pub struct OAuth2File {
     #[serde(default)]
     pub token_params: BTreeMap<String, String>,
     #[serde(default = "default_client_auth")]
-    pub client_auth: String,
+    pub client_auth: Choice<ClientAuth>,
     pub client_id: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_secret_file: Option<PathBuf>,
@@ -70,8 +71,8 @@ pub struct OAuth2File {
     pub replay_body_limit: usize,
 }
 
-fn default_client_auth() -> String {
-    "client_secret_basic".into()
+fn default_client_auth() -> Choice<ClientAuth> {
+    ClientAuth::Basic.into()
 }
 fn default_skew() -> u64 {
     60_000
@@ -89,17 +90,24 @@ fn default_replay() -> usize {
 /// pingora's request-body retry buffer: larger bodies cannot be replayed after a 401.
 pub const MAX_REPLAY: usize = 64 * 1024;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, strum::EnumString, strum::IntoStaticStr, strum::VariantNames,
+)]
+#[strum(serialize_all = "snake_case")]
 pub enum Grant {
     AuthorizationCode,
     ClientCredentials,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, strum::EnumString, strum::IntoStaticStr, strum::VariantNames,
+)]
 pub enum ClientAuth {
     /// HTTP Basic with the client id and secret (RFC 6749 §2.3.1).
+    #[strum(serialize = "client_secret_basic")]
     Basic,
     /// `client_id` and `client_secret` in the form body.
+    #[strum(serialize = "client_secret_post")]
     Post,
 }
 
@@ -191,17 +199,10 @@ impl OAuth2 {
                     None
                 }
             };
-        let grant = match file.grant.as_str() {
-            "authorization_code" => Grant::AuthorizationCode,
-            "client_credentials" => Grant::ClientCredentials,
-            other => {
-                errors.push((
-                    "grant".into(),
-                    format!("{other:?} is not authorization_code or client_credentials"),
-                ));
-                Grant::ClientCredentials
-            }
-        };
+        let grant = file.grant.get().unwrap_or_else(|e| {
+            errors.push(("grant".into(), e));
+            Grant::ClientCredentials
+        });
         let token_url = url("token_url", &file.token_url, &mut errors);
         let authorization_url = file
             .authorization_url
@@ -226,17 +227,10 @@ impl OAuth2 {
                 )),
             }
         }
-        let client_auth = match file.client_auth.as_str() {
-            "client_secret_basic" => ClientAuth::Basic,
-            "client_secret_post" => ClientAuth::Post,
-            other => {
-                errors.push((
-                    "client_auth".into(),
-                    format!("{other:?} is not client_secret_basic or client_secret_post"),
-                ));
-                ClientAuth::Basic
-            }
-        };
+        let client_auth = file.client_auth.get().unwrap_or_else(|e| {
+            errors.push(("client_auth".into(), e));
+            ClientAuth::Basic
+        });
         if file.client_id.is_empty() {
             errors.push(("client_id".into(), "must not be empty".into()));
         }

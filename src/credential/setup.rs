@@ -11,6 +11,18 @@ use super::crypto::Keyring;
 use super::store::now_unix;
 use super::{Vault, VaultSettings, embedded, redis};
 
+/// `[credentials] store`: which kind of store.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, strum::EnumString, strum::IntoStaticStr, strum::VariantNames,
+)]
+#[strum(serialize_all = "snake_case")]
+pub enum Store {
+    /// redb, one file on this machine.
+    Embedded,
+    /// A Redis server shared by every replica.
+    Redis,
+}
+
 /// Where sealed credentials live.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreKind {

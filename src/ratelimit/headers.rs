@@ -38,28 +38,28 @@ impl Learned {
     }
 }
 
-/// How a connector's reset values are to be read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// How a connector's reset values are to be read (`reset_format`).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::VariantNames,
+)]
+#[strum(serialize_all = "snake_case")]
 pub enum ResetFormat {
     #[default]
     Auto,
     DeltaSeconds,
+    #[strum(serialize = "delta_ms")]
     DeltaMillis,
     EpochSeconds,
+    #[strum(serialize = "epoch_ms")]
     EpochMillis,
-}
-
-impl ResetFormat {
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "auto" => Self::Auto,
-            "delta_seconds" => Self::DeltaSeconds,
-            "delta_ms" => Self::DeltaMillis,
-            "epoch_seconds" => Self::EpochSeconds,
-            "epoch_ms" => Self::EpochMillis,
-            _ => return None,
-        })
-    }
 }
 
 /// Which headers a connector's API uses, parsed once at config load (a lookup by a string

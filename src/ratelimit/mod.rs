@@ -24,6 +24,8 @@ use std::time::Duration;
 use http::HeaderName;
 use tracing::warn;
 
+use crate::label::Choice;
+
 use shared::{Adjust, SharedBudget};
 
 use serde::{Deserialize, Serialize};
@@ -41,7 +43,7 @@ pub struct RateLimitFile {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub per_second: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub scope: Option<String>,
+    pub scope: Option<Choice<BucketScope>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_wait_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -55,9 +57,21 @@ pub struct RateLimitFile {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub used_of_limit_header: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub reset_format: Option<String>,
+    pub reset_format: Option<Choice<ResetFormat>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shared: Option<bool>,
+}
+
+/// Whose calls a connector's bucket counts (`rate_limit.scope`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, strum::EnumString, strum::IntoStaticStr, strum::VariantNames,
+)]
+#[strum(serialize_all = "snake_case")]
+pub enum BucketScope {
+    /// One bucket per workspace: each tenant has its own budget at the API.
+    Workspace,
+    /// One bucket for the whole connector: the API limits the application.
+    Application,
 }
 
 /// A connector's validated pacing rules.
@@ -102,28 +116,22 @@ impl RateLimit {
                 None
             }
         };
-        let per_application = match f.scope.as_deref() {
-            None | Some("workspace") => false,
-            Some("application") => true,
-            Some(other) => {
-                errors.push((
-                    "scope".into(),
-                    format!("{other:?} is not workspace or application"),
-                ));
-                false
-            }
-        };
-        let reset_format = match f.reset_format.as_deref().map(ResetFormat::parse) {
-            None => ResetFormat::Auto,
-            Some(Some(r)) => r,
-            Some(None) => {
-                errors.push((
-                    "reset_format".into(),
-                    "not one of auto, delta_seconds, delta_ms, epoch_seconds, epoch_ms".into(),
-                ));
+        let scope = f
+            .scope
+            .as_ref()
+            .map_or(Ok(BucketScope::Workspace), Choice::get);
+        let per_application = scope.unwrap_or_else(|e| {
+            errors.push(("scope".into(), e));
+            BucketScope::Workspace
+        }) == BucketScope::Application;
+        let reset_format = f
+            .reset_format
+            .as_ref()
+            .map_or(Ok(ResetFormat::Auto), Choice::get)
+            .unwrap_or_else(|e| {
+                errors.push(("reset_format".into(), e));
                 ResetFormat::Auto
-            }
-        };
+            });
         let shared = f.shared.unwrap_or(false);
         if shared && initial.is_none() {
             errors.push((
@@ -673,14 +681,14 @@ mod tests {
         );
         assert!(
             RateLimit::build(&RateLimitFile {
-                scope: Some("galaxy".into()),
+                scope: Some(Choice::Unknown("galaxy".into())),
                 ..RateLimitFile::default()
             })
             .is_err()
         );
         assert!(
             RateLimit::build(&RateLimitFile {
-                reset_format: Some("fortnights".into()),
+                reset_format: Some(Choice::Unknown("fortnights".into())),
                 ..RateLimitFile::default()
             })
             .is_err()
@@ -688,7 +696,7 @@ mod tests {
         let rl = RateLimit::build(&RateLimitFile {
             capacity: Some(40),
             per_second: Some(2.0),
-            scope: Some("application".into()),
+            scope: Some(BucketScope::Application.into()),
             used_of_limit_header: Some("X-Shopify-Shop-Api-Call-Limit".into()),
             ..RateLimitFile::default()
         })
