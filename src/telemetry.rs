@@ -1,14 +1,102 @@
 //! Step 9: metrics. Prometheus text format, served at `GET /metrics` on the admin listener.
 //!
 //! Labels are bounded: `connector` is a configured connector id (or `""` when the request named
-//! none that exists), `outcome` is an error code or `ok`, `class` is `forwarded`, `skipped` or
-//! `refused`. No workspace label: tenants are counted through logs, not series.
+//! none that exists), `outcome` is an error code or `ok`, and every other label takes the
+//! values of one of the enums below (`as_label`), whose names also write the help text. No
+//! workspace label: tenants are counted through logs, not series.
 
 use std::sync::LazyLock;
 
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
+use strum::VariantNames;
+
+/// How a request ended: the `class` label, the access line's `outcome_class` and the audit
+/// line's `decision`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr, strum::VariantNames)]
+#[strum(serialize_all = "snake_case")]
+pub enum OutcomeClass {
+    /// Sent upstream (whatever the upstream answered).
+    Forwarded,
+    /// Not ours to handle (no connector named, interception off): refused without a policy
+    /// decision.
+    Skipped,
+    /// Refused by policy, credentials, pacing or the upstream path.
+    Refused,
+}
+
+/// `sluice_oauth_token_refreshes_total{result}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr, strum::VariantNames)]
+#[strum(serialize_all = "snake_case")]
+pub enum RefreshResult {
+    Ok,
+    NeedsReauthorization,
+    Unavailable,
+    Rejected,
+    Policy,
+}
+
+/// `sluice_rate_limit_waits_total{result}`: how a queued request's wait ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr, strum::VariantNames)]
+#[strum(serialize_all = "snake_case")]
+pub enum WaitResult {
+    Released,
+    /// The client went away while waiting.
+    Left,
+}
+
+/// `sluice_retries_total{reason}`: what failed on the attempt that gets a successor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr, strum::VariantNames)]
+#[strum(serialize_all = "snake_case")]
+pub enum RetryReason {
+    Connect,
+    Status,
+    Io,
+}
+
+/// `sluice_credential_cache_total{result}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr, strum::VariantNames)]
+#[strum(serialize_all = "snake_case")]
+pub enum CacheResult {
+    /// A fresh cached credential.
+    Hit,
+    /// A cached credential served because the store is unavailable.
+    Stale,
+    /// The store was asked.
+    Miss,
+}
+
+/// `sluice_credential_store_errors_total{store}`: how a store read failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr, strum::VariantNames)]
+#[strum(serialize_all = "snake_case")]
+pub enum StoreFailure {
+    Read,
+    Timeout,
+}
+
+/// `sluice_upstream_connections_total{connection}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr, strum::VariantNames)]
+#[strum(serialize_all = "snake_case")]
+pub enum ConnectionUse {
+    Opened,
+    Reused,
+}
+
+/// `sluice_config_reloads_total{result}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr, strum::VariantNames)]
+#[strum(serialize_all = "snake_case")]
+pub enum ReloadResult {
+    Ok,
+    Unchanged,
+    /// Refused: the old configuration stays.
+    Invalid,
+}
+
+/// `help` followed by the label's values, so the text cannot drift from the code.
+fn help<T: VariantNames>(help: &str) -> String {
+    format!("{help} ({}).", T::VARIANTS.join(", "))
+}
 
 pub struct Metrics {
     registry: Registry,
@@ -42,7 +130,10 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let requests = IntCounterVec::new(
         Opts::new(
             "sluice_requests_total",
-            "Requests by connector, outcome code, class (forwarded, skipped, refused) and HTTP status class (2xx…5xx).",
+            format!(
+                "Requests by connector, outcome code, class ({}) and HTTP status class (1xx…5xx).",
+                OutcomeClass::VARIANTS.join(", ")
+            ),
         ),
         &["connector", "outcome", "class", "status"],
     )
@@ -50,7 +141,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let token_refreshes = IntCounterVec::new(
         Opts::new(
             "sluice_oauth_token_refreshes_total",
-            "OAuth token refreshes by connector and result (ok, needs_reauthorization, unavailable, rejected, policy).",
+            help::<RefreshResult>("OAuth token refreshes by connector and result"),
         ),
         &["connector", "result"],
     )
@@ -58,7 +149,9 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let rate_limit_waits = IntCounterVec::new(
         Opts::new(
             "sluice_rate_limit_waits_total",
-            "Requests that waited in a rate-limit queue, by connector and result (released, left).",
+            help::<WaitResult>(
+                "Requests that waited in a rate-limit queue, by connector and result",
+            ),
         ),
         &["connector", "result"],
     )
@@ -66,7 +159,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let retries = IntCounterVec::new(
         Opts::new(
             "sluice_retries_total",
-            "Upstream retries by connector and reason (connect, status, io, oauth_401).",
+            help::<RetryReason>("Upstream retries by connector and reason"),
         ),
         &["connector", "reason"],
     )
@@ -74,7 +167,9 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let circuit_transitions = IntCounterVec::new(
         Opts::new(
             "sluice_circuit_transitions_total",
-            "Circuit breaker state changes by connector and new state (open, half_open, closed).",
+            // The values are `ratelimit::BreakerState`'s; its tests hold this text to them
+            // (naming it here would make telemetry, a leaf, import rate limiting).
+            "Circuit breaker state changes by connector and new state (closed, open, half_open).",
         ),
         &["connector", "to"],
     )
@@ -90,7 +185,9 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let config_reloads = IntCounterVec::new(
         Opts::new(
             "sluice_config_reloads_total",
-            "Config file reloads by result (ok, unchanged, invalid: the old configuration stays).",
+            help::<ReloadResult>(
+                "Config file reloads by result; on invalid the old configuration stays",
+            ),
         ),
         &["result"],
     )
@@ -98,7 +195,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let request_seconds = HistogramVec::new(
         HistogramOpts::new(
             "sluice_request_duration_seconds",
-            "Whole requests through sluice, by connector and class (forwarded, skipped, refused).",
+            help::<OutcomeClass>("Whole requests through sluice, by connector and class"),
         )
         .buckets(BUCKETS.to_vec()),
         &["connector", "class"],
@@ -115,17 +212,19 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     .expect("valid metric");
     let credential_cache = counter(
         "sluice_credential_cache_total",
-        "Credential lookups: hit (fresh cache), miss (the store was asked), stale (a cached credential served because the store is unavailable).",
+        &help::<CacheResult>(
+            "Credential lookups by result: a fresh cached credential, one served stale because the store is unavailable, or the store asked",
+        ),
         &["result"],
     );
     let store_errors = counter(
         "sluice_credential_store_errors_total",
-        "Credential store reads that failed or timed out.",
+        &help::<StoreFailure>("Credential store reads that failed, by how"),
         &["store"],
     );
     let upstream_connections = counter(
         "sluice_upstream_connections_total",
-        "Upstream connections used, by connector and whether pooled (opened, reused).",
+        &help::<ConnectionUse>("Upstream connections used, by connector and whether pooled"),
         &["connector", "connection"],
     );
     let queue_depth = IntGauge::new(

@@ -10,6 +10,8 @@ use tracing::{info, warn};
 
 use super::{ConfigErrors, Definitions, Origin, Snapshot};
 use crate::credential::store::CredentialStore;
+use crate::label::Label;
+use crate::telemetry::ReloadResult;
 
 /// How often the config file is checked for changes.
 const CONFIG_POLL: std::time::Duration = std::time::Duration::from_secs(1);
@@ -146,19 +148,19 @@ impl Reloader {
                 if !restart_needed.is_empty() {
                     warn!(settings = ?restart_needed, "changed settings that take effect only after a restart");
                 }
-                "ok"
+                ReloadResult::Ok
             }
-            FileReload::Unchanged => "unchanged",
+            FileReload::Unchanged => ReloadResult::Unchanged,
             FileReload::Invalid(why) => {
                 for line in why.lines() {
                     tracing::error!(reason = %line, "configuration reload refused; the previous configuration stays in force");
                 }
-                "invalid"
+                ReloadResult::Invalid
             }
         };
         crate::telemetry::METRICS
             .config_reloads
-            .with_label_values(&[result])
+            .with_label_values(&[result.as_label()])
             .inc();
         outcome
     }

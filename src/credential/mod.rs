@@ -38,6 +38,8 @@ pub use setup::{
 };
 
 use crate::error::{ErrorCode, Refusal};
+use crate::label::Label;
+use crate::telemetry::{CacheResult, StoreFailure};
 use crypto::{Keyring, OpenError};
 use secret::SecretFields;
 use store::{CredentialRecord, CredentialStore, RecordValue, StoreError, now_unix};
@@ -277,7 +279,7 @@ impl Vault {
             static HITS: LazyLock<prometheus::IntCounter> = LazyLock::new(|| {
                 crate::telemetry::METRICS
                     .credential_cache
-                    .with_label_values(&["hit"])
+                    .with_label_values(&[CacheResult::Hit.as_label()])
             });
             HITS.inc();
             return Ok(state);
@@ -293,14 +295,14 @@ impl Vault {
             if let Some(state) = self.last_good.get(&key).await {
                 crate::telemetry::METRICS
                     .credential_cache
-                    .with_label_values(&["stale"])
+                    .with_label_values(&[CacheResult::Stale.as_label()])
                     .inc();
                 return Ok(state);
             }
         }
         crate::telemetry::METRICS
             .credential_cache
-            .with_label_values(&["miss"])
+            .with_label_values(&[CacheResult::Miss.as_label()])
             .inc();
         match self
             .fresh
@@ -318,7 +320,7 @@ impl Vault {
                             warn!(workspace, connector, reason = %reason, backoff_ms = self.outage.backoff.as_millis() as u64, "credential store unavailable; serving cached credentials without asking it for the back-off");
                             crate::telemetry::METRICS
                                 .credential_cache
-                                .with_label_values(&["stale"])
+                                .with_label_values(&[CacheResult::Stale.as_label()])
                                 .inc();
                             Ok(state)
                         }
@@ -342,7 +344,7 @@ impl Vault {
                 Ok(Err(e)) => {
                     crate::telemetry::METRICS
                         .store_errors
-                        .with_label_values(&["read"])
+                        .with_label_values(&[StoreFailure::Read.as_label()])
                         .inc();
                     if matches!(e, StoreError::Unavailable(_)) {
                         self.outage.begin();
@@ -352,7 +354,7 @@ impl Vault {
                 Err(_) => {
                     crate::telemetry::METRICS
                         .store_errors
-                        .with_label_values(&["timeout"])
+                        .with_label_values(&[StoreFailure::Timeout.as_label()])
                         .inc();
                     self.outage.begin();
                     return Err(StoreError::Unavailable(format!(

@@ -32,11 +32,12 @@ use super::secret::{Secret, SecretFields};
 use super::store::{OAuthMeta, now_unix};
 use super::{Connected, Vault, VaultError};
 use crate::error::{ErrorCode, Refusal};
-use crate::label::Choice;
+use crate::label::{Choice, Label};
 use crate::names::parse_authority;
 use crate::outbound::{OutboundError, OutboundTls};
 use crate::policy::domain::{DomainList, Host};
 use crate::policy::{ConnectorRules, Destination, Rules, vet_destination};
+use crate::telemetry::RefreshResult;
 
 /// `[connector.oauth2]` as written.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -668,7 +669,7 @@ impl OAuthClient {
                 info!(target: "sluice::audit", workspace, connector = %connector.id, expires_at = meta.expires_at, "OAuth token refreshed");
                 crate::telemetry::METRICS
                     .token_refreshes
-                    .with_label_values(&[connector.id, "ok"])
+                    .with_label_values(&[connector.id, RefreshResult::Ok.as_label()])
                     .inc();
                 Ok(Arc::new(written))
             }
@@ -683,19 +684,22 @@ impl OAuthClient {
                 warn!(target: "sluice::audit", workspace, connector = %connector.id, "OAuth refresh refused (invalid_grant): credential needs reauthorization");
                 crate::telemetry::METRICS
                     .token_refreshes
-                    .with_label_values(&[connector.id, "needs_reauthorization"])
+                    .with_label_values(&[
+                        connector.id,
+                        RefreshResult::NeedsReauthorization.as_label(),
+                    ])
                     .inc();
                 Err(TokenError::NeedsReauthorization)
             }
             Err(e) => {
-                let label = match &e {
-                    TokenError::Unavailable(_) => "unavailable",
-                    TokenError::Policy(_) => "policy",
-                    _ => "rejected",
+                let result = match &e {
+                    TokenError::Unavailable(_) => RefreshResult::Unavailable,
+                    TokenError::Policy(_) => RefreshResult::Policy,
+                    _ => RefreshResult::Rejected,
                 };
                 crate::telemetry::METRICS
                     .token_refreshes
-                    .with_label_values(&[connector.id, label])
+                    .with_label_values(&[connector.id, result.as_label()])
                     .inc();
                 Err(e)
             }

@@ -13,10 +13,12 @@ use super::Sluice;
 use crate::credential::inject::with_query_param;
 use crate::ctx::{NextAttempt, RequestCtx};
 use crate::error::{ErrorCode, Refusal};
+use crate::label::Label;
 use crate::ratelimit::breaker::{BreakerState, Outcome, Pass};
 use crate::ratelimit::headers::retry_after;
 use crate::ratelimit::retry::{replay_safe, retryable_status};
 use crate::request::{STRIPPED_REQUEST_HEADERS, connection_listed};
+use crate::telemetry::{ConnectionUse, RetryReason};
 use crate::upstream;
 
 /// A pingora error that ends the attempt because sluice refused it; `fail_to_proxy` finds
@@ -123,7 +125,7 @@ impl Sluice {
         &self,
         ctx: &mut RequestCtx,
         retry_after: Option<std::time::Duration>,
-        reason: &str,
+        reason: RetryReason,
     ) -> bool {
         let Some(connector) = &ctx.connector else {
             return false;
@@ -139,7 +141,7 @@ impl Sluice {
         };
         crate::telemetry::METRICS
             .retries
-            .with_label_values(&[connector.id.as_str(), reason])
+            .with_label_values(&[connector.id.as_str(), reason.as_label()])
             .inc();
         ctx.next = NextAttempt::After(delay);
         true
@@ -159,7 +161,7 @@ impl Sluice {
             let safe = replay_safe(&req.method, req.headers.contains_key("idempotency-key"))
                 && !replay_truncated;
             let retry_after = retry_after(&response.headers, std::time::SystemTime::now());
-            if safe && self.decide_retry(ctx, retry_after, "status") {
+            if safe && self.decide_retry(ctx, retry_after, RetryReason::Status) {
                 let mut e = Error::explain(
                     ErrorType::Custom("upstream_retryable_status"),
                     format!("upstream answered {}: retrying", response.status.as_u16()),
@@ -222,7 +224,7 @@ impl Sluice {
             let req = session.req_header();
             replay_safe(&req.method, req.headers.contains_key("idempotency-key"))
                 && !truncated
-                && self.decide_retry(ctx, None, "io")
+                && self.decide_retry(ctx, None, RetryReason::Io)
         };
         if !retry {
             ctx.next = NextAttempt::None;
@@ -239,7 +241,7 @@ impl Sluice {
         mut e: Box<Error>,
     ) -> Box<Error> {
         self.record(ctx, Outcome::Failure);
-        let retry = self.decide_retry(ctx, None, "connect");
+        let retry = self.decide_retry(ctx, None, RetryReason::Connect);
         e.set_retry(retry);
         e
     }
@@ -282,13 +284,15 @@ pub(super) fn rewrite_request(
 
 /// `connected_to_upstream`: `sluice_upstream_connections_total`, opened or reused.
 pub(super) fn count_connection(ctx: &RequestCtx, reused: bool) {
+    let how = if reused {
+        ConnectionUse::Reused
+    } else {
+        ConnectionUse::Opened
+    };
     if let Some(connector) = &ctx.connector {
         crate::telemetry::METRICS
             .upstream_connections
-            .with_label_values(&[
-                connector.id.as_str(),
-                if reused { "reused" } else { "opened" },
-            ])
+            .with_label_values(&[connector.id.as_str(), how.as_label()])
             .inc();
     }
 }

@@ -7,8 +7,10 @@ use pingora::proxy::Session;
 
 use super::{X_CONNECTOR_NAME, X_WORKSPACE_NAME};
 use crate::ctx::RequestCtx;
+use crate::label::Label;
 use crate::logline::{self, Line, Value};
 use crate::names::{Host, is_identifier};
+use crate::telemetry::OutcomeClass;
 
 /// What pingora's own error log lines say about a request: never the query string (it may
 /// carry credentials or personal data), never a header value.
@@ -34,11 +36,11 @@ fn phase_ms(from: Option<std::time::Instant>, to: Option<std::time::Instant>) ->
 }
 
 /// How the request ended, for the `outcome_class` field and label.
-fn outcome_class(ctx: &RequestCtx) -> &'static str {
+fn outcome_class(ctx: &RequestCtx) -> OutcomeClass {
     match &ctx.refusal {
-        None => "forwarded",
-        Some(r) if r.code.is_skip() => "skipped",
-        Some(_) => "refused",
+        None => OutcomeClass::Forwarded,
+        Some(r) if r.code.is_skip() => OutcomeClass::Skipped,
+        Some(_) => OutcomeClass::Refused,
     }
 }
 
@@ -58,7 +60,7 @@ pub(super) fn request_done(session: &Session, ctx: &RequestCtx) {
     let req = session.req_header();
     let status = session.response_written().map_or(0, |r| r.status.as_u16());
     let code = ctx.refusal.as_ref().map_or("ok", |r| r.code.as_str());
-    let outcome_class = outcome_class(ctx);
+    let outcome_class = outcome_class(ctx).as_label();
     // Identifiers are ASCII, so the `&str` borrows the header: nothing is copied.
     let routed = |name: &HeaderName| {
         req.headers

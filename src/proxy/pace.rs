@@ -13,8 +13,10 @@ use super::Sluice;
 use crate::config::Connector;
 use crate::ctx::RequestCtx;
 use crate::error::{ErrorCode, Refusal};
+use crate::label::Label;
 use crate::ratelimit::headers::learn;
 use crate::ratelimit::{Decision, bucket_key};
+use crate::telemetry::WaitResult;
 
 impl Sluice {
     /// Take a token from the bucket, wait for one in the queue, or refuse.
@@ -90,7 +92,7 @@ async fn wait_for_turn(
                     r = &mut turn => r.is_ok(),
                     _ = session.read_body_or_idle(true) => {
                         // Dropping the receiver frees the place and the turn.
-                        count_wait(connector, "left");
+                        count_wait(connector, WaitResult::Left);
                         return Ok(false);
                     }
                 }
@@ -100,7 +102,7 @@ async fn wait_for_turn(
             if !released {
                 return Err(rate_limited(connector, Duration::from_secs(1)));
             }
-            count_wait(connector, "released");
+            count_wait(connector, WaitResult::Released);
             Ok(true)
         }
         Decision::Wait(wait, ticket) => {
@@ -118,21 +120,21 @@ async fn wait_for_turn(
             };
             if left {
                 drop(ticket);
-                count_wait(connector, "left");
+                count_wait(connector, WaitResult::Left);
                 return Ok(false);
             }
             ticket.used();
-            count_wait(connector, "released");
+            count_wait(connector, WaitResult::Released);
             Ok(true)
         }
     }
 }
 
 /// A waited request's end in `sluice_rate_limit_waits_total`: `left` or `released`.
-fn count_wait(connector: &Connector, how: &str) {
+fn count_wait(connector: &Connector, how: WaitResult) {
     crate::telemetry::METRICS
         .rate_limit_waits
-        .with_label_values(&[connector.id.as_str(), how])
+        .with_label_values(&[connector.id.as_str(), how.as_label()])
         .inc();
 }
 

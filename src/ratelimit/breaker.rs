@@ -67,23 +67,14 @@ enum State {
     HalfOpen { probe_since: Instant },
 }
 
-/// The breaker's state as logs and metrics name it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The breaker's state; `as_label` (`closed`, `open`, `half_open`) names it in logs and
+/// metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr, strum::VariantNames)]
+#[strum(serialize_all = "snake_case")]
 pub enum BreakerState {
     Closed,
     Open,
     HalfOpen,
-}
-
-impl BreakerState {
-    /// `closed`, `open` or `half_open`: the log field and metric label value.
-    pub fn as_label(self) -> &'static str {
-        match self {
-            Self::Closed => "closed",
-            Self::Open => "open",
-            Self::HalfOpen => "half_open",
-        }
-    }
 }
 
 /// What the breaker says to one attempt.
@@ -180,7 +171,20 @@ impl Breaker {
 
 #[cfg(test)]
 mod tests {
+    use strum::VariantNames;
+
     use super::*;
+    use crate::label::Label;
+
+    /// The metric's help text lists exactly the states the breaker has.
+    #[test]
+    fn the_transitions_help_names_every_state() {
+        use prometheus::core::Collector;
+        let desc = crate::telemetry::METRICS.circuit_transitions.desc();
+        let help = &desc[0].help;
+        let listed = format!("({}).", BreakerState::VARIANTS.join(", "));
+        assert!(help.ends_with(&listed), "{help} should end with {listed}");
+    }
 
     fn policy() -> BreakerPolicy {
         BreakerPolicy {

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::credential::redis::RedisStore;
 use crate::credential::store::StoreError;
+use crate::label::Label;
 
 /// GCRA admission on one key, with Redis's clock (so every replica agrees). Returns 0 to go
 /// now, a positive wait in ms for a reservation, or a negative wait when refused.
@@ -41,8 +42,9 @@ end
 redis.call('SET', KEYS[1], tat, 'PX', math.max(tat - now, 0) + tolerance + 60000)
 return tat - now";
 
-/// How [`SharedBudget::adjust`] moves a bucket (`GCRA_ADJUST`'s mode).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How [`SharedBudget::adjust`] moves a bucket: `as_label` is `GCRA_ADJUST`'s mode argument.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
 pub enum Adjust {
     /// A waiter left: return one interval.
     Give,
@@ -50,16 +52,6 @@ pub enum Adjust {
     Hold,
     /// The upstream said how much is used: the bucket is put there.
     Set,
-}
-
-impl Adjust {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Adjust::Give => "give",
-            Adjust::Hold => "hold",
-            Adjust::Set => "set",
-        }
-    }
 }
 
 /// The Redis side of shared budgets.
@@ -103,7 +95,7 @@ impl SharedBudget {
         let script = redis::Script::new(GCRA_ADJUST);
         let mut invocation = script.key(key);
         invocation
-            .arg(mode.as_str())
+            .arg(mode.as_label())
             .arg(ms)
             .arg(tolerance.as_millis() as u64);
         self.redis
