@@ -9,6 +9,7 @@
 mod connector;
 pub mod file;
 pub mod reload;
+mod tenants;
 #[cfg(test)]
 mod tests;
 mod validate;

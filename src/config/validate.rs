@@ -1,9 +1,10 @@
 //! `FileConfig` → [`Snapshot`]: every section checked, every problem collected with the key
 //! it is about (so `sluice check-config` prints them all at once), relative paths resolved
-//! against the file's directory. One function per section, in the file's order; the
-//! connectors have their own module ([`super::connector`]).
+//! against the file's directory. One function per section, in the file's order; connectors
+//! ([`super::connector`]) and orgs, workspaces and callers ([`super::tenants`]) have their own
+//! modules.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,17 +13,17 @@ use std::time::Duration;
 use ipnetwork::IpNetwork;
 
 use super::file::{
-    AdminFile, CallerFile, CredentialsFile, DnsFile, EgressFile, FileConfig, InterceptionFile,
-    ListenerFile, OrgFile, UpstreamFile, WorkspaceFile,
+    AdminFile, CredentialsFile, DnsFile, EgressFile, FileConfig, InterceptionFile, ListenerFile,
+    UpstreamFile,
 };
 use super::{
     Admin, ConfigError, Connector, DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_HEADER_COUNT,
-    Interception, Listener, Org, PARSER_MAX_HEADER_BYTES, PARSER_MAX_HEADER_COUNT, Snapshot,
-    Sources, Workspace, connector,
+    Interception, Listener, PARSER_MAX_HEADER_BYTES, PARSER_MAX_HEADER_COUNT, Snapshot, Sources,
+    connector, tenants,
 };
-use crate::caller::{Caller, Callers, WorkspaceScope};
+use crate::caller::Callers;
 use crate::credential::{Credentials, KeySource, Store, StoreKind, VaultSettings};
-use crate::names::{Host, is_identifier, parse_host};
+use crate::names::{Host, parse_host};
 use crate::policy::domain::{DomainList, DomainPattern};
 use crate::policy::resolver::{Resolver, ResolverSettings};
 use crate::upstream::Upstream;
@@ -51,9 +52,9 @@ pub(super) fn validate(
     let exception_cidrs = egress(e, &raw.egress);
     let dns = dns(e, &raw.dns);
     let connectors = connector::connectors(e, raw.connectors, base);
-    let orgs = orgs(e, raw.orgs);
-    let workspaces = workspaces(e, raw.workspaces, &orgs);
-    let callers = callers(e, raw.callers, &workspaces);
+    let orgs = tenants::orgs(e, raw.orgs);
+    let workspaces = tenants::workspaces(e, raw.workspaces, &orgs);
+    let callers = tenants::callers(e, raw.callers, &workspaces);
     let credentials = raw.credentials.as_ref().map(|c| credentials(e, c, base));
     needs_of_connectors(e, &connectors, credentials.as_ref());
     let admin = raw
@@ -126,7 +127,7 @@ fn resolve_path(base: &Path, p: &Path) -> PathBuf {
 }
 
 /// The SHA-256 a token is checked against: 64 hex digits.
-fn sha256_hex(text: &str) -> Option<[u8; 32]> {
+pub(super) fn sha256_hex(text: &str) -> Option<[u8; 32]> {
     let mut h = [0u8; 32];
     hex::decode_to_slice(text, &mut h).ok()?;
     Some(h)
@@ -282,141 +283,6 @@ fn dns(errors: &mut Errors, d: &DnsFile) -> ResolverSettings {
         static_only: d.static_only,
         static_hosts,
     }
-}
-
-/// `[[org]]`.
-fn orgs(errors: &mut Errors, raw: Vec<OrgFile>) -> HashMap<String, Org> {
-    let mut orgs = HashMap::new();
-    for (i, o) in raw.into_iter().enumerate() {
-        let key = format!("org[{i}]");
-        if !is_identifier(o.org_id.as_bytes()) {
-            errors.push(
-                format!("{key}.org_id"),
-                format!("{:?} is not an identifier", o.org_id),
-            );
-        }
-        let allowlist = o
-            .allowed_domains
-            .as_ref()
-            .map(|d| domain_list(errors, &format!("org[{}].allowed_domains", o.org_id), d));
-        let org = Org {
-            id: o.org_id.clone(),
-            allowlist,
-        };
-        if orgs.insert(o.org_id.clone(), org).is_some() {
-            errors.push(
-                format!("{key}.org_id"),
-                format!("duplicate org_id {:?}", o.org_id),
-            );
-        }
-    }
-    orgs
-}
-
-/// `[[workspace]]`: each in an org that exists.
-fn workspaces(
-    errors: &mut Errors,
-    raw: Vec<WorkspaceFile>,
-    orgs: &HashMap<String, Org>,
-) -> HashMap<String, Workspace> {
-    let mut workspaces = HashMap::new();
-    for (i, w) in raw.into_iter().enumerate() {
-        let key = format!("workspace[{i}]");
-        if !is_identifier(w.workspace_id.as_bytes()) {
-            errors.push(
-                format!("{key}.workspace_id"),
-                format!("{:?} is not an identifier", w.workspace_id),
-            );
-        }
-        if !orgs.contains_key(&w.org) {
-            errors.push(
-                format!("{key}.org"),
-                format!("no [[org]] with org_id {:?}", w.org),
-            );
-        }
-        let ws = Workspace {
-            id: w.workspace_id.clone(),
-            org: w.org,
-        };
-        if workspaces.insert(w.workspace_id.clone(), ws).is_some() {
-            errors.push(
-                format!("{key}.workspace_id"),
-                format!("duplicate workspace_id {:?}", w.workspace_id),
-            );
-        }
-    }
-    workspaces
-}
-
-/// `[[caller]]`: by the SHA-256 of their token, each token once.
-fn callers(
-    errors: &mut Errors,
-    raw: Vec<CallerFile>,
-    workspaces: &HashMap<String, Workspace>,
-) -> HashMap<[u8; 32], Arc<Caller>> {
-    let mut by_hash = HashMap::new();
-    let mut names = HashSet::new();
-    for (i, c) in raw.into_iter().enumerate() {
-        let key = format!("caller[{i}]");
-        if !is_identifier(c.name.as_bytes()) {
-            errors.push(
-                format!("{key}.name"),
-                format!("{:?} is not an identifier", c.name),
-            );
-        } else if !names.insert(c.name.clone()) {
-            errors.push(
-                format!("{key}.name"),
-                format!("duplicate caller {:?}", c.name),
-            );
-        }
-        let hash = sha256_hex(&c.token_sha256);
-        if hash.is_none() {
-            errors.push(
-                format!("{key}.token_sha256"),
-                "must be 64 hex digits: the SHA-256 of the token (see `sluice caller-token`)",
-            );
-        }
-        let scope = caller_scope(errors, &key, &c.workspaces, workspaces);
-        if let Some(hash) = hash {
-            let caller = Arc::new(Caller {
-                name: c.name,
-                scope,
-            });
-            if by_hash.insert(hash, caller).is_some() {
-                errors.push(format!("{key}.token_sha256"), "two callers share one token");
-            }
-        }
-    }
-    by_hash
-}
-
-/// A caller's `workspaces`: `["*"]`, or workspaces that exist.
-fn caller_scope(
-    errors: &mut Errors,
-    key: &str,
-    listed: &[String],
-    workspaces: &HashMap<String, Workspace>,
-) -> WorkspaceScope {
-    if listed == ["*"] {
-        return WorkspaceScope::All;
-    }
-    if listed.is_empty() {
-        errors.push(
-            format!("{key}.workspaces"),
-            "must list workspaces, or [\"*\"] for all",
-        );
-    }
-    for w in listed {
-        if w == "*" {
-            errors.push(format!("{key}.workspaces"), "\"*\" must be the only entry");
-        } else if !workspaces.contains_key(w) {
-            errors.push(
-                format!("{key}.workspaces"),
-                format!("no [[workspace]] {w:?}"),
-            );
-        }
-    }
-    WorkspaceScope::Only(listed.iter().cloned().collect())
 }
 
 /// `[credentials]`: the store, the master keys, the cache.

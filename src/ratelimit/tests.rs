@@ -1,0 +1,137 @@
+//! The limiter on tokio's paused clock: learning a limit, bucket scope, queue places.
+
+use super::*;
+
+#[tokio::test]
+async fn unlimited_until_a_limit_is_seen() {
+    let limiter = Limiter::default();
+    let rl = RateLimit::default();
+    let key = bucket_key(&rl, "c", "w");
+    let t0 = Instant::now();
+    for _ in 0..1000 {
+        assert!(matches!(
+            limiter.admit(&key, &rl, "w", t0).await,
+            Decision::Go
+        ));
+    }
+    let seen = Learned {
+        limit: Some(5),
+        remaining: Some(0),
+        reset_after: Some(Duration::from_secs(10)),
+        ..Learned::default()
+    };
+    limiter.observe(&key, &rl, &seen, false, t0).await;
+    match limiter.admit(&key, &rl, "w", t0).await {
+        Decision::Refuse(wait) => assert_eq!(wait, Duration::from_secs(10)),
+        _ => panic!("held until the reset"),
+    }
+}
+
+#[tokio::test]
+async fn per_application_buckets_are_shared_by_workspaces() {
+    let rl = RateLimit {
+        initial: Some((1, 0.001)),
+        per_application: true,
+        ..RateLimit::default()
+    };
+    let limiter = Limiter::default();
+    let t0 = Instant::now();
+    assert!(matches!(
+        limiter
+            .admit(&bucket_key(&rl, "c", "w1"), &rl, "w1", t0)
+            .await,
+        Decision::Go
+    ));
+    assert!(matches!(
+        limiter
+            .admit(&bucket_key(&rl, "c", "w2"), &rl, "w2", t0)
+            .await,
+        Decision::Refuse(_)
+    ));
+    let per_ws = RateLimit {
+        per_application: false,
+        ..rl
+    };
+    assert!(matches!(
+        limiter
+            .admit(&bucket_key(&per_ws, "c", "w3"), &per_ws, "w3", t0)
+            .await,
+        Decision::Go
+    ));
+}
+
+#[tokio::test]
+async fn a_dropped_ticket_frees_its_place() {
+    let rl = RateLimit {
+        initial: Some((1, 1.0)),
+        queue_size: 1,
+        max_wait: Duration::from_secs(10),
+        ..RateLimit::default()
+    };
+    let limiter = Limiter::default();
+    let key = bucket_key(&rl, "c", "w");
+    let t0 = Instant::now();
+    assert!(matches!(
+        limiter.admit(&key, &rl, "w", t0).await,
+        Decision::Go
+    ));
+    let Decision::Wait(_, ticket) = limiter.admit(&key, &rl, "w", t0).await else {
+        panic!("queued")
+    };
+    assert!(
+        matches!(limiter.admit(&key, &rl, "w", t0).await, Decision::Refuse(_)),
+        "queue full"
+    );
+    assert_eq!(limiter.queued(), 1);
+    drop(ticket);
+    assert_eq!(limiter.queued(), 0);
+    assert!(matches!(
+        limiter.admit(&key, &rl, "w", t0).await,
+        Decision::Wait(..)
+    ));
+}
+
+#[test]
+fn config_validation() {
+    assert!(
+        RateLimit::build(&RateLimitFile {
+            capacity: Some(10),
+            ..RateLimitFile::default()
+        })
+        .is_err()
+    );
+    assert!(
+        RateLimit::build(&RateLimitFile {
+            scope: Some(Choice::Unknown("galaxy".into())),
+            ..RateLimitFile::default()
+        })
+        .is_err()
+    );
+    assert!(
+        RateLimit::build(&RateLimitFile {
+            reset_format: Some(Choice::Unknown("fortnights".into())),
+            ..RateLimitFile::default()
+        })
+        .is_err()
+    );
+    let rl = RateLimit::build(&RateLimitFile {
+        capacity: Some(40),
+        per_second: Some(2.0),
+        scope: Some(BucketScope::Application.into()),
+        used_of_limit_header: Some("X-Shopify-Shop-Api-Call-Limit".into()),
+        ..RateLimitFile::default()
+    })
+    .unwrap();
+    assert_eq!(rl.initial, Some((40, 2.0)));
+    assert!(rl.per_application);
+    assert_eq!(
+        rl.headers.used_of_limit.as_ref().map(HeaderName::as_str),
+        Some("x-shopify-shop-api-call-limit")
+    );
+    let bad = RateLimit::build(&RateLimitFile {
+        limit_header: Some("x limit".into()),
+        ..RateLimitFile::default()
+    })
+    .unwrap_err();
+    assert_eq!(bad[0].0, "limit_header");
+}
