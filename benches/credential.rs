@@ -3,6 +3,9 @@
 //!
 //! `cargo bench --bench credential`. Results are in BENCHMARKS.md.
 
+// Test and bench code: a panic is the failure report.
+#![allow(clippy::unwrap_used)]
+
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Duration;

@@ -3,6 +3,9 @@
 //!
 //! `cargo bench --bench policy`. Results, and the machine they ran on, are in BENCHMARKS.md.
 
+// Test and bench code: a panic is the failure report.
+#![allow(clippy::unwrap_used)]
+
 use std::hint::black_box;
 use std::net::IpAddr;
 use std::path::Path;

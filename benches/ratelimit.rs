@@ -3,6 +3,9 @@
 //!
 //! `cargo bench --bench ratelimit`. Results are in BENCHMARKS.md.
 
+// Test and bench code: a panic is the failure report.
+#![allow(clippy::unwrap_used)]
+
 use std::hint::black_box;
 use std::time::{Duration, SystemTime};
 

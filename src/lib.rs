@@ -1,32 +1,35 @@
 //! sluice: an egress gateway for SaaS APIs, on pingora.
 //!
-//! # Layout
-//!
-//! The modules follow a request through the gateway (DESIGN.md §2):
+//! `ARCHITECTURE.md` at the repository root has the request path, the module layers, the data
+//! and error models, and how to add a connector feature. In request order:
 //!
 //! | module         | owns                                                                  |
 //! |----------------|-----------------------------------------------------------------------|
 //! | [`request`]    | 1. parse: request target, `Host`, routing headers, framing, stripping |
 //! | [`caller`]     | 2. caller authentication and workspace scope                         |
 //! | [`policy`]     | 3–4. connector, workspace, ports, allowlists, DNS, address classes    |
-//! | [`credential`] | 5. sealed credentials: stores, keyring, cache, injection              |
-//! | [`ratelimit`]  | 6. pacing: buckets learned from response headers, bounded FIFO wait   |
+//! | [`credential`] | 5. sealed credentials: stores, keyring, cache, injection, OAuth       |
+//! | [`ratelimit`]  | 6–8. pacing, shared budgets, circuit breakers, retry policy           |
 //! | [`upstream`]   | 7. the pinned, verified TLS peer                                      |
-//! | [`intercept`]  | TLS interception: sluice's CA, leaf certificates minted per SNI name  |
-//! | [`tunnel`]     | CONNECT: the tunnel's admission, requests inside it bound to it        |
-//! | [`proxy`]      | pingora phase wiring                                                  |
+//! | [`telemetry`]  | 9. metrics and their label enums                                      |
+//! | [`logline`]    | 9. the access and audit line format                                   |
+//! | [`logwriter`]  | 9. log lines to stderr in batches, off the request's thread            |
+//! | [`logging`]    | 9. what may be logged: sluice's records, third-party ones held to INFO |
+//! | [`proxy`]      | pingora's hooks, calling one phase module per step                    |
 //! | [`ctx`]        | the per-request context                                               |
-//! | [`error`]      | error codes → statuses and JSON bodies                                |
-//! | [`config`]     | TOML → validated snapshot                                             |
+//! | [`tunnel`]     | CONNECT: the tunnel's admission, requests inside it bound to it        |
+//! | [`intercept`]  | TLS interception: sluice's CA, leaf certificates minted per SNI name  |
 //! | [`outbound`]   | sluice's own HTTPS calls (OAuth), to vetted, pinned destinations      |
+//! | [`config`]     | TOML → validated snapshot; reload                                     |
+//! | [`error`]      | error codes → statuses and JSON bodies                                |
+//! | [`label`]      | names of enums in config values, log fields and metric labels         |
+//! | [`names`]      | host, authority and identifier grammar                                |
+//! | [`files`]      | reading CA bundles and key files                                      |
 //! | [`explain`]    | `sluice explain`: the policy decision for a URL, without sending      |
 //! | [`server`]     | starting it: pingora `Server`, or a caller-bound listener             |
-//! | [`telemetry`]  | 9. metrics                                                            |
-//! | [`logging`]    | 9. what may be logged: sluice's records, third-party ones held to INFO |
-//! | [`logwriter`]  | 9. log lines to stderr in batches, off the request's thread            |
 //! | [`admin`]      | the admin API: credentials, key rotation, connectors, orgs, workspaces |
-
-#![forbid(unsafe_code)]
+//!
+//! `unsafe` is forbidden crate-wide (`[lints]` in `Cargo.toml`).
 
 pub mod admin;
 pub mod caller;

@@ -1,7 +1,5 @@
 //! The `sluice` command line. Thin: every subcommand calls into the library.
 
-#![forbid(unsafe_code)]
-
 /// A request allocates and frees many small buffers (headers, pingora's tasks, log lines);
 /// glibc's malloc spent ~17% of sluice's user CPU on them in the load bench, mimalloc's
 /// thread-local free lists much less (BENCHMARKS.md).

@@ -1,5 +1,8 @@
 //! The admin API and the CLI over it, against a running gateway.
 
+// Test and bench code: a panic is the failure report.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::io::Write;
@@ -151,6 +154,24 @@ async fn bad_credential_writes_are_refused_and_echo_no_value() {
         assert_eq!(got, status, "{path} {body}: {resp}");
         assert!(!resp.to_string().contains(CANARY), "{resp}");
     }
+    // A value that does not fit its field's declared type: refused, the field named by its
+    // label, the value not echoed.
+    let (got, _, resp) = admin
+        .call(
+            Method::PUT,
+            "/admin/workspaces/ws_7/credentials/narrow",
+            Some(
+                json!({ "fields": { "api_key": "k", "instance_url": format!("{CANARY} no url") } }),
+            ),
+        )
+        .await;
+    assert_eq!(got, 400, "{resp}");
+    let message = resp["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("Instance URL") && message.contains("URL"),
+        "{resp}"
+    );
+    assert!(!resp.to_string().contains(CANARY), "{resp}");
     let (_, _, list) = admin.call(Method::GET, "/admin/credentials", None).await;
     assert_eq!(list["credentials"], json!([]), "nothing was stored");
     // Opting out needs no fields.

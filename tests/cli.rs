@@ -1,5 +1,8 @@
 //! The `sluice` binary: check-config, explain, and `run` as a real process.
 
+// Test and bench code: a panic is the failure report.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::io::Read;

@@ -1,6 +1,9 @@
 //! The credential vault end to end: injection per auth type, tenant states, both stores, two
 //! replicas on one Redis, and a Redis outage in the middle of a test.
 
+// Test and bench code: a panic is the failure report.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::time::{Duration, Instant};

@@ -2,6 +2,9 @@
 //! sluice's CA. Real clients (curl, Python requests and httpx, Node's undici) against the
 //! real TLS upstream; the upstream must see the injected credential and no internal header.
 
+// Test and bench code: a panic is the failure report.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::path::PathBuf;

@@ -1,6 +1,9 @@
 //! `/metrics` in the Prometheus text format, read back with a real parser (Python's
 //! prometheus_client, as `promtool check metrics` would).
 
+// Test and bench code: a panic is the failure report.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::io::Write;

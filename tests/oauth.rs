@@ -2,6 +2,9 @@
 //! flow with PKCE, refresh ahead of expiry, one refresh for many requests across replicas,
 //! the 401 retry, rotated refresh tokens, invalid_grant, backoff, revocation and egress.
 
+// Test and bench code: a panic is the failure report.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::time::Duration;

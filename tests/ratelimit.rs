@@ -2,6 +2,9 @@
 //! Bucket, queue and wait arithmetic are tested exactly (time passed in) in
 //! `src/ratelimit`; these tests use limits whose outcomes do not depend on timing.
 
+// Test and bench code: a panic is the failure report.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use common::*;

@@ -1,5 +1,8 @@
 //! Hot reload under load: valid and invalid files, through SIGHUP and the file watch.
 
+// Test and bench code: a panic is the failure report.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::sync::Arc;

@@ -1,6 +1,9 @@
 //! Retries end to end against a scripted upstream. Backoff arithmetic is tested exactly in
 //! `src/ratelimit/retry.rs`; here the delays are short and only outcomes are asserted.
 
+// Test and bench code: a panic is the failure report.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use common::*;

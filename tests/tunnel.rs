@@ -2,6 +2,9 @@
 //! do for http:// URLs): the CONNECT is authenticated and policy-checked before its 200, and
 //! every request inside runs the whole request path bound to the tunnel.
 
+// Test and bench code: a panic is the failure report.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::time::Duration;

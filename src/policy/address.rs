@@ -1,7 +1,8 @@
 //! Address classes: which destinations are globally routable and which are special-purpose.
 //!
-//! The table is data, copied from `shared/reference/special-purpose-addresses.md` (IANA's IPv4
-//! and IPv6 special-purpose registries plus the blocks attackers use). More specific blocks come
+//! The table is data: IANA's IPv4 and IPv6 Special-Purpose Address Registries
+//! (iana.org/assignments/iana-ipv4-special-registry, …/iana-ipv6-special-registry) plus the
+//! blocks attackers use (cloud metadata, CGNAT, multicast, reserved). More specific blocks come
 //! first, so the first match is the longest prefix. `std`'s `is_global` is unstable and wrong for
 //! this purpose; it is not used.
 //!

@@ -8,6 +8,8 @@
 //!
 //! `Env::new().await.start().await` reads like what it does.
 
+// Test code: a panic is the failure report.
+#![allow(clippy::unwrap_used)]
 #![allow(dead_code)]
 
 use std::convert::Infallible;
@@ -540,10 +542,14 @@ allowed_domains = ["other.saas.test"]
 allowed_ports = [{port}]
 
 [connector.auth_schema]
-fields = [{{ name = "api_key", label = "API key", type = "password", required = true }}]
+fields = [
+  {{ name = "api_key", label = "API key", type = "password", required = true }},
+  {{ name = "instance_url", label = "Instance URL", type = "url", required = false }},
+]
 
 [connector.inject]
 header = "X-API-Key"
+format = "{{api_key}}"
 
 [[connector]]
 connector_id = "off"
