@@ -30,6 +30,16 @@ impl NextAttempt {
     }
 }
 
+/// A connector action call (`POST /v1/actions/…`): what the upstream request is made of.
+#[derive(Debug, Clone)]
+pub struct ActionCall {
+    pub action_id: String,
+    /// The action's method (the app's request was a POST to sluice).
+    pub method: http::Method,
+    /// The JSON body sent upstream on every attempt; `None` for methods without one.
+    pub body: Option<bytes::Bytes>,
+}
+
 pub struct RequestCtx {
     /// The config this request was admitted under, for its whole life (a reload does not
     /// change a request in flight).
@@ -67,6 +77,8 @@ pub struct RequestCtx {
     /// The CONNECT tunnel this connection is (from the CONNECT itself, then carried from
     /// request to request as the connection's context).
     pub tunnel: Option<Arc<crate::tunnel::Tunnel>>,
+    /// Set for a connector action call, once its inputs built the upstream request.
+    pub action: Option<ActionCall>,
 }
 
 impl RequestCtx {
@@ -91,6 +103,7 @@ impl RequestCtx {
             oauth_retried: false,
             refusal: None,
             tunnel: None,
+            action: None,
         }
     }
 }

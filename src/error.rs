@@ -75,8 +75,18 @@ error_codes! {
     TunnelHostMismatch => ("tunnel_host_mismatch", 403),
     /// No or wrong `Proxy-Authorization`.
     ProxyAuthRequired => ("proxy_auth_required", 407),
-    /// `X-Connector` names no configured connector.
+    /// `X-Connector` (or an action call's path) names no configured connector.
     UnknownConnector => ("unknown_connector", 403),
+    /// An action call (`POST /v1/actions/{connector}/{action_id}`) names an action the
+    /// connector does not define.
+    UnknownAction => ("unknown_action", 404),
+    /// An action call with another method than `POST`.
+    ActionMethodNotAllowed => ("method_not_allowed", 405),
+    /// An action call's inputs: not a JSON object, a required input missing, an unknown
+    /// input, or a value that cannot fill its place in the URL.
+    ActionInputInvalid => ("action_input_invalid", 400),
+    /// An action call's body is larger than its limit (64 KiB).
+    RequestBodyTooLarge => ("request_body_too_large", 413),
     /// The connector exists but the platform switched it off.
     ConnectorDisabled => ("connector_disabled", 403),
     /// `X-Workspace` names no configured workspace.

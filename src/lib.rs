@@ -17,6 +17,7 @@
 //! | [`logging`]    | 9. what may be logged: sluice's records, third-party ones held to INFO |
 //! | [`proxy`]      | pingora's hooks, calling one phase module per step                    |
 //! | [`ctx`]        | the per-request context                                               |
+//! | [`action`]     | connector actions: URL template, inputs → the upstream request        |
 //! | [`tunnel`]     | CONNECT: the tunnel's admission, requests inside it bound to it        |
 //! | [`intercept`]  | TLS interception: sluice's CA, leaf certificates minted per SNI name  |
 //! | [`outbound`]   | sluice's own HTTPS calls (OAuth), to vetted, pinned destinations      |
@@ -31,6 +32,7 @@
 //!
 //! `unsafe` is forbidden crate-wide (`[lints]` in `Cargo.toml`).
 
+pub mod action;
 pub mod admin;
 pub mod caller;
 pub mod config;

@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use super::file::{ActionFile, AuthFieldFile, ConnectorFile};
 use super::validate::{Errors, domain_list};
-use super::{Action, AuthField, Connector};
+use super::{Action, AuthField, BodyField, Connector};
+use crate::action::UrlTemplate;
 use crate::credential::inject::{AuthType, Injection};
 use crate::credential::oauth::{ACCESS_TOKEN, OAuth2};
 use crate::names::{is_identifier, parse_host};
@@ -16,12 +17,14 @@ use crate::policy::domain::DomainList;
 use crate::ratelimit::RateLimit;
 use crate::ratelimit::breaker::BreakerPolicy;
 use crate::ratelimit::retry::RetryPolicy;
+use crate::upstream::ConnectorTls;
 
 /// Every connector in the file (and the store), by id.
 pub(super) fn connectors(
     errors: &mut Errors,
     raw: Vec<ConnectorFile>,
     base: &Path,
+    global_extra_ca: Option<&Path>,
 ) -> HashMap<String, Arc<Connector>> {
     let mut connectors = HashMap::new();
     for (i, c) in raw.into_iter().enumerate() {
@@ -39,7 +42,10 @@ pub(super) fn connectors(
         };
         let id = c.connector_id.clone();
         if connectors
-            .insert(id, Arc::new(connector(errors, &key, c, base)))
+            .insert(
+                id,
+                Arc::new(connector(errors, &key, c, base, global_extra_ca)),
+            )
             .is_some()
         {
             errors.push(format!("{key}.connector_id"), "duplicate connector_id");
@@ -48,7 +54,13 @@ pub(super) fn connectors(
     connectors
 }
 
-fn connector(errors: &mut Errors, key: &str, c: ConnectorFile, base: &Path) -> Connector {
+fn connector(
+    errors: &mut Errors,
+    key: &str,
+    c: ConnectorFile,
+    base: &Path,
+    global_extra_ca: Option<&Path>,
+) -> Connector {
     if c.display_name.trim().is_empty() {
         errors.push(format!("{key}.display_name"), "must not be empty");
     }
@@ -115,6 +127,9 @@ fn connector(errors: &mut Errors, key: &str, c: ConnectorFile, base: &Path) -> C
         (None, _) => None,
     };
     Connector {
+        tls: section(errors, &format!("{key}.tls"), c.tls.as_ref(), |t| {
+            ConnectorTls::build(t, base, global_extra_ca)
+        }),
         breaker: section(
             errors,
             &format!("{key}.circuit_breaker"),
@@ -233,37 +248,40 @@ fn actions(
                 http::Method::GET
             }
         };
-        check_url_template(
-            errors,
-            &format!("{akey}.url_template"),
-            &a.url_template,
-            allowed_domains,
-        );
+        let url_template = match UrlTemplate::parse(&a.url_template) {
+            Ok(t) => {
+                check_literal_host(errors, &format!("{akey}.url_template"), &t, allowed_domains);
+                t
+            }
+            Err(e) => {
+                errors.push(format!("{akey}.url_template"), e);
+                continue;
+            }
+        };
         actions.push(Action {
             action_id: a.action_id,
             http_method: method,
-            url_template: a.url_template,
+            url_template,
             body_schema: a
                 .body_schema
                 .into_iter()
-                .map(|b| (b.name, b.label))
+                .map(|b| BodyField {
+                    name: b.name,
+                    label: b.label,
+                    required: b.required,
+                })
                 .collect(),
         });
     }
     actions
 }
 
-/// An action's URL must be HTTPS, and when its host is literal (no `{placeholder}`), the host
-/// must be one the connector allows: a definition that contradicts itself is caught at load.
-fn check_url_template(errors: &mut Errors, key: &str, url: &str, allowed: &DomainList) {
-    let Some(rest) = url.strip_prefix("https://") else {
-        errors.push(key, format!("{url:?} must start with https://"));
+/// When an action's host is literal (no `{placeholder}`), it must be one the connector allows:
+/// a definition that contradicts itself is caught at load. A filled-in host is vetted per call.
+fn check_literal_host(errors: &mut Errors, key: &str, url: &UrlTemplate, allowed: &DomainList) {
+    let Some(authority) = url.literal_authority() else {
         return;
     };
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    if authority.contains('{') {
-        return;
-    }
     let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
     match parse_host(host) {
         Ok(h) if allowed.matching(&h).is_some() => {}

@@ -192,6 +192,9 @@ pub struct ConnectorFile {
     pub retry: Option<crate::ratelimit::retry::RetryFile>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub circuit_breaker: Option<crate::ratelimit::breaker::BreakerFile>,
+    /// The connector's own upstream TLS: client certificate, extra CA, minimum version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<crate::upstream::ConnectorTlsFile>,
 }
 
 fn yes() -> bool {
@@ -235,6 +238,9 @@ pub struct ActionFile {
 pub struct BodyFieldFile {
     pub name: String,
     pub label: String,
+    /// An action call without this input is refused (400 `action_input_invalid`).
+    #[serde(default)]
+    pub required: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -80,14 +80,7 @@ pub struct AuthField {
     pub required: bool,
 }
 
-/// An action org admins can pick (the spec's `actions[]`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Action {
-    pub action_id: String,
-    pub http_method: http::Method,
-    pub url_template: String,
-    pub body_schema: Vec<(String, String)>,
-}
+pub use crate::action::{Action, BodyField};
 
 /// A connector definition.
 #[derive(Debug, Clone)]
@@ -110,6 +103,8 @@ pub struct Connector {
     pub retry: crate::ratelimit::retry::RetryPolicy,
     /// When an upstream host is failing, fail fast for a while.
     pub breaker: crate::ratelimit::breaker::BreakerPolicy,
+    /// `[connector.tls]`: client certificate, extra CA, minimum TLS version.
+    pub tls: crate::upstream::ConnectorTls,
 }
 
 /// An org and its optional allowlist (`None`: the org adds no restriction).

@@ -323,6 +323,20 @@ fn connector_rules() {
                 )),
             ),
             (
+                &connector(
+                    "none",
+                    "[[connector.actions]]\naction_id = \"a\"\nhttp_method = \"GET\"\nurl_template = \"https://api.example.com/{id\"",
+                ),
+                Some(("connector[c].actions[0].url_template", "without its `}`")),
+            ),
+            (
+                &connector(
+                    "none",
+                    "[[connector.actions]]\naction_id = \"a\"\nhttp_method = \"POST\"\nurl_template = \"https://{tenant}.example.com/x\"\nbody_schema = [{ name = \"email\", label = \"Email\", required = true }]",
+                ),
+                None,
+            ),
+            (
                 &format!("{}{}", connector("none", ""), connector("none", "")),
                 Some(("connector[c].connector_id", "duplicate")),
             ),

@@ -51,7 +51,8 @@ pub(super) fn validate(
     let upstream = upstream(e, &raw.upstream, base);
     let exception_cidrs = egress(e, &raw.egress);
     let dns = dns(e, &raw.dns);
-    let connectors = connector::connectors(e, raw.connectors, base);
+    let connectors =
+        connector::connectors(e, raw.connectors, base, upstream.extra_ca_file.as_deref());
     let orgs = tenants::orgs(e, raw.orgs);
     let workspaces = tenants::workspaces(e, raw.workspaces, &orgs);
     let callers = tenants::callers(e, raw.callers, &workspaces);

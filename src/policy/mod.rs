@@ -158,6 +158,35 @@ pub async fn evaluate_routed<R: Rules + ?Sized, O: Observer>(
     target: &mut Option<Target>,
     obs: &mut O,
 ) -> Result<Vetted, Refusal> {
+    let (connector, org) = routed(rules, caller, connector_id, workspace_id, obs)?;
+    let target: &Target = target.insert(parse_target(raw_target, headers)?);
+    vet_target(rules, connector, org, workspace_id, target, obs).await
+}
+
+/// [`evaluate_routed`] for a target sluice built itself (a connector action's filled URL):
+/// the same checks, in the same order, without parsing a request line.
+pub async fn evaluate_built<R: Rules + ?Sized, O: Observer>(
+    rules: &R,
+    caller: Option<&Caller>,
+    connector_id: &str,
+    workspace_id: &str,
+    built: Target,
+    target: &mut Option<Target>,
+    obs: &mut O,
+) -> Result<Vetted, Refusal> {
+    let (connector, org) = routed(rules, caller, connector_id, workspace_id, obs)?;
+    let target: &Target = target.insert(built);
+    vet_target(rules, connector, org, workspace_id, target, obs).await
+}
+
+/// The connector exists and is enabled, the workspace exists, the caller may act for it.
+fn routed<'r, R: Rules + ?Sized, O: Observer>(
+    rules: &'r R,
+    caller: Option<&Caller>,
+    connector_id: &str,
+    workspace_id: &str,
+    obs: &mut O,
+) -> Result<(ConnectorRules<'r>, &'r str), Refusal> {
     let connector = rules.connector(connector_id).ok_or_else(|| {
         Refusal::new(
             ErrorCode::UnknownConnector,
@@ -196,8 +225,18 @@ pub async fn evaluate_routed<R: Rules + ?Sized, O: Observer>(
         None => obs.passed(Check::Caller, || "not checked (no --caller given)".into()),
     }
     obs.passed(Check::Workspace, || format!("{workspace_id} in org {org}"));
+    Ok((connector, org))
+}
 
-    let target: &Target = target.insert(parse_target(raw_target, headers)?);
+/// The parsed target's destination vetted, and the verdict.
+async fn vet_target<R: Rules + ?Sized, O: Observer>(
+    rules: &R,
+    connector: ConnectorRules<'_>,
+    org: &str,
+    workspace_id: &str,
+    target: &Target,
+    obs: &mut O,
+) -> Result<Vetted, Refusal> {
     obs.passed(Check::Target, || {
         format!("host {}, path {}", target.host, target.path())
     });

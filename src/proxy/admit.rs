@@ -92,18 +92,23 @@ impl Sluice {
                 }
             }
         };
-        // The one lookup by name: every later step reads the connector from the context.
-        let connector = ctx.snapshot.connectors.get(&vetted.connector).cloned();
-        ctx.connector = Some(connector.ok_or_else(|| {
-            Refusal::new(ErrorCode::Internal, "connector vanished from the snapshot")
-        })?);
-        ctx.vetted = Some(vetted);
-        Ok(())
+        admitted(ctx, vetted)
     }
 }
 
+/// The verdict kept: the vetted destination, and its connector resolved by name, once; every
+/// later step reads the connector from the context.
+pub(super) fn admitted(ctx: &mut RequestCtx, vetted: Vetted) -> Result<(), Refusal> {
+    let connector = ctx.snapshot.connectors.get(&vetted.connector).cloned();
+    ctx.connector = Some(connector.ok_or_else(|| {
+        Refusal::new(ErrorCode::Internal, "connector vanished from the snapshot")
+    })?);
+    ctx.vetted = Some(vetted);
+    Ok(())
+}
+
 /// Step 1: limits, header values and framing, before anything reads the head.
-fn check_head(session: &Session, ctx: &RequestCtx) -> Result<(), Refusal> {
+pub(super) fn check_head(session: &Session, ctx: &RequestCtx) -> Result<(), Refusal> {
     let req = session.req_header();
     if req.method == http::Method::CONNECT && ctx.tunnel.is_some() {
         return Err(Refusal::new(

@@ -58,7 +58,11 @@ impl Sluice {
             .with_retry_after(wait);
             return Err(refused("circuit open", refusal));
         }
-        Ok(Box::new(upstream::peer(vetted, &ctx.snapshot.upstream)))
+        Ok(Box::new(upstream::peer(
+            vetted,
+            &ctx.snapshot.upstream,
+            &connector.tls,
+        )))
     }
 
     /// The retry after a 401: one forced refresh, then the request again.
@@ -158,7 +162,8 @@ impl Sluice {
         let replay_truncated = session.as_downstream().retry_buffer_truncated();
         if retryable_status(response.status) {
             let req = session.req_header();
-            let safe = replay_safe(&req.method, req.headers.contains_key("idempotency-key"))
+            let method = super::action::method(session, ctx);
+            let safe = replay_safe(method, req.headers.contains_key("idempotency-key"))
                 && !replay_truncated;
             let retry_after = retry_after(&response.headers, std::time::SystemTime::now());
             if safe && self.decide_retry(ctx, retry_after, RetryReason::Status) {
@@ -202,6 +207,13 @@ impl Sluice {
         mut e: Box<Error>,
         ctx: &mut RequestCtx,
     ) -> Box<Error> {
+        if e.root_cause().downcast_ref::<Refusal>().is_some() {
+            // sluice refused the attempt itself (a TLS version below the connector's
+            // minimum): another attempt would be refused the same way.
+            ctx.next = NextAttempt::None;
+            e.set_retry(false);
+            return e;
+        }
         if e.esource() == &ErrorSource::Downstream {
             // The app's side broke (a bad body, a closed connection): not the upstream's
             // fault, and nothing worth sending again.
@@ -222,8 +234,10 @@ impl Sluice {
         } else {
             // Broken mid-exchange: only requests that are safe to send twice.
             let req = session.req_header();
-            replay_safe(&req.method, req.headers.contains_key("idempotency-key"))
-                && !truncated
+            replay_safe(
+                super::action::method(session, ctx),
+                req.headers.contains_key("idempotency-key"),
+            ) && !truncated
                 && self.decide_retry(ctx, None, RetryReason::Io)
         };
         if !retry {
@@ -280,6 +294,44 @@ pub(super) fn rewrite_request(
         }
     }
     Ok(())
+}
+
+/// `connected_to_upstream`: a connector that asks for TLS 1.3 sends nothing over a
+/// connection that negotiated less (pingora's rustls connector offers 1.2 and 1.3 to every
+/// peer; the version is checked here, after the handshake and before the request).
+pub(super) fn check_tls_version(
+    ctx: &RequestCtx,
+    digest: Option<&pingora::protocols::Digest>,
+) -> Result<()> {
+    let Some(connector) = &ctx.connector else {
+        return Ok(());
+    };
+    if connector.tls.min_version == crate::upstream::TlsVersion::V1_2 {
+        return Ok(());
+    }
+    let version = digest
+        .and_then(|d| d.ssl_digest.as_ref())
+        .map_or("", |s| s.version.as_ref());
+    if connector.tls.accepts(version) {
+        return Ok(());
+    }
+    let host = ctx.vetted.as_ref().map_or("upstream", |v| v.sni.as_str());
+    let refusal = Refusal::new(
+        ErrorCode::UpstreamTlsFailed,
+        format!(
+            "{host} negotiated {}; connector {:?} requires TLS 1.3",
+            if version.is_empty() {
+                "no TLS version"
+            } else {
+                version
+            },
+            connector.id
+        ),
+    );
+    Err(refused(
+        "TLS version below the connector's minimum",
+        refusal,
+    ))
 }
 
 /// `connected_to_upstream`: `sluice_upstream_connections_total`, opened or reused.

@@ -91,7 +91,11 @@ pub(super) fn request_done(session: &Session, ctx: &RequestCtx) {
                 "caller",
                 Value::Quoted(ctx.caller.as_ref().map_or("", |c| c.name.as_str())),
             ),
-            ("method", Value::Bare(req.method.as_str())),
+            // An action call logs the method its upstream request used.
+            (
+                "method",
+                Value::Bare(super::action::method(session, ctx).as_str()),
+            ),
             ("host", host),
             ("path", Value::Quoted(path)),
             ("status", Value::U64(status.into())),
@@ -144,11 +148,23 @@ pub(super) fn request_done(session: &Session, ctx: &RequestCtx) {
             .with_label_values(&[connector_label])
             .observe(start.elapsed().as_secs_f64());
     }
+    audit(ctx, outcome_class, host, upstream);
+}
+
+/// The audit line: the decision, why a refusal, where an allowed request went (and the action
+/// an action call ran).
+fn audit(
+    ctx: &RequestCtx,
+    outcome_class: &str,
+    host: Value<'_>,
+    upstream: Option<std::net::SocketAddr>,
+) {
+    let id = ("request_id", Value::Bare(&ctx.request_id));
     if let Some(r) = &ctx.refusal {
         logline::emit(
             Line::Audit,
             &[
-                ("request_id", Value::Bare(&ctx.request_id)),
+                id,
                 ("decision", Value::Quoted(outcome_class)),
                 ("host", host),
                 ("code", Value::Quoted(r.code.as_str())),
@@ -156,14 +172,19 @@ pub(super) fn request_done(session: &Session, ctx: &RequestCtx) {
             ],
         );
     } else if ctx.vetted.is_some() {
-        logline::emit(
-            Line::Audit,
-            &[
-                ("request_id", Value::Bare(&ctx.request_id)),
-                ("decision", Value::Quoted("allowed")),
-                ("host", host),
-                ("upstream", Value::Addr(upstream)),
-            ],
-        );
+        let action = super::action::action_id(ctx);
+        let allowed = [
+            id,
+            ("decision", Value::Quoted("allowed")),
+            ("host", host),
+            ("upstream", Value::Addr(upstream)),
+            ("action", Value::Quoted(action.unwrap_or_default())),
+        ];
+        let fields = if action.is_some() {
+            &allowed[..]
+        } else {
+            &allowed[..4]
+        };
+        logline::emit(Line::Audit, fields);
     }
 }

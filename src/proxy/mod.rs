@@ -4,6 +4,7 @@
 //! | module         | hooks                                              | step                    |
 //! |----------------|----------------------------------------------------|-------------------------|
 //! | [`admit`]      | `request_filter` (first half)                      | 1–4: parse, caller, policy (incl. DNS); the connector resolved once |
+//! | [`action`]     | `request_filter`, `request_body_filter`, `upstream_request_filter` | 1–4 for a connector action call; its request built |
 //! | [`connect`]    | `request_filter` for CONNECT, connection context    | the tunnel's admission  |
 //! | [`credential`] | `request_filter`, `upstream_peer` (forced refresh) | 5: credential, OAuth    |
 //! | [`pace`]       | `request_filter` (last), `upstream_response_filter` | 6: buckets; 8: learning |
@@ -11,6 +12,7 @@
 //! | [`respond`]    | `response_filter`, `fail_to_proxy`                 | sluice's own answers, pingora errors mapped |
 //! | [`log`]        | `logging`                                          | 9: access and audit lines, metrics |
 
+mod action;
 mod admit;
 mod attempt;
 mod connect;
@@ -102,7 +104,11 @@ impl ProxyHttp for Sluice {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let connect = admit::start(session, ctx);
-        let admitted = self.admit(session, ctx).await;
+        let admitted = if !connect && action::is_call(session, ctx) {
+            self.admit_action(session, ctx).await?
+        } else {
+            self.admit(session, ctx).await
+        };
         ctx.policy_done = Some(std::time::Instant::now());
         if connect {
             return self.answer_connect(session, ctx, admitted).await;
@@ -128,7 +134,21 @@ impl ProxyHttp for Sluice {
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if let Some(call) = &ctx.action {
+            action::rewrite_head(upstream_request, call)?;
+        }
         attempt::rewrite_request(upstream_request, ctx)
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<bytes::Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        action::body_filter(ctx, body, end_of_stream);
+        Ok(())
     }
 
     async fn connected_to_upstream(
@@ -137,11 +157,11 @@ impl ProxyHttp for Sluice {
         reused: bool,
         _peer: &HttpPeer,
         #[cfg(unix)] _fd: std::os::unix::io::RawFd,
-        _digest: Option<&pingora::protocols::Digest>,
+        digest: Option<&pingora::protocols::Digest>,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         attempt::count_connection(ctx, reused);
-        Ok(())
+        attempt::check_tls_version(ctx, digest)
     }
 
     async fn upstream_response_filter(

@@ -79,6 +79,35 @@ impl TestCa {
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
         )
     }
+
+    /// A certificate for `names` as PEM files in `dir` (`<stem>.pem`, `<stem>.key`): what an
+    /// operator hands sluice as a client certificate.
+    pub fn issue_files(
+        &self,
+        names: &[&str],
+        dir: &std::path::Path,
+        stem: &str,
+    ) -> (PathBuf, PathBuf, Vec<u8>) {
+        let params =
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let (cert_path, key_path) = (
+            dir.join(format!("{stem}.pem")),
+            dir.join(format!("{stem}.key")),
+        );
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (cert_path, key_path, cert.der().to_vec())
+    }
+
+    /// The CA as a rustls trust store (for an upstream that verifies client certificates).
+    pub fn roots(&self) -> rustls::RootCertStore {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.issuer.der().clone()).unwrap();
+        roots
+    }
 }
 
 /// One request as the upstream received it.
@@ -90,6 +119,18 @@ pub struct Recorded {
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
     pub sni: Option<String>,
+    /// The client certificate sluice presented (DER), when the upstream asked for one.
+    pub client_cert: Option<Vec<u8>>,
+    /// The TLS version negotiated, as rustls names it (`TLSv1_3`).
+    pub tls_version: Option<String>,
+}
+
+/// What the upstream knows of a connection, recorded with each request on it.
+#[derive(Debug, Clone)]
+struct ConnInfo {
+    sni: Option<String>,
+    client_cert: Option<Vec<u8>>,
+    tls_version: Option<String>,
 }
 
 impl Recorded {
@@ -159,6 +200,11 @@ impl Upstream {
             .with_no_client_auth()
             .with_single_cert(certs, key)
             .unwrap();
+        Self::start_with_config(config).await
+    }
+
+    /// An upstream with its own TLS settings (client certificates, versions).
+    pub async fn start_with_config(config: ServerConfig) -> Self {
         let acceptor = TlsAcceptor::from(Arc::new(config));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -179,12 +225,23 @@ impl Upstream {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
-                    let sni = tls.get_ref().1.server_name().map(str::to_string);
+                    let session = tls.get_ref().1;
+                    let sni = session.server_name().map(str::to_string);
+                    let client_cert = session
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .map(|c| c.to_vec());
+                    let tls_version = session.protocol_version().map(|v| format!("{v:?}"));
+                    let conn = ConnInfo {
+                        sni,
+                        client_cert,
+                        tls_version,
+                    };
                     let service = service_fn(move |req| {
                         let reqs = reqs.clone();
-                        let sni = sni.clone();
+                        let conn = conn.clone();
                         let mock = mock.clone();
-                        async move { Ok::<_, Infallible>(respond(req, sni, reqs, mock).await) }
+                        async move { Ok::<_, Infallible>(respond(req, conn, reqs, mock).await) }
                     });
                     let _ = http1::Builder::new()
                         .serve_connection(TokioIo::new(tls), service)
@@ -218,7 +275,7 @@ impl Upstream {
 /// everything else answers 200 with a small JSON body.
 async fn respond(
     req: Request<Incoming>,
-    sni: Option<String>,
+    conn: ConnInfo,
     reqs: Arc<Mutex<Vec<Recorded>>>,
     mock: Arc<Mutex<OAuthMock>>,
 ) -> Response<Full<Bytes>> {
@@ -246,7 +303,9 @@ async fn respond(
         target,
         headers,
         body,
-        sni,
+        sni: conn.sni,
+        client_cert: conn.client_cert,
+        tls_version: conn.tls_version,
     };
     let seen_before = {
         let mut all = reqs.lock().unwrap();
