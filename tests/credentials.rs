@@ -297,16 +297,27 @@ async fn store_suite(store: &dyn CredentialStore) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn both_stores_pass_one_suite() {
+async fn every_store_passes_one_suite() {
+    use sluice::credential::redis::{RedisStore, RedisTarget};
     let dir = tempfile::tempdir().unwrap();
     let embedded =
         sluice::credential::embedded::EmbeddedStore::open(&dir.path().join("s.redb")).unwrap();
     store_suite(&embedded).await;
 
     let redis = RedisServer::start().await;
-    let store = sluice::credential::redis::RedisStore::new(&redis.url(), Duration::from_secs(1))
+    let single = RedisTarget::Single(redis.url());
+    let store = RedisStore::new(&single, Duration::from_secs(1))
         .await
         .unwrap();
+    store_suite(&store).await;
+
+    let cluster = RedisCluster::start().await;
+    let store = RedisStore::new(
+        &RedisTarget::Cluster(cluster.nodes()),
+        Duration::from_secs(1),
+    )
+    .await
+    .unwrap();
     store_suite(&store).await;
 }
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian 12 machine: installs what the tests need when it is
 # missing (cmake to build pingora, curl, redis-server for the Redis store's tests, Python
-# `requests` and `httpx`, Go and Node's undici as interception clients), then runs every test. The tests start their own redis-server on a free port.
+# `requests` and `httpx`, Go and Node's undici as interception clients), then runs every test. The tests start their own redis-server on a free port, and
+# their own 3-master Redis Cluster (redis-server --cluster-enabled, redis-cli --cluster create).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,6 +10,7 @@ missing=()
 command -v cmake >/dev/null || missing+=(cmake)
 command -v curl >/dev/null || missing+=(curl)
 command -v redis-server >/dev/null || missing+=(redis-server)
+command -v redis-cli >/dev/null || missing+=(redis-tools)
 command -v python3 >/dev/null || missing+=(python3 python3-pip)
 # Real clients of TLS interception (tests/intercept.rs): Go's net/http and Node's undici.
 command -v go >/dev/null || missing+=(golang-go)

@@ -63,6 +63,8 @@ pub struct CredentialsFile {
     pub store: Choice<Store>,
     pub path: Option<PathBuf>,
     pub redis_url: Option<String>,
+    /// A Redis Cluster's seed nodes (`redis://host:port`), instead of `redis_url`.
+    pub redis_cluster: Option<Vec<String>>,
     pub key_file: Option<PathBuf>,
     pub key_env: Option<String>,
     #[serde(default)]

@@ -425,6 +425,22 @@ fn credentials_admin_and_interception() {
                 Some(("credentials.path", "only used by the embedded store")),
             ),
             (
+                "[credentials]\nstore = \"redis\"\nredis_cluster = [\"redis://127.0.0.1:7000\", \"redis://127.0.0.1:7001\"]\nkey_env = \"K\"",
+                None,
+            ),
+            (
+                "[credentials]\nstore = \"redis\"\nredis_cluster = []\nkey_env = \"K\"",
+                Some(("credentials.redis_cluster", "at least one seed node")),
+            ),
+            (
+                "[credentials]\nstore = \"redis\"\nredis_url = \"redis://a/\"\nredis_cluster = [\"redis://b:1\"]\nkey_env = \"K\"",
+                Some(("credentials.redis_cluster", "not both")),
+            ),
+            (
+                "[credentials]\nstore = \"embedded\"\npath = \"/tmp/x\"\nredis_cluster = [\"redis://b:1\"]\nkey_env = \"K\"",
+                Some(("credentials.redis_cluster", "only used by the redis store")),
+            ),
+            (
                 "[credentials]\nstore = \"embedded\"\npath = \"/tmp/x\"",
                 Some(("credentials", "exactly one of key_file and key_env")),
             ),

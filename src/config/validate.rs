@@ -22,6 +22,7 @@ use super::{
     connector, tenants,
 };
 use crate::caller::Callers;
+use crate::credential::redis::RedisTarget;
 use crate::credential::{Credentials, KeySource, Store, StoreKind, VaultSettings};
 use crate::names::{Host, parse_host};
 use crate::policy::domain::{DomainList, DomainPattern};
@@ -286,17 +287,49 @@ fn dns(errors: &mut Errors, d: &DnsFile) -> ResolverSettings {
     }
 }
 
+/// `redis_url` (one server) or `redis_cluster` (a cluster's seed nodes): exactly one.
+fn redis_target(errors: &mut Errors, c: &CredentialsFile) -> RedisTarget {
+    let is_url = |u: &str| u.starts_with("redis://") || u.starts_with("rediss://");
+    match (&c.redis_url, &c.redis_cluster) {
+        (Some(u), None) if is_url(u) => RedisTarget::Single(u.clone()),
+        (None, Some(nodes)) if !nodes.is_empty() && nodes.iter().all(|n| is_url(n)) => {
+            RedisTarget::Cluster(nodes.clone())
+        }
+        (None, Some(_)) => {
+            errors.push(
+                "credentials.redis_cluster",
+                "list at least one seed node, each \"redis://host:port\"",
+            );
+            RedisTarget::Cluster(Vec::new())
+        }
+        (Some(_), Some(_)) => {
+            errors.push(
+                "credentials.redis_cluster",
+                "set redis_url (one server) or redis_cluster (a cluster), not both",
+            );
+            RedisTarget::Single(String::new())
+        }
+        (_, None) => {
+            errors.push(
+                "credentials.redis_url",
+                "the redis store needs redis_url = \"redis://host:port/\" (or redis_cluster)",
+            );
+            RedisTarget::Single(String::new())
+        }
+    }
+}
+
 /// `[credentials]`: the store, the master keys, the cache.
 fn credentials(errors: &mut Errors, c: &CredentialsFile, base: &Path) -> Credentials {
     let chosen = c
         .store
         .get()
         .map_err(|e| errors.push("credentials.store", e));
-    let store = match (chosen, &c.path, &c.redis_url) {
-        (Ok(Store::Embedded), Some(p), _) => StoreKind::Embedded {
+    let store = match (chosen, &c.path) {
+        (Ok(Store::Embedded), Some(p)) => StoreKind::Embedded {
             path: resolve_path(base, p),
         },
-        (Ok(Store::Embedded), None, _) => {
+        (Ok(Store::Embedded), None) => {
             errors.push(
                 "credentials.path",
                 "the embedded store needs a database file path",
@@ -305,27 +338,23 @@ fn credentials(errors: &mut Errors, c: &CredentialsFile, base: &Path) -> Credent
                 path: PathBuf::new(),
             }
         }
-        (Ok(Store::Redis), _, Some(u))
-            if u.starts_with("redis://") || u.starts_with("rediss://") =>
-        {
-            StoreKind::Redis { url: u.clone() }
-        }
-        (Ok(Store::Redis), _, _) => {
-            errors.push(
-                "credentials.redis_url",
-                "the redis store needs redis_url = \"redis://host:port/\"",
-            );
-            StoreKind::Redis { url: String::new() }
-        }
-        (Err(()), _, _) => StoreKind::Embedded {
+        (Ok(Store::Redis), _) => StoreKind::Redis {
+            target: redis_target(errors, c),
+        },
+        (Err(()), _) => StoreKind::Embedded {
             path: PathBuf::new(),
         },
     };
     if chosen != Ok(Store::Embedded) && c.path.is_some() {
         errors.push("credentials.path", "only used by the embedded store");
     }
-    if chosen != Ok(Store::Redis) && c.redis_url.is_some() {
-        errors.push("credentials.redis_url", "only used by the redis store");
+    if chosen != Ok(Store::Redis) {
+        if c.redis_url.is_some() {
+            errors.push("credentials.redis_url", "only used by the redis store");
+        }
+        if c.redis_cluster.is_some() {
+            errors.push("credentials.redis_cluster", "only used by the redis store");
+        }
     }
     let keys = match (&c.key_file, &c.key_env) {
         (Some(p), None) => KeySource::File {

@@ -19,21 +19,31 @@
 //! Admin-API definitions live in one hash per kind, `sluice:defs:<kind>` (field = id, value =
 //! JSON).
 //!
-//! Invalidations travel on the channel `sluice:cred:invalidate` as `workspace/connector`, or
-//! `!definitions` when definitions changed. After
+//! Invalidations travel on the channel `sluice:cred:invalidate` as
+//! `workspace/connector#origin`, or `!definitions` when definitions changed. `origin` names the
+//! replica that wrote: it dropped its own copy already, so it ignores its own message (and
+//! keeps the new copy it may have cached meanwhile, which an outage may need). A message
+//! without `#origin` (an older replica) is always applied. After
 //! the subscription reconnects, a replica may have missed messages, so it drops its whole
 //! fresh cache.
 //!
-//! The connection manager reconnects by itself; sluice also starts when Redis is down and
-//! connects once it is up, answering `credential_store_unavailable` (or from cache) meanwhile.
+//! One server (`redis_url`) or a Redis Cluster (`redis_cluster`): [`conn::RedisConn`] is
+//! either, and every command below works on both. In a cluster the client follows `MOVED` and
+//! `ASK` and refreshes its slot map; the invalidation subscription connects to any one node
+//! (a cluster carries `PUBLISH` to subscribers on every node) and moves to the next seed node
+//! when its node goes away.
+//!
+//! The connection reconnects by itself; sluice also starts when Redis is down and connects
+//! once it is up, answering `credential_store_unavailable` (or from cache) meanwhile.
 //!
 //! Every call is bounded by `credentials.read_timeout_ms` as a whole: while Redis is down the
 //! connection manager would hold a command until it reconnects (seconds, then send it late),
 //! so a caller gets `Unavailable` at the deadline instead and the command, dropped before it
-//! was written, never reaches the Redis that comes back. A record is written in one
-//! `MULTI`/`EXEC` (the record and its workspace's index share a slot), so it is all or
-//! nothing; the global workspace listing is added to first, and listing tolerates a
-//! workspace whose records are not there.
+//! was written, never reaches the Redis that comes back. (The cluster client drops a queued
+//! command whose caller has gone, before sending it; its retries are few and short.) A record
+//! and its workspace's index are written by one script (they share a slot), so the write is
+//! all or nothing on a single server and on a cluster alike; the global workspace listing is
+//! added to first, and listing tolerates a workspace whose records are not there.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,10 +52,12 @@ use arc_swap::ArcSwapOption;
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use redis::AsyncCommands;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tracing::{info, warn};
 
 use super::store::{CredentialRecord, CredentialStore, StoreError, decode, encode};
+
+mod conn;
+pub use conn::{RedisConn, RedisTarget};
 
 const CHANNEL: &str = "sluice:cred:invalidate";
 const WORKSPACES: &str = "sluice:cred:workspaces";
@@ -69,6 +81,20 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   return 1
 end
 return 0";
+
+/// A record and its workspace's index, in one step (one slot: the workspace's hash tag).
+/// KEYS: record, index. ARGV: the record, the connector id.
+const PUT_RECORD: &str = r"
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[2])
+return 1";
+
+/// The record and its index entry gone, in one step. Returns how many records were deleted.
+/// KEYS: record, index. ARGV: the connector id.
+const DELETE_RECORD: &str = r"
+local removed = redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[1])
+return removed";
 
 /// Delete the lock only if it still holds our fencing token.
 const RELEASE: &str = r"
@@ -104,8 +130,11 @@ fn definitions_key(kind: &str) -> String {
 const DEFINITION_KINDS: [&str; 3] = ["connector", "org", "workspace"];
 
 pub struct RedisStore {
-    client: redis::Client,
-    conn: Arc<ArcSwapOption<ConnectionManager>>,
+    /// For the invalidation subscription: every URL given, tried in turn.
+    pubsub: Vec<redis::Client>,
+    /// This replica's name on the invalidation channel (random per process).
+    origin: Arc<str>,
+    conn: Arc<ArcSwapOption<RedisConn>>,
     /// Bounds every call: the connection manager's own reconnect backoff must not stall a
     /// request or an admin call while Redis is down.
     timeout: Duration,
@@ -118,37 +147,27 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 impl RedisStore {
     /// Connect, waiting at most `timeout`. When Redis is not reachable, keep trying in the
     /// background; operations fail as unavailable until the first connection succeeds.
-    pub async fn new(url: &str, timeout: Duration) -> Result<Self, String> {
-        let client = redis::Client::open(url).map_err(|e| format!("invalid redis url: {e}"))?;
+    pub async fn new(target: &RedisTarget, timeout: Duration) -> Result<Self, String> {
+        let pubsub = target.pubsub_clients()?;
         let conn = Arc::new(ArcSwapOption::empty());
         let store = Self {
-            client: client.clone(),
+            pubsub,
+            origin: format!("{:016x}", rand::random::<u64>()).into(),
             conn: conn.clone(),
             timeout,
         };
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(timeout)
-            .set_response_timeout(timeout)
-            .set_max_delay(2_000);
-        let first = tokio::time::timeout(
-            timeout,
-            client.get_connection_manager_with_config(config.clone()),
-        )
-        .await;
-        if let Ok(Ok(manager)) = first {
-            conn.store(Some(Arc::new(manager)));
+        if let Ok(Ok(first)) = tokio::time::timeout(timeout, target.connect(timeout)).await {
+            conn.store(Some(Arc::new(first)));
             return Ok(store);
         }
         warn!("redis not reachable at startup; serving from TOML definitions until it is");
+        let target = target.clone();
         tokio::spawn(async move {
             let mut delay = Duration::from_millis(50);
             loop {
-                match client
-                    .get_connection_manager_with_config(config.clone())
-                    .await
-                {
-                    Ok(manager) => {
-                        conn.store(Some(Arc::new(manager)));
+                match target.connect(timeout).await {
+                    Ok(connected) => {
+                        conn.store(Some(Arc::new(connected)));
                         info!("connected to redis");
                         return;
                     }
@@ -165,7 +184,7 @@ impl RedisStore {
 
     /// The current connection (a cheap clone), for other Redis users that share this one
     /// (the shared rate-limit budgets), or `Unavailable` before the first connection.
-    pub fn conn(&self) -> Result<ConnectionManager, StoreError> {
+    pub fn conn(&self) -> Result<RedisConn, StoreError> {
         self.conn
             .load()
             .as_deref()
@@ -190,10 +209,12 @@ impl RedisStore {
 
     /// Listen for invalidations from other replicas until the process ends.
     pub fn start_invalidation_listener(&self, on_invalidate: Invalidator) {
-        let client = self.client.clone();
+        let clients = self.pubsub.clone();
+        let origin = self.origin.clone();
         tokio::spawn(async move {
             let mut first = true;
-            loop {
+            // The seed nodes in turn: a cluster node that went away is replaced by the next.
+            for client in clients.iter().cycle() {
                 let mut pubsub = match client.get_async_pubsub().await {
                     Ok(p) => p,
                     Err(_) => {
@@ -217,7 +238,16 @@ impl RedisStore {
                     };
                     if payload == DEFINITIONS_CHANGED {
                         on_invalidate(Invalidation::Definitions);
-                    } else if let Some((ws, conn)) = payload.split_once('/') {
+                        continue;
+                    }
+                    let (change, from) = match payload.rsplit_once('#') {
+                        Some((change, from)) => (change, Some(from)),
+                        None => (payload.as_str(), None),
+                    };
+                    if from == Some(&*origin) {
+                        continue;
+                    }
+                    if let Some((ws, conn)) = change.split_once('/') {
                         on_invalidate(Invalidation::Credential(ws, conn));
                     }
                 }
@@ -247,30 +277,23 @@ impl CredentialStore for RedisStore {
             // The listing first: a workspace listed without records is tolerated, a record
             // that no listing finds is not.
             let _: i64 = conn.sadd(WORKSPACES, &record.workspace).await?;
-            redis::pipe()
-                .atomic()
-                .set(record_key(&record.workspace, &record.name), encode(record))
-                .ignore()
-                .sadd(index_key(&record.workspace), &record.name)
-                .ignore()
-                .query_async::<()>(&mut conn)
-                .await
+            let script = redis::Script::new(PUT_RECORD);
+            let mut invocation = script.key(record_key(&record.workspace, &record.name));
+            invocation
+                .key(index_key(&record.workspace))
+                .arg(encode(record))
+                .arg(&record.name);
+            invocation.invoke_async::<i64>(&mut conn).await.map(drop)
         })
         .await
     }
 
     async fn delete(&self, workspace: &str, connector: &str) -> Result<bool, StoreError> {
         let mut conn = self.conn()?;
-        let (removed,): (i64,) = self
-            .bounded(
-                redis::pipe()
-                    .atomic()
-                    .del(record_key(workspace, connector))
-                    .srem(index_key(workspace), connector)
-                    .ignore()
-                    .query_async(&mut conn),
-            )
-            .await?;
+        let script = redis::Script::new(DELETE_RECORD);
+        let mut invocation = script.key(record_key(workspace, connector));
+        invocation.key(index_key(workspace)).arg(connector);
+        let removed: i64 = self.bounded(invocation.invoke_async(&mut conn)).await?;
         Ok(removed > 0)
     }
 
@@ -412,7 +435,7 @@ impl CredentialStore for RedisStore {
             return;
         };
         let sent: Result<i64, _> = self
-            .bounded(conn.publish(CHANNEL, format!("{workspace}/{connector}")))
+            .bounded(conn.publish(CHANNEL, format!("{workspace}/{connector}#{}", self.origin)))
             .await;
         if let Err(e) = sent {
             warn!(workspace, connector, error = %e, "cannot publish a cache invalidation");

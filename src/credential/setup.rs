@@ -19,7 +19,7 @@ use super::{Vault, VaultSettings, embedded, redis};
 pub enum Store {
     /// redb, one file on this machine.
     Embedded,
-    /// A Redis server shared by every replica.
+    /// A Redis server, or a Redis Cluster, shared by every replica.
     Redis,
 }
 
@@ -27,7 +27,7 @@ pub enum Store {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreKind {
     Embedded { path: PathBuf },
-    Redis { url: String },
+    Redis { target: redis::RedisTarget },
 }
 
 /// Where the master keys come from (never the TOML itself).
@@ -105,8 +105,8 @@ pub async fn build_vault(
             let store = Arc::new(embedded::EmbeddedStore::open(path)?);
             Ok((Arc::new(Vault::new(store, keyring, &creds.vault)), None))
         }
-        StoreKind::Redis { url } => {
-            let store = Arc::new(redis::RedisStore::new(url, creds.vault.read_timeout).await?);
+        StoreKind::Redis { target } => {
+            let store = Arc::new(redis::RedisStore::new(target, creds.vault.read_timeout).await?);
             let vault = Arc::new(Vault::new(store.clone(), keyring, &creds.vault));
             Ok((vault, Some(store)))
         }

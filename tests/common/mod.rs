@@ -696,6 +696,31 @@ create_key_file_if_missing = true
         self.start_with("", "").await
     }
 
+    /// Start sluice with its credentials on a Redis Cluster, plus `extra`; `credentials_extra`
+    /// goes inside `[credentials]` (cache settings).
+    pub async fn start_on_cluster(
+        &self,
+        cluster: &RedisCluster,
+        credentials_extra: &str,
+        extra: &str,
+    ) -> Running {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let marker = "redis://cluster-marker/";
+        let nodes: Vec<String> = cluster.nodes().iter().map(|n| format!("{n:?}")).collect();
+        let text = self
+            .config_with_store(port, "", extra, Some(marker))
+            .replace(
+                &format!("redis_url = \"{marker}\""),
+                &format!(
+                    "redis_cluster = [{}]\n{credentials_extra}",
+                    nodes.join(", ")
+                ),
+            );
+        self.serve_text(listener, &format!("sluice-{port}.toml"), &text)
+            .await
+    }
+
     /// Two OAuth connectors on the mock provider (`cc`: client credentials, `ac`: authorization
     /// code), plus `private_idp`, whose token endpoint resolves to a private address.
     pub fn oauth_connectors(&self, skew_ms: u64, client_secret: &str) -> String {
@@ -1142,4 +1167,214 @@ pub async fn exchange(gw: &Running, request: &[u8], half_close: bool) -> Vec<Par
     let read = tokio::time::timeout(Duration::from_secs(20), tcp.read_to_end(&mut buf)).await;
     assert!(read.is_ok(), "the gateway neither answered nor closed");
     responses(&buf)
+}
+
+/// A real 3-master Redis Cluster (`redis-server --cluster-enabled yes`, then
+/// `redis-cli --cluster create`) on free loopback ports, for the length of a test. Each node
+/// keeps its data (append-only file) and its cluster identity (nodes.conf) in its own
+/// directory, so `stop` and `resume` are a master's restart, not a new node.
+pub struct RedisCluster {
+    pub ports: Vec<u16>,
+    bus_ports: Vec<u16>,
+    dir: tempfile::TempDir,
+    children: Vec<Option<std::process::Child>>,
+}
+
+impl RedisCluster {
+    pub async fn start() -> Self {
+        // Hold every listener until all six ports are chosen, so none is chosen twice. The
+        // cluster bus port is given explicitly (port + 10000 may not exist).
+        let held: Vec<std::net::TcpListener> = (0..6)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let ports: Vec<u16> = held
+            .iter()
+            .map(|l| l.local_addr().unwrap().port())
+            .collect();
+        drop(held);
+        let mut cluster = Self {
+            ports: ports[..3].to_vec(),
+            bus_ports: ports[3..].to_vec(),
+            dir: tempfile::tempdir().unwrap(),
+            children: vec![None, None, None],
+        };
+        for i in 0..3 {
+            cluster.resume(i).await;
+        }
+        let out = tokio::process::Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(cluster.ports.iter().map(|p| format!("127.0.0.1:{p}")))
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .await
+            .expect("redis-cli is installed (tests/run.sh installs redis-server)");
+        assert!(out.status.success(), "cluster create: {out:?}");
+        cluster.wait_ok().await;
+        cluster
+    }
+
+    /// The seed nodes, as `[credentials] redis_cluster` takes them.
+    pub fn nodes(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect()
+    }
+
+    /// (Re)start node `i` with its own data and identity, and wait until it answers PING.
+    pub async fn resume(&mut self, i: usize) {
+        let (port, bus) = (self.ports[i], self.bus_ports[i]);
+        let dir = self.dir.path().join(format!("node-{port}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+            ])
+            .args([
+                "--cluster-port",
+                &bus.to_string(),
+                "--cluster-node-timeout",
+                "1000",
+            ])
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (tests/run.sh installs it)");
+        self.children[i] = Some(child);
+        let mut conn = self.node(i).await;
+        let pong: String = redis::cmd("PING").query_async(&mut conn).await.unwrap();
+        assert_eq!(pong, "PONG");
+    }
+
+    /// Kill node `i` (a master's crash).
+    pub fn stop(&mut self, i: usize) {
+        if let Some(mut child) = self.children[i].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// A plain connection to node `i` (retried while it starts).
+    pub async fn node(&self, i: usize) -> redis::aio::MultiplexedConnection {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{}/", self.ports[i])).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(mut c) = client.get_multiplexed_async_connection().await {
+                let pong: Result<String, _> = redis::cmd("PING").query_async(&mut c).await;
+                if pong.is_ok() {
+                    return c;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis node did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Wait until every running node says `cluster_state:ok` and knows all three masters.
+    pub async fn wait_ok(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut ok = true;
+            for i in (0..3).filter(|&i| self.children[i].is_some()) {
+                let mut conn = self.node(i).await;
+                let info: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap_or_default();
+                ok &= info.contains("cluster_state:ok") && info.contains("cluster_size:3");
+            }
+            if ok {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the cluster never became ok"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Which node holds `key`'s slot now.
+    pub async fn owner(&self, key: &str) -> usize {
+        for i in (0..3).filter(|&i| self.children[i].is_some()) {
+            let mut conn = self.node(i).await;
+            let slot: i64 = redis::cmd("CLUSTER")
+                .arg("KEYSLOT")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            // Slot ranges start at the ninth field of the node's own line in CLUSTER NODES.
+            let nodes: String = redis::cmd("CLUSTER")
+                .arg("NODES")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let myself = nodes.lines().find(|l| l.contains("myself")).unwrap();
+            let owns = myself.split_whitespace().skip(8).any(|range| {
+                let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                match (lo.parse::<i64>(), hi.parse::<i64>()) {
+                    (Ok(lo), Ok(hi)) => (lo..=hi).contains(&slot),
+                    _ => false,
+                }
+            });
+            if owns {
+                return i;
+            }
+        }
+        panic!("no running node owns {key}");
+    }
+
+    /// Subscribers of sluice's invalidation channel, over every running node (PUBSUB NUMSUB
+    /// is per node in a cluster).
+    pub async fn wait_for_subscribers(&self, n: i64) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut total = 0;
+            for i in (0..3).filter(|&i| self.children[i].is_some()) {
+                let mut conn = self.node(i).await;
+                let (_, subscribers): (String, i64) = redis::cmd("PUBSUB")
+                    .arg("NUMSUB")
+                    .arg("sluice:cred:invalidate")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                total += subscribers;
+            }
+            if total >= n {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "replicas never subscribed"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for i in 0..3 {
+            self.stop(i);
+        }
+    }
 }
