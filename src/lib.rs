@@ -26,6 +26,7 @@
 //! | [`label`]      | names of enums in config values, log fields and metric labels         |
 //! | [`names`]      | host, authority and identifier grammar                                |
 //! | [`files`]      | reading CA bundles and key files                                      |
+//! | [`import`]     | `sluice connector import`: an OpenAPI 3.x document → a connector       |
 //! | [`explain`]    | `sluice explain`: the policy decision for a URL, without sending      |
 //! | [`server`]     | starting it: pingora `Server`, or a caller-bound listener             |
 //! | [`admin`]      | the admin API: credentials, key rotation, connectors, orgs, workspaces |
@@ -41,6 +42,7 @@ pub mod ctx;
 pub mod error;
 pub mod explain;
 pub mod files;
+pub mod import;
 pub mod intercept;
 pub mod json;
 pub mod label;

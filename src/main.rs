@@ -65,6 +65,11 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// Connector definitions.
+    Connector {
+        #[command(subcommand)]
+        command: ConnectorCommand,
+    },
     /// Manage workspace credentials through a running sluice's admin API. The admin token is
     /// read from SLUICE_ADMIN_TOKEN or --token-file, never from the command line.
     Credentials {
@@ -72,6 +77,24 @@ enum Command {
         admin: AdminArgs,
         #[command(subcommand)]
         command: CredentialsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConnectorCommand {
+    /// Print a connector definition made from an OpenAPI 3.x document (YAML or JSON):
+    /// servers -> allowed_domains, the security scheme -> auth, operations -> actions. What
+    /// could not be carried over is listed on stderr. The definition is validated first.
+    Import {
+        /// The OpenAPI document.
+        spec: PathBuf,
+        /// The connector_id to give it.
+        #[arg(long)]
+        id: String,
+        /// `toml` (a `[[connector]]` for the config file) or `json` (the admin API's body for
+        /// PUT /admin/connectors/{id}).
+        #[arg(long, default_value = "toml")]
+        format: String,
     },
 }
 
@@ -228,6 +251,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Connector { command } => connector(command),
         Command::Credentials { admin, command } => {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -241,6 +265,38 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+fn connector(command: ConnectorCommand) -> ExitCode {
+    let ConnectorCommand::Import { spec, id, format } = command;
+    match import(&spec, &id, &format) {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("sluice connector import: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `sluice connector import`: the definition as text; notes go to stderr.
+fn import(spec: &std::path::Path, id: &str, format: &str) -> Result<String, String> {
+    use sluice::import;
+    let text = std::fs::read_to_string(spec)
+        .map_err(|e| format!("cannot read {}: {e}", spec.display()))?;
+    let doc = import::parse_document(&text).map_err(|e| format!("{}: {e}", spec.display()))?;
+    let imported = import::import(&doc, id)?;
+    for note in &imported.notes {
+        eprintln!("note: {note}");
+    }
+    import::check(&imported.connector)?;
+    match format {
+        "toml" => import::to_toml(&imported.connector),
+        "json" => import::to_json(&imported.connector),
+        other => Err(format!("--format {other:?}: toml or json")),
     }
 }
 

@@ -21,8 +21,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq && apt-get install -y -qq "${missing[@]}"
 fi
 # Python `requests` and `httpx` (real clients for the proxy and its TLS interception), openapi-spec-validator (checks the admin
-# API's OpenAPI 3.1 document) and prometheus-client (parses /metrics).
-for module in requests:requests httpx:httpx openapi_spec_validator:openapi-spec-validator prometheus_client:prometheus-client; do
+# API's OpenAPI 3.1 document), prometheus-client (parses /metrics) and PyYAML (counts the
+# operations of the OpenAPI fixtures independently of `sluice connector import`).
+for module in requests:requests httpx:httpx openapi_spec_validator:openapi-spec-validator prometheus_client:prometheus-client yaml:pyyaml; do
   if ! python3 -c "import ${module%%:*}" 2>/dev/null; then
     python3 -m pip install --quiet "${module#*:}" \
       || python3 -m pip install --quiet --break-system-packages "${module#*:}"
