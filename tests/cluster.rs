@@ -148,6 +148,47 @@ async fn writes_through_one_replica_are_reported_as_they_happened_and_seen_by_th
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slots_that_move_are_followed_for_listing_reads_and_writes() {
+    let _serial = SERIAL.lock().await;
+    let env = Env::new().await;
+    let cluster = RedisCluster::start().await;
+    let gw = env
+        .start_on_cluster(&cluster, "", &workspace_config())
+        .await;
+    let admin = Admin::new(&gw, Some(ADMIN_TOKEN));
+    for ws in workspaces() {
+        put(&admin, &ws, &format!("v1-{ws}")).await;
+    }
+    // The global listing key and one workspace's slot move to other masters while sluice
+    // runs with the old slot map.
+    for key in ["sluice:cred:workspaces", "sluice:cred:{ws_c1}:narrow"] {
+        let before = cluster.owner(key).await;
+        let after = cluster.move_slot_of(key).await;
+        assert_ne!(before, after);
+        assert_eq!(cluster.owner(key).await, after);
+    }
+    let (status, _, list) = admin.call(Method::GET, "/admin/credentials", None).await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list["credentials"].as_array().unwrap().len(), 12, "{list}");
+    assert_eq!(
+        call(&gw, &env, "ws_c1").await,
+        (200, None, Some("v1-ws_c1".into()))
+    );
+    put(&admin, "ws_c1", "v2").await;
+    assert_eq!(call(&gw, &env, "ws_c1").await.2.as_deref(), Some("v2"));
+    let (status, _, _) = admin
+        .call(
+            Method::DELETE,
+            "/admin/workspaces/ws_c1/credentials/narrow",
+            None,
+        )
+        .await;
+    assert!(status == 200 || status == 204, "{status}");
+    let (_, _, list) = admin.call(Method::GET, "/admin/credentials", None).await;
+    assert_eq!(list["credentials"].as_array().unwrap().len(), 11, "{list}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_hundred_requests_with_an_expired_token_refresh_once_on_a_cluster() {
     let _serial = SERIAL.lock().await;

@@ -1343,6 +1343,77 @@ impl RedisCluster {
         panic!("no running node owns {key}");
     }
 
+    /// Move `key`'s slot, keys included, to another master, as `redis-cli --cluster reshard`
+    /// does (IMPORTING/MIGRATING, MIGRATE, then SETSLOT NODE everywhere). Returns the new
+    /// owner.
+    pub async fn move_slot_of(&self, key: &str) -> usize {
+        let from = self.owner(key).await;
+        let to = (from + 1) % 3;
+        let mut src = self.node(from).await;
+        let mut dst = self.node(to).await;
+        let slot: i64 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query_async(&mut src)
+            .await
+            .unwrap();
+        let id = |c: &mut redis::aio::MultiplexedConnection| {
+            let mut c = c.clone();
+            async move {
+                redis::cmd("CLUSTER")
+                    .arg("MYID")
+                    .query_async::<String>(&mut c)
+                    .await
+                    .unwrap()
+            }
+        };
+        let (src_id, dst_id) = (id(&mut src).await, id(&mut dst).await);
+        let setslot = |state: &'static str, node: String| {
+            let mut cmd = redis::cmd("CLUSTER");
+            cmd.arg("SETSLOT").arg(slot).arg(state).arg(node);
+            cmd
+        };
+        let _: () = setslot("IMPORTING", src_id)
+            .query_async(&mut dst)
+            .await
+            .unwrap();
+        let _: () = setslot("MIGRATING", dst_id.clone())
+            .query_async(&mut src)
+            .await
+            .unwrap();
+        loop {
+            let keys: Vec<String> = redis::cmd("CLUSTER")
+                .arg("GETKEYSINSLOT")
+                .arg(slot)
+                .arg(100)
+                .query_async(&mut src)
+                .await
+                .unwrap();
+            if keys.is_empty() {
+                break;
+            }
+            let _: () = redis::cmd("MIGRATE")
+                .arg("127.0.0.1")
+                .arg(self.ports[to])
+                .arg("")
+                .arg(0)
+                .arg(5000)
+                .arg("KEYS")
+                .arg(&keys)
+                .query_async(&mut src)
+                .await
+                .unwrap();
+        }
+        for i in 0..3 {
+            let mut conn = self.node(i).await;
+            let _: () = setslot("NODE", dst_id.clone())
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+        to
+    }
+
     /// Subscribers of sluice's invalidation channel, over every running node (PUBSUB NUMSUB
     /// is per node in a cluster).
     pub async fn wait_for_subscribers(&self, n: i64) {
