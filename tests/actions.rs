@@ -108,10 +108,7 @@ async fn call(
         .await
         .unwrap();
     let status = resp.status().as_u16();
-    let code = resp
-        .headers()
-        .get("x-sluice-error")
-        .map(|v| v.to_str().unwrap().to_string());
+    let code = error_code(&resp);
     let text = resp.text().await.unwrap();
     let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
     (status, code, json)

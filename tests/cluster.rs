@@ -49,10 +49,7 @@ async fn call(
         .await
         .unwrap();
     let status = resp.status().as_u16();
-    let code = resp
-        .headers()
-        .get("x-sluice-error")
-        .map(|v| v.to_str().unwrap().to_string());
+    let code = error_code(&resp);
     let seen = env
         .upstream
         .requests()
@@ -65,6 +62,37 @@ async fn call(
 fn rand_suffix() -> u64 {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// 200 requests at once for ws_7 on `connector`, alternating between two replicas: their
+/// statuses.
+async fn burst(
+    a: &sluice::server::Running,
+    b: &sluice::server::Running,
+    url: String,
+    connector: &'static str,
+) -> Vec<u16> {
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let c = client(if i % 2 == 0 { a } else { b }, Some(("ops", OPS_TOKEN)));
+            let url = url.clone();
+            tokio::spawn(async move {
+                let resp = c
+                    .get(url)
+                    .header("x-connector", connector)
+                    .header("x-workspace", "ws_7")
+                    .send()
+                    .await
+                    .unwrap();
+                resp.status().as_u16()
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap());
+    }
+    statuses
 }
 
 async fn put(admin: &Admin, workspace: &str, key: &str) -> u16 {
@@ -216,25 +244,8 @@ async fn two_hundred_requests_with_an_expired_token_refresh_once_on_a_cluster() 
         m.expires_in = Some(3600);
         m.delay = Duration::from_millis(300);
     }
-    let url = env.url("api.saas.test", "/api/burst");
-    let mut tasks = Vec::new();
-    for i in 0..200 {
-        let c = client(if i % 2 == 0 { &a } else { &b }, Some(("ops", OPS_TOKEN)));
-        let url = url.clone();
-        tasks.push(tokio::spawn(async move {
-            let resp = c
-                .get(url)
-                .header("x-connector", "cc")
-                .header("x-workspace", "ws_7")
-                .send()
-                .await
-                .unwrap();
-            resp.status().as_u16()
-        }));
-    }
-    for t in tasks {
-        assert_eq!(t.await.unwrap(), 200);
-    }
+    let statuses = burst(&a, &b, env.url("api.saas.test", "/api/burst"), "cc").await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     assert_eq!(
         env.upstream.oauth.lock().unwrap().token_calls,
         2,
@@ -268,30 +279,12 @@ shared = true
     let slow_ok = "read_timeout_ms = 2000";
     let a = env.start_on_cluster(&cluster, slow_ok, &extra).await;
     let b = env.start_on_cluster(&cluster, slow_ok, &extra).await;
-    let url = env.url("api.saas.test", "/budget");
-    let mut tasks = Vec::new();
-    for i in 0..200 {
-        let c = client(if i % 2 == 0 { &a } else { &b }, Some(("ops", OPS_TOKEN)));
-        let url = url.clone();
-        tasks.push(tokio::spawn(async move {
-            let resp = c
-                .get(url)
-                .header("x-connector", "budget")
-                .header("x-workspace", "ws_7")
-                .send()
-                .await
-                .unwrap();
-            resp.status().as_u16()
-        }));
-    }
-    let mut admitted = 0;
-    for t in tasks {
-        match t.await.unwrap() {
-            200 => admitted += 1,
-            429 => {}
-            other => panic!("status {other}"),
-        }
-    }
+    let statuses = burst(&a, &b, env.url("api.saas.test", "/budget"), "budget").await;
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 429),
+        "{statuses:?}"
+    );
+    let admitted = statuses.iter().filter(|s| **s == 200).count();
     assert!(
         (95..=105).contains(&admitted),
         "{admitted} admitted: one budget of 100 across two replicas, within 5 %"
@@ -356,10 +349,7 @@ async fn a_master_restarted_under_load_keeps_cached_credentials_serving_and_reco
                     .send()
                     .await
                     .unwrap();
-                let code = resp
-                    .headers()
-                    .get("x-sluice-error")
-                    .map(|v| v.to_str().unwrap().to_string());
+                let code = error_code(&resp);
                 statuses.push((ws.clone(), resp.status().as_u16(), code));
             }
             statuses

@@ -25,10 +25,7 @@ async fn get(gw: &sluice::server::Running, connector: &str, port: u16) -> (u16, 
         .send()
         .await
         .unwrap();
-    let code = resp
-        .headers()
-        .get("x-sluice-error")
-        .map(|v| v.to_str().unwrap().to_string());
+    let code = error_code(&resp);
     (resp.status().as_u16(), code)
 }
 

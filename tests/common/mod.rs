@@ -801,6 +801,13 @@ pub fn client(gateway: &Running, user: Option<(&str, &str)>) -> reqwest::Client 
         .unwrap()
 }
 
+/// The error code sluice put on a response (`X-Sluice-Error`), if any.
+pub fn error_code(resp: &reqwest::Response) -> Option<String> {
+    resp.headers()
+        .get("x-sluice-error")
+        .map(|v| v.to_str().unwrap().to_string())
+}
+
 /// A parsed raw HTTP response.
 #[derive(Debug)]
 pub struct RawResponse {
