@@ -429,6 +429,14 @@ fn credentials_admin_and_interception() {
                 None,
             ),
             (
+                "[credentials]\nstore = \"redis\"\nredis_url = \"redis+cluster://127.0.0.1:7000,127.0.0.1:7001/\"\nkey_env = \"K\"",
+                None,
+            ),
+            (
+                "[credentials]\nstore = \"redis\"\nredis_url = \"redis+cluster:///\"\nkey_env = \"K\"",
+                Some(("credentials.redis_url", "at least one host:port")),
+            ),
+            (
                 "[credentials]\nstore = \"redis\"\nredis_cluster = []\nkey_env = \"K\"",
                 Some(("credentials.redis_cluster", "at least one seed node")),
             ),
@@ -530,5 +538,39 @@ fn definitions_serialize_back_as_written() {
     assert_eq!(
         serde_json::to_value(&unknown.connectors[0]).unwrap()["auth_type"],
         "magic"
+    );
+}
+
+#[test]
+fn a_redis_cluster_is_named_by_a_list_or_one_url() {
+    use crate::credential::redis::RedisTarget;
+    let target = |store: &str| {
+        let snapshot = load(&format!(
+            "[credentials]\nstore = \"redis\"\n{store}\nkey_env = \"K\""
+        ))
+        .unwrap_or_else(|e| panic!("{store}: {e}"));
+        match snapshot.credentials.map(|c| c.store) {
+            Some(crate::credential::StoreKind::Redis { target }) => target,
+            other => panic!("{store}: {other:?}"),
+        }
+    };
+    let nodes = vec![
+        "redis://u:p@10.0.0.1:7000".to_string(),
+        "redis://u:p@10.0.0.2:7001".into(),
+    ];
+    assert_eq!(
+        target("redis_url = \"redis+cluster://u:p@10.0.0.1:7000,10.0.0.2:7001/\""),
+        RedisTarget::Cluster(nodes.clone())
+    );
+    assert_eq!(
+        target(&format!(
+            "redis_cluster = [\"{}\", \"{}\"]",
+            nodes[0], nodes[1]
+        )),
+        RedisTarget::Cluster(nodes)
+    );
+    assert_eq!(
+        target("redis_url = \"redis://10.0.0.1:6379/\""),
+        RedisTarget::Single("redis://10.0.0.1:6379/".into())
     );
 }

@@ -291,6 +291,27 @@ fn dns(errors: &mut Errors, d: &DnsFile) -> ResolverSettings {
 fn redis_target(errors: &mut Errors, c: &CredentialsFile) -> RedisTarget {
     let is_url = |u: &str| u.starts_with("redis://") || u.starts_with("rediss://");
     match (&c.redis_url, &c.redis_cluster) {
+        // `redis+cluster://[user:pass@]host:port,host:port[/]`: the seed nodes in one URL.
+        (Some(u), None) if u.starts_with("redis+cluster://") => {
+            let rest = &u["redis+cluster://".len()..];
+            let (auth, hosts) = match rest.rsplit_once('@') {
+                Some((auth, hosts)) => (format!("{auth}@"), hosts),
+                None => (String::new(), rest),
+            };
+            let nodes: Vec<String> = hosts
+                .trim_end_matches('/')
+                .split(',')
+                .filter(|h| !h.is_empty())
+                .map(|h| format!("redis://{auth}{h}"))
+                .collect();
+            if nodes.is_empty() {
+                errors.push(
+                    "credentials.redis_url",
+                    "redis+cluster:// needs at least one host:port",
+                );
+            }
+            RedisTarget::Cluster(nodes)
+        }
         (Some(u), None) if is_url(u) => RedisTarget::Single(u.clone()),
         (None, Some(nodes)) if !nodes.is_empty() && nodes.iter().all(|n| is_url(n)) => {
             RedisTarget::Cluster(nodes.clone())
