@@ -67,6 +67,43 @@ impl OutboundTls {
         })
     }
 
+    /// A connector's own trust and client certificate (`[connector.tls]`), for its token and
+    /// revocation calls: `roots` (DER) replace the shared ones, `client` is a certificate
+    /// chain and its key, `tls13_only` holds the call to TLS 1.3.
+    pub fn for_connector(
+        roots: &[Vec<u8>],
+        client: Option<(&[Vec<u8>], &[u8])>,
+        tls13_only: bool,
+    ) -> Result<Self, String> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut store = RootCertStore::empty();
+        store.add_parsable_certificates(roots.iter().map(|d| CertificateDer::from(d.clone())));
+        let versions: &[&rustls::SupportedProtocolVersion] = if tls13_only {
+            &[&rustls::version::TLS13]
+        } else {
+            rustls::DEFAULT_VERSIONS
+        };
+        let builder =
+            ClientConfig::builder_with_protocol_versions(versions).with_root_certificates(store);
+        let config = match client {
+            None => builder.with_no_client_auth(),
+            Some((chain, key)) => {
+                let chain = chain
+                    .iter()
+                    .map(|c| CertificateDer::from(c.clone()))
+                    .collect();
+                let key = rustls::pki_types::PrivateKeyDer::try_from(key.to_vec())
+                    .map_err(|e| format!("client key: {e}"))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| format!("client certificate: {e}"))?
+            }
+        };
+        Ok(Self {
+            connector: TlsConnector::from(Arc::new(config)),
+        })
+    }
+
     /// POST a form to `path` at the vetted destination. Returns status and body.
     pub async fn post_form(
         &self,

@@ -143,7 +143,8 @@ pub struct ConnectorTlsFile {
     pub min_version: Option<crate::label::Choice<TlsVersion>>,
 }
 
-/// A connector's own upstream TLS: built once per config load, shared by every peer.
+/// A connector's own upstream TLS: built once per config load, shared by every peer and by
+/// sluice's own calls for the connector (OAuth token and revocation).
 #[derive(Clone, Default)]
 pub struct ConnectorTls {
     pub client_cert: Option<Arc<CertKey>>,
@@ -154,6 +155,9 @@ pub struct ConnectorTls {
     /// Pools connections per TLS profile: a connection verified with this connector's trust,
     /// or authenticated with its client certificate, is never reused by another profile.
     pub group_key: u64,
+    /// The same trust, client certificate and minimum version for sluice's own calls for this
+    /// connector (OAuth token and revocation endpoints); `None`: the shared client.
+    pub outbound: Option<crate::outbound::OutboundTls>,
 }
 
 impl std::fmt::Debug for ConnectorTls {
@@ -161,6 +165,7 @@ impl std::fmt::Debug for ConnectorTls {
         // Never the key.
         f.debug_struct("ConnectorTls")
             .field("client_cert", &self.client_cert.is_some())
+            .field("outbound", &self.outbound.is_some())
             .field("ca", &self.ca.as_ref().map(|c| c.len()))
             .field("min_version", &self.min_version)
             .finish()
@@ -219,33 +224,46 @@ impl ConnectorTls {
                 None
             }
         };
-        let ca = match &file.extra_ca_file {
-            None => None,
-            Some(path) => match trust_list(&resolve(path), global_extra_ca) {
-                Ok(ders) => {
-                    ders.hash(&mut profile);
-                    let certs: Vec<WrappedX509> = ders
-                        .into_iter()
-                        .map(|der| WrappedX509::new(der, parse_x509))
-                        .collect();
-                    Some(Arc::<CaType>::from(certs.into_boxed_slice()))
-                }
-                Err(e) => {
-                    errors.push(("extra_ca_file".to_owned(), e));
-                    None
-                }
-            },
+        let own_ca = file.extra_ca_file.as_deref().map(resolve);
+        let roots = match trust_list(own_ca.as_deref(), global_extra_ca) {
+            Ok(ders) => ders,
+            Err(e) => {
+                errors.push(("extra_ca_file".to_owned(), e));
+                Vec::new()
+            }
         };
         if !errors.is_empty() {
             return Err(errors);
         }
+        let ca = own_ca.is_some().then(|| {
+            roots.hash(&mut profile);
+            let certs: Vec<WrappedX509> = roots
+                .iter()
+                .map(|der| WrappedX509::new(der.clone(), parse_x509))
+                .collect();
+            Arc::<CaType>::from(certs.into_boxed_slice())
+        });
         let custom = client_cert.is_some() || ca.is_some() || min_version != TlsVersion::V1_2;
+        let outbound = if custom {
+            let client = client_cert
+                .as_ref()
+                .map(|k| (chain_ders(k), k.key().as_slice()));
+            let built = crate::outbound::OutboundTls::for_connector(
+                &roots,
+                client.as_ref().map(|(chain, key)| (chain.as_slice(), *key)),
+                min_version == TlsVersion::V1_3,
+            );
+            Some(built.map_err(|e| vec![("client_cert_file".to_owned(), e)])?)
+        } else {
+            None
+        };
         Ok(Self {
             client_cert,
             ca,
             min_version,
             // 0 is pingora's default group: connectors without their own TLS share it.
             group_key: if custom { profile.finish() | 1 } else { 0 },
+            outbound,
         })
     }
 
@@ -300,9 +318,20 @@ fn read_cert_key(cert: &Path, key: &Path) -> Result<(Vec<Vec<u8>>, Vec<u8>), Str
     Ok((chain, key_der))
 }
 
-/// System roots, the global extra CA and the connector's own.
-fn trust_list(own: &Path, global_extra_ca: Option<&Path>) -> Result<Vec<Vec<u8>>, String> {
-    let mut ders = checked_certs(own)?;
+/// The DER certificates of a client certificate chain, leaf first.
+fn chain_ders(key: &CertKey) -> Vec<Vec<u8>> {
+    std::iter::once(key.leaf())
+        .chain(key.intermediates())
+        .map(|c| c.borrow_raw_cert().clone())
+        .collect()
+}
+
+/// The connector's own CA (when it has one), the global extra CA and the system roots.
+fn trust_list(own: Option<&Path>, global_extra_ca: Option<&Path>) -> Result<Vec<Vec<u8>>, String> {
+    let mut ders = match own {
+        Some(own) => checked_certs(own)?,
+        None => Vec::new(),
+    };
     if let Some(global) = global_extra_ca {
         ders.extend(checked_certs(global)?);
     }

@@ -200,3 +200,77 @@ async fn bad_tls_settings_are_refused_at_load_with_their_key() {
         assert!(errors.contains(key), "{key}: {errors}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oauth_connectors_token_calls_present_its_client_certificate_too() {
+    let env = Env::new().await;
+    let client_ca = TestCa::new("partner client CA");
+    let (cert, key, der) = client_ca.issue_files(&["sluice.example"], env.dir.path(), "client");
+    let (server_certs, server_key) = env.ca.issue(&["api.saas.test", "auth.saas.test"]);
+    let verifier = WebPkiClientVerifier::builder(Arc::new(client_ca.roots()))
+        .build()
+        .unwrap();
+    // The partner's token endpoint and API both demand the client certificate.
+    let mtls = Upstream::start_with_config(
+        ServerConfig::builder()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(server_certs, server_key)
+            .unwrap(),
+    )
+    .await;
+    let port = mtls.port();
+    let secret = env.dir.path().join("partner.secret");
+    std::fs::write(&secret, "partner-client-secret").unwrap();
+    {
+        let mut m = mtls.oauth.lock().unwrap();
+        m.client_secret = "partner-client-secret".into();
+        m.expires_in = Some(3600);
+    }
+    let extra = format!(
+        r#"
+[[connector]]
+connector_id = "partner"
+display_name = "Partner"
+auth_type = "oauth2"
+allowed_domains = ["api.saas.test", "auth.saas.test"]
+allowed_ports = [{port}]
+[connector.oauth2]
+grant = "client_credentials"
+token_url = "https://auth.saas.test:{port}/oauth/token"
+client_id = "sluice-client"
+client_secret_file = "{secret}"
+client_auth = "client_secret_post"
+[connector.tls]
+client_cert_file = "{cert}"
+client_key_file = "{key}"
+min_version = "1.3"
+"#,
+        secret = secret.display(),
+        cert = cert.display(),
+        key = key.display()
+    );
+    let gw = env.start_with("", &extra).await;
+    let (status, _, body) = Admin::new(&gw, Some(ADMIN_TOKEN))
+        .call(
+            reqwest::Method::POST,
+            "/admin/workspaces/ws_7/oauth/partner/connect",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let resp = client(&gw, Some(("app", APP_TOKEN)))
+        .get(format!("http://api.saas.test:{port}/api/data"))
+        .header("x-connector", "partner")
+        .header("x-workspace", "ws_7")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let seen = mtls.requests();
+    let token_call = seen.iter().find(|r| r.target == "/oauth/token").unwrap();
+    assert_eq!(token_call.client_cert.as_deref(), Some(der.as_slice()));
+    assert_eq!(token_call.tls_version.as_deref(), Some("TLSv1_3"));
+    let api_call = seen.iter().find(|r| r.target == "/api/data").unwrap();
+    assert_eq!(api_call.client_cert.as_deref(), Some(der.as_slice()));
+    assert_eq!(api_call.header("authorization"), Some("Bearer at-1"));
+}

@@ -183,6 +183,7 @@ pub(super) async fn callback(state: &AdminState, query: &str) -> ApiResult {
         oauth,
         workspace: &pending.workspace,
         org,
+        tls: connector.tls.outbound.as_ref(),
     };
     let meta = state
         .oauth
@@ -211,6 +212,7 @@ pub(super) async fn connect(state: &AdminState, workspace: &str, connector: &str
         oauth,
         workspace,
         org,
+        tls: c.tls.outbound.as_ref(),
     };
     let meta = state
         .oauth
@@ -244,6 +246,7 @@ pub(super) async fn revoke_before_delete(
         oauth,
         workspace,
         org,
+        tls: c.tls.outbound.as_ref(),
     };
     let revoked = match state.oauth.revoke(&scope, &current.fields).await {
         Ok(all) => all,

@@ -81,6 +81,7 @@ impl Sluice {
             oauth: oauth2,
             workspace: &vetted.workspace,
             org: &vetted.org,
+            tls: connector.tls.outbound.as_ref(),
         };
         let token = self
             .oauth

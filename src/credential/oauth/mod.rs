@@ -106,6 +106,8 @@ pub struct Scope<'a> {
     pub oauth: &'a OAuth2,
     pub workspace: &'a str,
     pub org: &'a str,
+    /// The connector's own TLS for its token calls (`[connector.tls]`), else the shared one.
+    pub tls: Option<&'a OutboundTls>,
 }
 
 /// Token calls, refresh coordination and backoff for every OAuth connector.
@@ -166,8 +168,9 @@ impl OAuthClient {
             form.push(("client_id", &oauth.client_id));
             form.push(("client_secret", oauth.client_secret.expose()));
         }
-        let (status, body) = self
+        let (status, body) = sc
             .tls
+            .unwrap_or(&self.tls)
             .post_form(
                 &dest,
                 &oauth.token_url.path,
@@ -488,8 +491,9 @@ impl OAuthClient {
                 form.push(("client_id", &oauth.client_id));
                 form.push(("client_secret", oauth.client_secret.expose()));
             }
-            match self
+            match sc
                 .tls
+                .unwrap_or(&self.tls)
                 .post_form(&dest, &url.path, &form, oauth.basic_auth(), oauth.timeout)
                 .await
             {
