@@ -29,6 +29,39 @@ async fn get(gw: &sluice::server::Running, connector: &str, port: u16) -> (u16, 
     (resp.status().as_u16(), code)
 }
 
+/// An upstream that demands a client certificate from the partner's own CA, and the
+/// certificate (PEM files, and the leaf's DER) sluice is to present.
+struct Partner {
+    upstream: Upstream,
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    der: Vec<u8>,
+}
+
+impl Partner {
+    async fn start(env: &Env, names: &[&str]) -> Self {
+        let client_ca = TestCa::new("partner client CA");
+        let (cert, key, der) = client_ca.issue_files(&["sluice.example"], env.dir.path(), "client");
+        let (server_certs, server_key) = env.ca.issue(names);
+        let verifier = WebPkiClientVerifier::builder(Arc::new(client_ca.roots()))
+            .build()
+            .unwrap();
+        let upstream = Upstream::start_with_config(
+            ServerConfig::builder()
+                .with_client_cert_verifier(verifier)
+                .with_single_cert(server_certs, server_key)
+                .unwrap(),
+        )
+        .await;
+        Self {
+            upstream,
+            cert,
+            key,
+            der,
+        }
+    }
+}
+
 fn connector(id: &str, port: u16, tls: &str) -> String {
     format!(
         r#"
@@ -48,19 +81,12 @@ max_attempts = 1
 #[tokio::test]
 async fn a_connector_presents_its_client_certificate_and_only_it_does() {
     let env = Env::new().await;
-    let client_ca = TestCa::new("partner client CA");
-    let (cert, key, der) = client_ca.issue_files(&["sluice.example"], env.dir.path(), "client");
-    let (server_certs, server_key) = env.ca.issue(&["api.saas.test"]);
-    let verifier = WebPkiClientVerifier::builder(Arc::new(client_ca.roots()))
-        .build()
-        .unwrap();
-    let mtls = Upstream::start_with_config(
-        ServerConfig::builder()
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(server_certs, server_key)
-            .unwrap(),
-    )
-    .await;
+    let Partner {
+        upstream: mtls,
+        cert,
+        key,
+        der,
+    } = Partner::start(&env, &["api.saas.test"]).await;
     let port = mtls.port();
     let tls = format!(
         "[connector.tls]\nclient_cert_file = \"{}\"\nclient_key_file = \"{}\"",
@@ -204,20 +230,13 @@ async fn bad_tls_settings_are_refused_at_load_with_their_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oauth_connectors_token_calls_present_its_client_certificate_too() {
     let env = Env::new().await;
-    let client_ca = TestCa::new("partner client CA");
-    let (cert, key, der) = client_ca.issue_files(&["sluice.example"], env.dir.path(), "client");
-    let (server_certs, server_key) = env.ca.issue(&["api.saas.test", "auth.saas.test"]);
-    let verifier = WebPkiClientVerifier::builder(Arc::new(client_ca.roots()))
-        .build()
-        .unwrap();
     // The partner's token endpoint and API both demand the client certificate.
-    let mtls = Upstream::start_with_config(
-        ServerConfig::builder()
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(server_certs, server_key)
-            .unwrap(),
-    )
-    .await;
+    let Partner {
+        upstream: mtls,
+        cert,
+        key,
+        der,
+    } = Partner::start(&env, &["api.saas.test", "auth.saas.test"]).await;
     let port = mtls.port();
     let secret = env.dir.path().join("partner.secret");
     std::fs::write(&secret, "partner-client-secret").unwrap();

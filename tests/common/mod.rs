@@ -894,6 +894,25 @@ pub fn basic(name: &str, token: &str) -> String {
     )
 }
 
+/// A connection to the redis-server at `url` once it answers PING (it may be starting).
+async fn connect_when_up(url: &str) -> redis::aio::MultiplexedConnection {
+    let client = redis::Client::open(url).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(mut c) = client.get_multiplexed_async_connection().await {
+            let pong: Result<String, _> = redis::cmd("PING").query_async(&mut c).await;
+            if pong.is_ok() {
+                return c;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "redis-server at {url} did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A real `redis-server` on its own port, for the length of a test. `stop` and `start` let a
 /// test take it away and bring it back on the same port.
 pub struct RedisServer {
@@ -932,21 +951,7 @@ impl RedisServer {
             .spawn()
             .expect("redis-server is installed (tests/run.sh installs it)");
         self.child = Some(child);
-        let client = redis::Client::open(self.url()).unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(mut c) = client.get_multiplexed_async_connection().await {
-                let pong: Result<String, _> = redis::cmd("PING").query_async(&mut c).await;
-                if pong.is_ok() {
-                    return;
-                }
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "redis-server did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        connect_when_up(&self.url()).await;
     }
 
     /// Kill the server (as an outage would).
@@ -1277,21 +1282,7 @@ impl RedisCluster {
 
     /// A plain connection to node `i` (retried while it starts).
     pub async fn node(&self, i: usize) -> redis::aio::MultiplexedConnection {
-        let client = redis::Client::open(format!("redis://127.0.0.1:{}/", self.ports[i])).unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(mut c) = client.get_multiplexed_async_connection().await {
-                let pong: Result<String, _> = redis::cmd("PING").query_async(&mut c).await;
-                if pong.is_ok() {
-                    return c;
-                }
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "redis node did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        connect_when_up(&format!("redis://127.0.0.1:{}/", self.ports[i])).await
     }
 
     /// Wait until every running node says `cluster_state:ok` and knows all three masters.
