@@ -18,8 +18,17 @@ use rustls::server::WebPkiClientVerifier;
 /// `GET https://api.saas.test:<port>/x` through the gateway for `connector`, as `app`/ws_7:
 /// (status, error code).
 async fn get(gw: &sluice::server::Running, connector: &str, port: u16) -> (u16, Option<String>) {
+    get_path(gw, connector, port, "/x").await
+}
+
+async fn get_path(
+    gw: &sluice::server::Running,
+    connector: &str,
+    port: u16,
+    path: &str,
+) -> (u16, Option<String>) {
     let resp = client(gw, Some(("app", APP_TOKEN)))
-        .get(format!("http://api.saas.test:{port}/x"))
+        .get(format!("http://api.saas.test:{port}{path}"))
         .header("x-connector", connector)
         .header("x-workspace", "ws_7")
         .send()
@@ -277,14 +286,7 @@ min_version = "1.3"
         )
         .await;
     assert_eq!(status, 200, "{body}");
-    let resp = client(&gw, Some(("app", APP_TOKEN)))
-        .get(format!("http://api.saas.test:{port}/api/data"))
-        .header("x-connector", "partner")
-        .header("x-workspace", "ws_7")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(get_path(&gw, "partner", port, "/api/data").await.0, 200);
     let seen = mtls.requests();
     let token_call = seen.iter().find(|r| r.target == "/oauth/token").unwrap();
     assert_eq!(token_call.client_cert.as_deref(), Some(der.as_slice()));

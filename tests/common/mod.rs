@@ -1314,12 +1314,7 @@ impl RedisCluster {
     pub async fn owner(&self, key: &str) -> usize {
         for i in (0..3).filter(|&i| self.children[i].is_some()) {
             let mut conn = self.node(i).await;
-            let slot: i64 = redis::cmd("CLUSTER")
-                .arg("KEYSLOT")
-                .arg(key)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
+            let slot = keyslot(&mut conn, key).await;
             // Slot ranges start at the ninth field of the node's own line in CLUSTER NODES.
             let nodes: String = redis::cmd("CLUSTER")
                 .arg("NODES")
@@ -1349,12 +1344,7 @@ impl RedisCluster {
         let to = (from + 1) % 3;
         let mut src = self.node(from).await;
         let mut dst = self.node(to).await;
-        let slot: i64 = redis::cmd("CLUSTER")
-            .arg("KEYSLOT")
-            .arg(key)
-            .query_async(&mut src)
-            .await
-            .unwrap();
+        let slot = keyslot(&mut src, key).await;
         let id = |c: &mut redis::aio::MultiplexedConnection| {
             let mut c = c.clone();
             async move {
@@ -1438,6 +1428,16 @@ impl RedisCluster {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+}
+
+/// The cluster slot of `key`.
+async fn keyslot(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> i64 {
+    redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .unwrap()
 }
 
 impl Drop for RedisCluster {
