@@ -7,7 +7,7 @@
 // Test and bench code: a panic is the failure report.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::HashMap;
+use sluice::fastmap::FastMap as HashMap;
 use std::hint::black_box;
 use std::sync::Arc;
 
@@ -80,7 +80,7 @@ fn header_checks(c: &mut Criterion) {
 }
 
 fn caller_auth(c: &mut Criterion) {
-    let mut map = HashMap::new();
+    let mut map = HashMap::default();
     for i in 0..1000 {
         map.insert(
             token_hash(format!("other-token-{i}").as_bytes()),

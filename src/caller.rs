@@ -11,7 +11,7 @@
 //! request without `Proxy-Authorization` as the `dev` caller with access to every workspace. A
 //! request that does present credentials is still checked, so scoping can be tried out locally.
 
-use std::collections::{HashMap, HashSet};
+use crate::fastmap::{FastMap as HashMap, FastSet as HashSet};
 use std::sync::Arc;
 
 use base64::Engine;
@@ -139,12 +139,12 @@ mod tests {
     use super::*;
 
     fn callers(dev: bool) -> Callers {
-        let mut map = HashMap::new();
+        let mut map = HashMap::default();
         map.insert(
             token_hash(b"s3cret-token"),
             Arc::new(Caller {
                 name: "billing".into(),
-                scope: WorkspaceScope::Only(["ws_42".to_string()].into()),
+                scope: WorkspaceScope::Only(["ws_42".to_string()].into_iter().collect()),
             }),
         );
         Callers::new(map, dev)

@@ -41,6 +41,7 @@ pub mod credential;
 pub mod ctx;
 pub mod error;
 pub mod explain;
+pub mod fastmap;
 pub mod files;
 pub mod import;
 pub mod intercept;

@@ -85,6 +85,12 @@ pub fn enabled(line: Line) -> bool {
 
 /// Write one line, if the filter lets it through.
 pub fn emit(line: Line, fields: &[(&str, Value<'_>)]) {
+    emit_at(line, SystemTime::now(), fields);
+}
+
+/// [`emit`] with the line's timestamp given: a request's access and audit lines share one
+/// clock read.
+pub fn emit_at(line: Line, now: SystemTime, fields: &[(&str, Value<'_>)]) {
     if !enabled(line) {
         return;
     }
@@ -92,13 +98,7 @@ pub fn emit(line: Line, fields: &[(&str, Value<'_>)]) {
         Some(sink) => BUF.with(|buf| {
             let mut buf = buf.borrow_mut();
             buf.clear();
-            encode(
-                &mut buf,
-                sink.format,
-                line.target(),
-                SystemTime::now(),
-                fields,
-            );
+            encode(&mut buf, sink.format, line.target(), now, fields);
             // Nowhere to report a failed log write; the gateway serves on.
             let _ = sink.writer.append(&buf);
         }),

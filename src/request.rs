@@ -279,6 +279,29 @@ const PROTECTED: &[HeaderName] = &[
     header::TRANSFER_ENCODING,
 ];
 
+/// The headers to take off a request before it goes upstream: those of
+/// [`STRIPPED_REQUEST_HEADERS`] it carries and those it lists in `Connection`. One pass over
+/// the names the request has (a handful), instead of a removal per stripped name (each a
+/// hashed probe into pingora's two header maps, whether the header is there or not).
+pub fn stripped_names(headers: &HeaderMap) -> Vec<HeaderName> {
+    let mut out = Vec::new();
+    let mut connection = false;
+    for name in headers.keys() {
+        if STRIPPED_REQUEST_HEADERS.contains(name) {
+            connection |= name == header::CONNECTION;
+            out.push(name.clone());
+        }
+    }
+    if connection {
+        for name in connection_listed(headers) {
+            if !out.contains(&name) {
+                out.push(name);
+            }
+        }
+    }
+    out
+}
+
 /// Every header the app listed in `Connection` (lowercased), except protected ones.
 pub fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
     headers
@@ -524,6 +547,40 @@ mod tests {
         assert_eq!(over.code, ErrorCode::HeadersTooLarge);
         assert_eq!(over.code.status().as_u16(), 431);
         assert!(check_header_limits(&h, 101, 3, 100).is_err());
+    }
+
+    #[test]
+    fn stripped_names_are_the_routing_hop_and_connection_listed_headers_present() {
+        let h = headers(&[
+            ("host", "api.example.com"),
+            ("x-connector", "hubspot"),
+            ("X-Workspace", "ws_1"),
+            ("proxy-authorization", "Bearer t"),
+            ("accept", "application/json"),
+            ("connection", "keep-alive, X-Secret-Hop, content-length"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret-hop", "1"),
+            ("te", "trailers"),
+        ]);
+        let mut names: Vec<String> = stripped_names(&h)
+            .iter()
+            .map(|n| n.as_str().to_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "connection",
+                "keep-alive",
+                "proxy-authorization",
+                "te",
+                "x-connector",
+                "x-secret-hop",
+                "x-workspace"
+            ]
+        );
+        let plain = headers(&[("host", "a.example.com"), ("accept", "*/*")]);
+        assert!(stripped_names(&plain).is_empty());
     }
 
     #[test]

@@ -12,6 +12,45 @@ use prometheus::{
 };
 use strum::VariantNames;
 
+/// A connector's handles for the series that every forwarded 2xx request updates, resolved
+/// on the first such request: `with_label_values` hashes the label values and takes the
+/// vector's lock on every call, three times per request.
+#[derive(Clone, Default)]
+pub struct ConnectorMetrics(std::sync::OnceLock<ForwardedSeries>);
+
+#[derive(Clone)]
+pub struct ForwardedSeries {
+    /// `sluice_requests_total{connector, outcome="ok", class="forwarded", status="2xx"}`.
+    pub requests_ok_2xx: prometheus::IntCounter,
+    /// `sluice_request_duration_seconds{connector, class="forwarded"}`.
+    pub request_seconds: prometheus::Histogram,
+    /// `sluice_upstream_duration_seconds{connector}`.
+    pub upstream_seconds: prometheus::Histogram,
+}
+
+impl ConnectorMetrics {
+    /// The handles of connector `id` (the id of the connector holding them).
+    pub fn forwarded(&self, id: &str) -> &ForwardedSeries {
+        self.0.get_or_init(|| {
+            use crate::label::Label;
+            let forwarded = OutcomeClass::Forwarded.as_label();
+            ForwardedSeries {
+                requests_ok_2xx: METRICS
+                    .requests
+                    .with_label_values(&[id, "ok", forwarded, "2xx"]),
+                request_seconds: METRICS.request_seconds.with_label_values(&[id, forwarded]),
+                upstream_seconds: METRICS.upstream_seconds.with_label_values(&[id]),
+            }
+        })
+    }
+}
+
+impl std::fmt::Debug for ConnectorMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConnectorMetrics")
+    }
+}
+
 /// How a request ended: the `class` label, the access line's `outcome_class` and the audit
 /// line's `decision`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr, strum::VariantNames)]

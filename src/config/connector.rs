@@ -2,7 +2,9 @@
 //! ports, actions, injection, OAuth, pacing, retries and the circuit breaker. Each connector's
 //! problems are keyed `connector[<id>].<key>` (or `connector[<index>]` when the id is bad).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
+
+use crate::fastmap::FastMap as HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -26,7 +28,7 @@ pub(super) fn connectors(
     base: &Path,
     global_extra_ca: Option<&Path>,
 ) -> HashMap<String, Arc<Connector>> {
-    let mut connectors = HashMap::new();
+    let mut connectors = HashMap::default();
     for (i, c) in raw.into_iter().enumerate() {
         let key = if is_identifier(c.connector_id.as_bytes()) {
             format!("connector[{}]", c.connector_id)
@@ -127,6 +129,7 @@ fn connector(
         (None, _) => None,
     };
     Connector {
+        metrics: Default::default(),
         tls: section(errors, &format!("{key}.tls"), c.tls.as_ref(), |t| {
             ConnectorTls::build(t, base, global_extra_ca)
         }),

@@ -14,7 +14,7 @@ mod tenants;
 mod tests;
 mod validate;
 
-use std::collections::HashMap;
+use crate::fastmap::FastMap as HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -105,6 +105,8 @@ pub struct Connector {
     pub breaker: crate::ratelimit::breaker::BreakerPolicy,
     /// `[connector.tls]`: client certificate, extra CA, minimum TLS version.
     pub tls: crate::upstream::ConnectorTls,
+    /// Metric handles for its forwarded requests, resolved once.
+    pub metrics: crate::telemetry::ConnectorMetrics,
 }
 
 /// An org and its optional allowlist (`None`: the org adds no restriction).

@@ -16,6 +16,35 @@ use crate::telemetry::ReloadResult;
 /// How often the config file is checked for changes.
 const CONFIG_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// The config file is read and hashed at least this often (in polls) even when its metadata
+/// did not move.
+const FULL_CHECK_POLLS: u32 = 30;
+
+/// What the watcher compares before reading the file: device, inode (a rename or a symlink
+/// swap changes it), size, and modification and change times in nanoseconds (ctime moves on
+/// every write and cannot be set back by the writer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileStamp {
+    fn of(m: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        FileStamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
+    }
+}
+
 /// Rebuilds the live snapshot: from the config file (SIGHUP, file changes) and from the
 /// store's definitions (admin API changes, here or in another replica). Every candidate is
 /// validated whole before it is swapped in; requests in flight keep the snapshot they had.
@@ -257,11 +286,31 @@ pub fn watch_config(reloader: Arc<Reloader>) {
         };
         let mut applied = digest(reloader.current_text().as_bytes());
         let mut candidate = None;
+        // The file is read and hashed only when its metadata moved (or a candidate waits for
+        // its second look), plus once every FULL_CHECK_POLLS polls in case a write kept size
+        // and timestamps within the filesystem's timestamp granularity. Reading and hashing a
+        // config of thousands of workspaces every second cost more than it needs to.
+        let mut seen_meta = None;
+        let mut polls_since_read = 0u32;
         loop {
             tokio::time::sleep(CONFIG_POLL).await;
+            let meta = tokio::fs::metadata(&path)
+                .await
+                .ok()
+                .map(|m| FileStamp::of(&m));
+            polls_since_read += 1;
+            if candidate.is_none()
+                && meta.is_some()
+                && meta == seen_meta
+                && polls_since_read < FULL_CHECK_POLLS
+            {
+                continue;
+            }
             let Ok(text) = tokio::fs::read(&path).await else {
                 continue;
             };
+            seen_meta = meta;
+            polls_since_read = 0;
             let seen = digest(&text);
             if seen == applied {
                 candidate = None;

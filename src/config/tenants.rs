@@ -1,7 +1,9 @@
 //! Tenancy: `[[org]]`, `[[workspace]]` and `[[caller]]`, each checked against the ones
 //! before it (a workspace's org exists, a caller's workspaces exist).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
+
+use crate::fastmap::FastMap as HashMap;
 use std::sync::Arc;
 
 use super::file::{CallerFile, OrgFile, WorkspaceFile};
@@ -12,7 +14,7 @@ use crate::names::is_identifier;
 
 /// `[[org]]`.
 pub(super) fn orgs(errors: &mut Errors, raw: Vec<OrgFile>) -> HashMap<String, Org> {
-    let mut orgs = HashMap::new();
+    let mut orgs = HashMap::default();
     for (i, o) in raw.into_iter().enumerate() {
         let key = format!("org[{i}]");
         if !is_identifier(o.org_id.as_bytes()) {
@@ -45,7 +47,7 @@ pub(super) fn workspaces(
     raw: Vec<WorkspaceFile>,
     orgs: &HashMap<String, Org>,
 ) -> HashMap<String, Workspace> {
-    let mut workspaces = HashMap::new();
+    let mut workspaces = HashMap::default();
     for (i, w) in raw.into_iter().enumerate() {
         let key = format!("workspace[{i}]");
         if !is_identifier(w.workspace_id.as_bytes()) {
@@ -80,7 +82,7 @@ pub(super) fn callers(
     raw: Vec<CallerFile>,
     workspaces: &HashMap<String, Workspace>,
 ) -> HashMap<[u8; 32], Arc<Caller>> {
-    let mut by_hash = HashMap::new();
+    let mut by_hash = HashMap::default();
     let mut names = HashSet::new();
     for (i, c) in raw.into_iter().enumerate() {
         let key = format!("caller[{i}]");

@@ -4,7 +4,7 @@
 //! ([`super::connector`]) and orgs, workspaces and callers ([`super::tenants`]) have their own
 //! modules.
 
-use std::collections::HashMap;
+use crate::fastmap::FastMap as HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -245,7 +245,7 @@ fn dns(errors: &mut Errors, d: &DnsFile) -> ResolverSettings {
             ),
         }
     }
-    let mut static_hosts = HashMap::new();
+    let mut static_hosts = HashMap::default();
     for (name, ips) in &d.static_hosts {
         let key = format!("dns.static_hosts.{name:?}");
         let host = match parse_host(name) {

@@ -130,8 +130,8 @@ type Key = (String, String);
 pub struct Vault {
     store: Arc<dyn CredentialStore>,
     keyring: Keyring,
-    fresh: Cache<Key, Arc<TenantState>>,
-    last_good: Cache<Key, Arc<TenantState>>,
+    fresh: Cache<Key, Arc<TenantState>, crate::fastmap::CacheHasher>,
+    last_good: Cache<Key, Arc<TenantState>, crate::fastmap::CacheHasher>,
     read_timeout: Duration,
     outage: Outage,
 }
@@ -188,11 +188,11 @@ impl Vault {
             fresh: Cache::builder()
                 .max_capacity(settings.cache_capacity)
                 .time_to_live(settings.cache_ttl)
-                .build(),
+                .build_with_hasher(Default::default()),
             last_good: Cache::builder()
                 .max_capacity(settings.cache_capacity)
                 .time_to_live(settings.max_staleness)
-                .build(),
+                .build_with_hasher(Default::default()),
             read_timeout: settings.read_timeout,
             outage: Outage::new(settings.outage_backoff),
         }

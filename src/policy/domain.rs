@@ -8,7 +8,7 @@
 //! `example.com`: list the apex separately when it is wanted. A wildcard needs at least two
 //! labels after it (`*.com` is refused), and `*` may only be the whole leftmost label.
 
-use std::collections::HashMap;
+use crate::fastmap::FastMap as HashMap;
 use std::fmt;
 
 pub use crate::names::{Host, parse_host};
@@ -109,8 +109,8 @@ impl Eq for DomainList {}
 
 impl DomainList {
     pub fn new(patterns: Vec<DomainPattern>) -> Self {
-        let mut exact = HashMap::new();
-        let mut wildcard = HashMap::new();
+        let mut exact = HashMap::default();
+        let mut wildcard = HashMap::default();
         if patterns.len() > SCAN_LIMIT {
             for (i, p) in patterns.iter().enumerate() {
                 // A duplicate keeps its first index; both are the same pattern.

@@ -6,7 +6,7 @@
 //! the address policy would refuse anyway, and it makes behaviour differ between machines).
 //! Names are queried fully qualified, so no search domain is ever appended.
 
-use std::collections::HashMap;
+use crate::fastmap::FastMap as HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 

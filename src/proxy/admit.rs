@@ -37,8 +37,20 @@ fn request_id(session: &Session) -> String {
         Some(v) if is_identifier(v.as_bytes()) => {
             String::from_utf8_lossy(v.as_bytes()).into_owned()
         }
-        _ => format!("{:032x}", rand::random::<u128>()),
+        _ => hex_id(rand::random::<u128>()),
     }
+}
+
+/// `format!("{:032x}", n)` without the formatting machinery (every request without an id of
+/// its own makes one).
+fn hex_id(n: u128) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 32];
+    for (i, d) in out.iter_mut().enumerate() {
+        *d = HEX[((n >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    // Only ASCII hex digits were written.
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 impl Sluice {
@@ -181,4 +193,22 @@ async fn inside_tunnel(
         &mut (),
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hex_id;
+
+    #[test]
+    fn hex_id_is_fixed_width_lowercase_hex_as_format_writes_it() {
+        for n in [
+            0u128,
+            1,
+            0xabc,
+            u128::MAX,
+            0x0123_4567_89ab_cdef_fedc_ba98_7654_3210,
+        ] {
+            assert_eq!(hex_id(n), format!("{n:032x}"));
+        }
+    }
 }

@@ -17,7 +17,7 @@ use crate::label::Label;
 use crate::ratelimit::breaker::{BreakerState, Outcome, Pass};
 use crate::ratelimit::headers::retry_after;
 use crate::ratelimit::retry::{replay_safe, retryable_status};
-use crate::request::{STRIPPED_REQUEST_HEADERS, connection_listed};
+use crate::request::stripped_names;
 use crate::telemetry::{ConnectionUse, RetryReason};
 use crate::upstream;
 
@@ -281,11 +281,8 @@ pub(super) fn rewrite_request(
         None => upstream_request.set_raw_path(target.origin_form.as_bytes())?,
     }
     upstream_request.insert_header(header::HOST, vetted.host_header.as_str())?;
-    for name in connection_listed(&upstream_request.headers) {
+    for name in stripped_names(&upstream_request.headers) {
         upstream_request.remove_header(&name);
-    }
-    for name in &STRIPPED_REQUEST_HEADERS {
-        upstream_request.remove_header(name);
     }
     // Last, so an injected header replaces whatever the app sent under that name.
     if let Some(injected) = &ctx.injected {

@@ -81,8 +81,14 @@ pub(super) fn request_done(session: &Session, ctx: &RequestCtx) {
     };
     let path = ctx.target.as_ref().map_or("", |t| t.path());
     let phase = |from, to| Value::U64(phase_ms(from, to));
-    logline::emit(
+    // One clock read for every duration below.
+    let now = std::time::Instant::now();
+    let total = now.saturating_duration_since(ctx.started);
+    let upstream_since = ctx.wait_done.filter(|_| ctx.attempts > 0);
+    let wall = std::time::SystemTime::now();
+    logline::emit_at(
         Line::Access,
+        wall,
         &[
             ("request_id", Value::Bare(&ctx.request_id)),
             ("connector", Value::Bare(connector)),
@@ -110,17 +116,8 @@ pub(super) fn request_done(session: &Session, ctx: &RequestCtx) {
             ("policy_ms", phase(Some(ctx.started), ctx.policy_done)),
             ("credential_ms", phase(ctx.policy_done, ctx.credential_done)),
             ("wait_ms", phase(ctx.credential_done, ctx.wait_done)),
-            (
-                "upstream_ms",
-                phase(
-                    ctx.wait_done.filter(|_| ctx.attempts > 0),
-                    Some(std::time::Instant::now()),
-                ),
-            ),
-            (
-                "duration_ms",
-                Value::U64(ctx.started.elapsed().as_millis() as u64),
-            ),
+            ("upstream_ms", phase(upstream_since, Some(now))),
+            ("duration_ms", Value::U64(total.as_millis() as u64)),
         ],
     );
     // Only configured connector ids become label values: the admitted connector, or (for a
@@ -133,36 +130,53 @@ pub(super) fn request_done(session: &Session, ctx: &RequestCtx) {
             .get_key_value(connector)
             .map_or("", |(k, _)| k.as_str()),
     };
-    let metrics = &crate::telemetry::METRICS;
-    metrics
-        .requests
-        .with_label_values(&[connector_label, code, outcome_class, status_class(status)])
-        .inc();
-    metrics
-        .request_seconds
-        .with_label_values(&[connector_label, outcome_class])
-        .observe(ctx.started.elapsed().as_secs_f64());
-    if let (Some(start), true) = (ctx.wait_done, ctx.attempts > 0) {
-        metrics
-            .upstream_seconds
-            .with_label_values(&[connector_label])
-            .observe(start.elapsed().as_secs_f64());
+    let upstream_seconds = upstream_since.map(|s| now.saturating_duration_since(s).as_secs_f64());
+    let status_class = status_class(status);
+    match &ctx.connector {
+        // The common case: series resolved once per connector.
+        Some(c) if ctx.refusal.is_none() && status_class == "2xx" => {
+            let series = c.metrics.forwarded(&c.id);
+            series.requests_ok_2xx.inc();
+            series.request_seconds.observe(total.as_secs_f64());
+            if let Some(s) = upstream_seconds {
+                series.upstream_seconds.observe(s);
+            }
+        }
+        _ => {
+            let metrics = &crate::telemetry::METRICS;
+            metrics
+                .requests
+                .with_label_values(&[connector_label, code, outcome_class, status_class])
+                .inc();
+            metrics
+                .request_seconds
+                .with_label_values(&[connector_label, outcome_class])
+                .observe(total.as_secs_f64());
+            if let Some(s) = upstream_seconds {
+                metrics
+                    .upstream_seconds
+                    .with_label_values(&[connector_label])
+                    .observe(s);
+            }
+        }
     }
-    audit(ctx, outcome_class, host, upstream);
+    audit(ctx, wall, outcome_class, host, upstream);
 }
 
 /// The audit line: the decision, why a refusal, where an allowed request went (and the action
 /// an action call ran).
 fn audit(
     ctx: &RequestCtx,
+    wall: std::time::SystemTime,
     outcome_class: &str,
     host: Value<'_>,
     upstream: Option<std::net::SocketAddr>,
 ) {
     let id = ("request_id", Value::Bare(&ctx.request_id));
     if let Some(r) = &ctx.refusal {
-        logline::emit(
+        logline::emit_at(
             Line::Audit,
+            wall,
             &[
                 id,
                 ("decision", Value::Quoted(outcome_class)),
@@ -185,6 +199,6 @@ fn audit(
         } else {
             &allowed[..4]
         };
-        logline::emit(Line::Audit, fields);
+        logline::emit_at(Line::Audit, wall, fields);
     }
 }

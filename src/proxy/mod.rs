@@ -87,7 +87,8 @@ impl Sluice {
             Ok(()) => self.pace(session, ctx).await,
             Err(refusal) => Err(refusal),
         };
-        if paced != Ok(false) {
+        // `pace` marks a request that went straight through (no second clock read).
+        if paced != Ok(false) && ctx.wait_done.is_none() {
             ctx.wait_done = Some(std::time::Instant::now());
         }
         paced

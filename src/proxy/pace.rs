@@ -37,7 +37,11 @@ impl Sluice {
             .await;
         ctx.bucket = Some(key);
         match decision {
-            Decision::Go => Ok(true),
+            Decision::Go => {
+                // No wait: the wait phase ends where the credential phase did.
+                ctx.wait_done = ctx.credential_done;
+                Ok(true)
+            }
             // Boxed: waiting holds the body-read future; inline, every request would copy it.
             other => Box::pin(wait_for_turn(session, connector, other)).await,
         }
@@ -49,8 +53,12 @@ impl Sluice {
             return;
         };
         let rl = &connector.rate_limit;
-        let learned = learn(&response.headers, &rl.headers, std::time::SystemTime::now());
         let too_many = response.status == http::StatusCode::TOO_MANY_REQUESTS;
+        // Most responses say nothing about the limit: no clock read, no bucket lookup.
+        if !too_many && !rl.headers.present_in(&response.headers) {
+            return;
+        }
+        let learned = learn(&response.headers, &rl.headers, std::time::SystemTime::now());
         self.limiter
             .observe(key, rl, &learned, too_many, Instant::now())
             .await;

@@ -9,7 +9,7 @@ use pingora::proxy::{FailToProxy, Session};
 use pingora::{ErrorSource, ErrorType};
 use tracing::warn;
 
-use super::{ERROR_HEADER_NAME, REQUEST_ID};
+use super::{ERROR_HEADER_NAME, REQUEST_ID, REQUEST_ID_NAME};
 use crate::ctx::RequestCtx;
 use crate::error::{ERROR_HEADER, ErrorCode, Refusal};
 
@@ -30,9 +30,28 @@ pub(super) fn strip_upstream_headers(
     upstream_response: &mut ResponseHeader,
     ctx: &RequestCtx,
 ) -> Result<()> {
-    upstream_response.remove_header(&ERROR_HEADER_NAME);
-    upstream_response.remove_header(&header::PROXY_AUTHENTICATE);
-    upstream_response.insert_header(REQUEST_ID, ctx.request_id.as_str())?;
+    // One pass over the response's few names (standard ones compare by tag) instead of a
+    // hashed probe into pingora's two header maps per name, present or not.
+    let (mut error, mut authenticate, mut request_id) = (false, false, false);
+    for name in upstream_response.headers.keys() {
+        error |= *name == ERROR_HEADER_NAME;
+        authenticate |= *name == header::PROXY_AUTHENTICATE;
+        request_id |= *name == REQUEST_ID_NAME;
+    }
+    if error {
+        upstream_response.remove_header(&ERROR_HEADER_NAME);
+    }
+    if authenticate {
+        upstream_response.remove_header(&header::PROXY_AUTHENTICATE);
+    }
+    // The id is an identifier or sluice's hex: always a valid header value.
+    let id = http::HeaderValue::from_str(&ctx.request_id)
+        .or_err(ErrorType::InternalError, "request id as a header value")?;
+    if request_id {
+        upstream_response.insert_header(REQUEST_ID_NAME, id)?;
+    } else {
+        upstream_response.append_header(REQUEST_ID_NAME, id)?;
+    }
     Ok(())
 }
 

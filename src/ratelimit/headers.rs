@@ -95,6 +95,26 @@ impl Default for HeaderSpec {
     }
 }
 
+impl HeaderSpec {
+    /// Whether the response has any header `learn` reads. Most responses have none: one pass
+    /// over the few names a response has (standard ones compare by tag) is cheaper than a
+    /// hashed lookup for each name `learn` would try.
+    pub fn present_in(&self, headers: &HeaderMap) -> bool {
+        headers.keys().any(|name| self.reads(name))
+    }
+
+    /// Whether `learn` reads a header of this name.
+    fn reads(&self, name: &HeaderName) -> bool {
+        name == http::header::RETRY_AFTER
+            || name == RATELIMIT
+            || name == RATELIMIT_POLICY
+            || self.limit.contains(name)
+            || self.remaining.contains(name)
+            || self.reset.contains(name)
+            || self.used_of_limit.as_ref() == Some(name)
+    }
+}
+
 fn first_u64(headers: &HeaderMap, names: &[HeaderName]) -> Option<u64> {
     names.iter().find_map(|n| {
         let v = headers.get(n)?.to_str().ok()?.trim();
@@ -144,6 +164,9 @@ fn sf_params(value: &str) -> impl Iterator<Item = (&str, u64)> {
 
 /// Everything the headers say.
 pub fn learn(headers: &HeaderMap, spec: &HeaderSpec, now: SystemTime) -> Learned {
+    if !spec.present_in(headers) {
+        return Learned::default();
+    }
     let mut l = Learned {
         retry_after: retry_after(headers, now),
         ..Learned::default()

@@ -212,11 +212,11 @@ pub(crate) fn first_bucket(
 
 /// Every bucket in the process, and the Redis store for shared budgets.
 pub struct Limiter {
-    buckets: moka::sync::Cache<BucketKey, Arc<Mutex<Option<Bucket>>>>,
+    buckets: moka::sync::Cache<BucketKey, Arc<Mutex<Option<Bucket>>>, crate::fastmap::CacheHasher>,
     /// Per-application buckets: workspaces waiting take turns.
-    fair: moka::sync::Cache<BucketKey, Arc<fair::FairBucket>>,
+    fair: moka::sync::Cache<BucketKey, Arc<fair::FairBucket>, crate::fastmap::CacheHasher>,
     /// Waiters per shared bucket in this replica (the queue bound is per replica).
-    queues: moka::sync::Cache<BucketKey, Arc<AtomicUsize>>,
+    queues: moka::sync::Cache<BucketKey, Arc<AtomicUsize>, crate::fastmap::CacheHasher>,
     shared: Option<SharedBudget>,
     /// After a failed Redis call, local buckets decide until then (no timeout per request).
     shared_down_until: Mutex<Option<Instant>>,
@@ -324,15 +324,15 @@ impl Limiter {
             buckets: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_idle(Duration::from_secs(600))
-                .build(),
+                .build_with_hasher(Default::default()),
             queues: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_idle(Duration::from_secs(600))
-                .build(),
+                .build_with_hasher(Default::default()),
             fair: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_idle(Duration::from_secs(600))
-                .build(),
+                .build_with_hasher(Default::default()),
             shared,
             shared_down_until: Mutex::new(None),
         }
@@ -410,7 +410,16 @@ impl Limiter {
                 fair::FairDecision::Refuse(wait) => Decision::Refuse(wait),
             };
         }
-        let bucket = self.bucket(key, rl, now);
+        let bucket = match rl.initial {
+            // No limit configured: a bucket exists only once a response taught one (`observe`
+            // creates it). Until then there is nothing to pace, and no entry is made per
+            // workspace on the way in.
+            None => match self.buckets.get(key) {
+                Some(bucket) => bucket,
+                None => return Decision::Go,
+            },
+            Some(_) => self.bucket(key, rl, now),
+        };
         let admission = match bucket.lock().expect("bucket lock").as_mut() {
             None => return Decision::Go,
             Some(b) => b.admit(now, rl.max_wait, rl.queue_size),
@@ -551,7 +560,11 @@ impl Limiter {
 
 /// Every circuit breaker in the process, per (connector, upstream host).
 pub struct Breakers {
-    map: moka::sync::Cache<(String, String), Arc<Mutex<breaker::Breaker>>>,
+    map: moka::sync::Cache<
+        (String, String),
+        Arc<Mutex<breaker::Breaker>>,
+        crate::fastmap::CacheHasher,
+    >,
 }
 
 impl Default for Breakers {
@@ -560,7 +573,7 @@ impl Default for Breakers {
             map: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_idle(Duration::from_secs(3600))
-                .build(),
+                .build_with_hasher(Default::default()),
         }
     }
 }

@@ -14,6 +14,9 @@ async fn unlimited_until_a_limit_is_seen() {
             Decision::Go
         ));
     }
+    // Nothing to pace yet, so nothing kept per workspace either.
+    limiter.buckets.run_pending_tasks();
+    assert_eq!(limiter.buckets.entry_count(), 0);
     let seen = Learned {
         limit: Some(5),
         remaining: Some(0),
