@@ -13,14 +13,14 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src src
 COPY benches benches
-RUN cargo build --release --locked --bin sluice
+RUN cargo build --profile production --locked --bin sluice
 
 FROM debian:bookworm-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates=20230311* curl=7.88.* \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --home-dir /var/lib/sluice --create-home --shell /usr/sbin/nologin sluice
-COPY --from=build /src/target/release/sluice /usr/local/bin/sluice
+COPY --from=build /src/target/production/sluice /usr/local/bin/sluice
 USER 10001
 WORKDIR /var/lib/sluice
 VOLUME ["/var/lib/sluice"]

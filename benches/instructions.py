@@ -96,10 +96,10 @@ def main() -> None:
     if shutil.which("valgrind") is None:
         subprocess.run(["apt-get", "install", "-y", "-q", "valgrind"], check=True)
     if not args.sluice or not args.floor:
-        load.run(["cargo", "build", "--release", "--locked", "--bin", "sluice", "--example",
-                  "pingora_floor"], cwd=load.ROOT)
-        args.sluice = args.sluice or str(load.ROOT / "target/release/sluice")
-        args.floor = args.floor or str(load.ROOT / "target/release/examples/pingora_floor")
+        load.run(["cargo", "build", "--profile", "production", "--locked", "--bin", "sluice",
+                  "--example", "pingora_floor"], cwd=load.ROOT)
+        args.sluice = args.sluice or str(load.ROOT / "target/production/sluice")
+        args.floor = args.floor or str(load.ROOT / "target/production/examples/pingora_floor")
     load.WORKSPACES = 100
     results = []
     with tempfile.TemporaryDirectory(prefix="sluice-instr-") as tmp:

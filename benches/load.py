@@ -972,11 +972,14 @@ def main() -> None:
 
     ensure_tools()
     if not args.sluice or not args.floor:
-        log("building sluice and the pingora floor (release)")
-        run(["cargo", "build", "--release", "--locked", "--bin", "sluice", "--example",
-             "pingora_floor"], cwd=ROOT)
-        args.sluice = args.sluice or str(ROOT / "target" / "release" / "sluice")
-        args.floor = args.floor or str(ROOT / "target" / "release" / "examples" / "pingora_floor")
+        # The profile that ships (Cargo.toml's `production`: fat LTO), for both: the floor is
+        # pingora built the way sluice is.
+        log("building sluice and the pingora floor (production profile, ~10 min cold)")
+        run(["cargo", "build", "--profile", "production", "--locked", "--bin", "sluice",
+             "--example", "pingora_floor"], cwd=ROOT)
+        args.sluice = args.sluice or str(ROOT / "target" / "production" / "sluice")
+        args.floor = args.floor or str(ROOT / "target" / "production" / "examples" /
+                                       "pingora_floor")
     only = set(args.only.split(",")) if args.only else None
     with tempfile.TemporaryDirectory(prefix="sluice-load-") as tmp:
         d = Path(tmp)
