@@ -257,10 +257,12 @@ impl Vault {
                 return Ok(state);
             }
         }
-        crate::telemetry::METRICS
-            .credential_cache
-            .with_label_values(&[CacheResult::Miss.as_label()])
-            .inc();
+        static MISSES: LazyLock<prometheus::IntCounter> = LazyLock::new(|| {
+            crate::telemetry::METRICS
+                .credential_cache
+                .with_label_values(&[CacheResult::Miss.as_label()])
+        });
+        MISSES.inc();
         match self
             .fresh
             .try_get_with_by_ref(&key, self.load(workspace, connector))
