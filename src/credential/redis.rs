@@ -330,27 +330,18 @@ impl CredentialStore for RedisStore {
     ) -> Result<Option<CredentialRecord>, StoreError> {
         let key = record_key(workspace, connector);
         let (mut conn, local) = self.read_conn().await?;
-        let deadline = tokio::time::Instant::now() + self.timeout;
-        let late = || {
-            unavailable(format_args!(
-                "no answer within {} ms",
-                self.timeout.as_millis()
-            ))
-        };
-        let bytes: Option<Vec<u8>> = match tokio::time::timeout_at(deadline, conn.get(&key)).await {
-            Ok(Ok(bytes)) => bytes,
-            // This thread's connection broke (Redis restarted, a failover): it reconnects
-            // on its own; this read goes through the shared one, within the same deadline.
-            Ok(Err(_)) if local => {
-                let mut shared = self.conn()?;
-                tokio::time::timeout_at(deadline, shared.get(&key))
-                    .await
-                    .map_err(|_| late())?
-                    .map_err(unavailable)?
-            }
-            Ok(Err(e)) => return Err(unavailable(e)),
-            Err(_) => return Err(late()),
-        };
+        // This thread's own connection may have broken (Redis restarted, a failover): it
+        // reconnects on its own, and this read goes through the shared one, within the same
+        // deadline.
+        let mut fallback = if local { Some(self.conn()?) } else { None };
+        let bytes: Option<Vec<u8>> = self
+            .bounded(async {
+                match (conn.get(&key).await, fallback.as_mut()) {
+                    (Err(_), Some(shared)) => shared.get(&key).await,
+                    (read, _) => read,
+                }
+            })
+            .await?;
         bytes.map(|b| decode(&b)).transpose()
     }
 
