@@ -130,11 +130,6 @@ fn definitions_key(kind: &str) -> String {
 const DEFINITION_KINDS: [&str; 3] = ["connector", "org", "workspace"];
 
 pub struct RedisStore {
-    /// This store among others in the process (tests run several): the key of its
-    /// per-thread read connections.
-    id: u64,
-    /// Where to open per-thread read connections.
-    target: RedisTarget,
     /// For the invalidation subscription: every URL given, tried in turn.
     pubsub: Vec<redis::Client>,
     /// This replica's name on the invalidation channel (random per process).
@@ -155,10 +150,7 @@ impl RedisStore {
     pub async fn new(target: &RedisTarget, timeout: Duration) -> Result<Self, String> {
         let pubsub = target.pubsub_clients()?;
         let conn = Arc::new(ArcSwapOption::empty());
-        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let store = Self {
-            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-            target: target.clone(),
             pubsub,
             origin: format!("{:016x}", rand::random::<u64>()).into(),
             conn: conn.clone(),
@@ -198,62 +190,6 @@ impl RedisStore {
             .as_deref()
             .cloned()
             .ok_or_else(|| unavailable("not connected"))
-    }
-
-    /// The connection for a credential read on this thread. The shared connection's driver
-    /// task runs on the runtime that made it (the background one), so a proxy worker reading
-    /// through it hands every command to another thread and back: two context switches per
-    /// read, about a third of the cold-cache set-up's CPU in the load bench. A proxy worker
-    /// thread instead opens its own connection on its first read (its driver then runs on
-    /// the worker's runtime) and keeps it; until that succeeds, or while the store has no
-    /// connection at all, reads use the shared one (or fail as unavailable, as before).
-    async fn read_conn(&self) -> Result<(RedisConn, bool), StoreError> {
-        thread_local! {
-            static LOCAL: std::cell::RefCell<Vec<(u64, RedisConn)>> =
-                const { std::cell::RefCell::new(Vec::new()) };
-            /// After a failed attempt, this thread reads through the shared connection until
-            /// then (an unreachable Redis must not cost every read a connect timeout).
-            static NOT_BEFORE: std::cell::RefCell<Vec<(u64, tokio::time::Instant)>> =
-                const { std::cell::RefCell::new(Vec::new()) };
-        }
-        let shared = self.conn()?;
-        if let Some(local) = LOCAL.with(|l| {
-            l.borrow()
-                .iter()
-                .find(|(id, _)| *id == self.id)
-                .map(|(_, c)| c.clone())
-        }) {
-            return Ok((local, true));
-        }
-        let now = tokio::time::Instant::now();
-        let waiting = NOT_BEFORE.with(|n| {
-            n.borrow()
-                .iter()
-                .any(|(id, until)| *id == self.id && now < *until)
-        });
-        if waiting {
-            return Ok((shared, false));
-        }
-        match tokio::time::timeout(self.timeout, self.target.connect(self.timeout)).await {
-            Ok(Ok(local)) => {
-                LOCAL.with(|l| {
-                    let mut l = l.borrow_mut();
-                    if !l.iter().any(|(id, _)| *id == self.id) {
-                        l.push((self.id, local.clone()));
-                    }
-                });
-                Ok((local, true))
-            }
-            _ => {
-                let until = now + Duration::from_secs(5);
-                NOT_BEFORE.with(|n| {
-                    let mut n = n.borrow_mut();
-                    n.retain(|(id, _)| *id != self.id);
-                    n.push((self.id, until));
-                });
-                Ok((shared, false))
-            }
-        }
     }
 
     /// Run `call` (one or more commands) within the store's timeout. At the deadline the
@@ -328,19 +264,9 @@ impl CredentialStore for RedisStore {
         workspace: &str,
         connector: &str,
     ) -> Result<Option<CredentialRecord>, StoreError> {
-        let key = record_key(workspace, connector);
-        let (mut conn, local) = self.read_conn().await?;
-        // This thread's own connection may have broken (Redis restarted, a failover): it
-        // reconnects on its own, and this read goes through the shared one, within the same
-        // deadline.
-        let mut fallback = if local { Some(self.conn()?) } else { None };
+        let mut conn = self.conn()?;
         let bytes: Option<Vec<u8>> = self
-            .bounded(async {
-                match (conn.get(&key).await, fallback.as_mut()) {
-                    (Err(_), Some(shared)) => shared.get(&key).await,
-                    (read, _) => read,
-                }
-            })
+            .bounded(conn.get(record_key(workspace, connector)))
             .await?;
         bytes.map(|b| decode(&b)).transpose()
     }
