@@ -9,7 +9,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use sluice::credential::store::{CredentialRecord, CredentialStore, RecordValue};
+use sluice::credential::store::{CredentialRecord, CredentialStore, RecordValue, StoreError};
 
 const CANARY: &str = "CANARY-cred-7f3a9b";
 
@@ -319,6 +319,75 @@ async fn every_store_passes_one_suite() {
     .await
     .unwrap();
     store_suite(&store).await;
+}
+
+/// Credential reads on one Redis server use the reading thread's own connection (a proxy
+/// worker's, so the command is not handed to the background thread). When Redis restarts
+/// under it, that connection is dropped and the read is answered through the shared one
+/// within the same deadline; while Redis is down, a read fails at the deadline, not later.
+#[tokio::test]
+async fn reads_use_the_threads_own_connection_and_survive_a_restart() {
+    use sluice::credential::redis::{RedisStore, RedisTarget};
+    async fn clients(redis: &RedisServer) -> usize {
+        let mut conn = redis.connection().await;
+        let list: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        // Not counting the connection that asked.
+        list.lines().count() - 1
+    }
+    let mut redis = RedisServer::start().await;
+    let timeout = Duration::from_millis(250);
+    let store = RedisStore::new(&RedisTarget::Single(redis.url()), timeout)
+        .await
+        .unwrap();
+    store.put(&record("ws_a", "c1", 1)).await.unwrap();
+    assert_eq!(clients(&redis).await, 1, "the shared connection only");
+    assert_eq!(
+        store.get("ws_a", "c1").await.unwrap(),
+        Some(record("ws_a", "c1", 1))
+    );
+    assert_eq!(
+        clients(&redis).await,
+        2,
+        "the read opened this thread's own"
+    );
+    store.get("ws_a", "c1").await.unwrap();
+    assert_eq!(clients(&redis).await, 2, "and the next read reuses it");
+
+    // Restarted (empty): both connections are broken. The first write that succeeds shows
+    // the shared one is back; the thread's own is still the broken one.
+    redis.stop();
+    redis.resume().await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while store.put(&record("ws_a", "c1", 2)).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the shared connection never came back"
+        );
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        store.get("ws_a", "c1").await.unwrap(),
+        Some(record("ws_a", "c1", 2)),
+        "the broken connection of the thread is not waited on"
+    );
+
+    redis.stop();
+    let started = Instant::now();
+    let err = store.get("ws_a", "c1").await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::Unavailable(_)),
+        "{err:?} with redis down"
+    );
+    // The margin is for a loaded CI machine, not for a reconnect back-off (seconds).
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

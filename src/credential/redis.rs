@@ -57,6 +57,7 @@ use tracing::{info, warn};
 use super::store::{CredentialRecord, CredentialStore, StoreError, decode, encode};
 
 mod conn;
+mod local;
 pub use conn::{RedisConn, RedisTarget};
 
 const CHANNEL: &str = "sluice:cred:invalidate";
@@ -135,6 +136,8 @@ pub struct RedisStore {
     /// This replica's name on the invalidation channel (random per process).
     origin: Arc<str>,
     conn: Arc<ArcSwapOption<RedisConn>>,
+    /// Credential reads on the worker thread's own connection (one server only).
+    local: Option<local::LocalReads>,
     /// Bounds every call: the connection manager's own reconnect backoff must not stall a
     /// request or an admin call while Redis is down.
     timeout: Duration,
@@ -154,6 +157,7 @@ impl RedisStore {
             pubsub,
             origin: format!("{:016x}", rand::random::<u64>()).into(),
             conn: conn.clone(),
+            local: local::LocalReads::new(target, timeout)?,
             timeout,
         };
         if let Ok(Ok(first)) = tokio::time::timeout(timeout, target.connect(timeout)).await {
@@ -265,8 +269,18 @@ impl CredentialStore for RedisStore {
         connector: &str,
     ) -> Result<Option<CredentialRecord>, StoreError> {
         let mut conn = self.conn()?;
+        let key = record_key(workspace, connector);
+        // The thread's own connection first, within half the deadline; the shared one if it
+        // has none or it failed, within what is left.
         let bytes: Option<Vec<u8>> = self
-            .bounded(conn.get(record_key(workspace, connector)))
+            .bounded(async {
+                if let Some(local) = &self.local
+                    && let Some(bytes) = local.get(&key).await
+                {
+                    return Ok(bytes);
+                }
+                conn.get(&key).await
+            })
             .await?;
         bytes.map(|b| decode(&b)).transpose()
     }
