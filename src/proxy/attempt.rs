@@ -46,10 +46,16 @@ impl Sluice {
             self.breakers
                 .handle(&(vetted.connector.clone(), vetted.sni.clone()))
         });
+        // The first attempt follows the wait phase at once: its end is the breaker's "now"
+        // (one clock read fewer per request). Retries read the clock.
+        let now = match ctx.wait_done {
+            Some(done) if ctx.attempts == 1 => Instant::from_std(done),
+            _ => Instant::now(),
+        };
         let pass = breaker
             .lock()
             .expect("breaker lock")
-            .admit(Instant::now(), &connector.breaker);
+            .admit(now, &connector.breaker);
         if let Pass::Reject(wait) = pass {
             let refusal = Refusal::new(
                 ErrorCode::CircuitOpen,

@@ -30,11 +30,12 @@ impl Sluice {
             return Ok(true);
         };
         let rl = &connector.rate_limit;
+        // The wait phase starts where the credential phase ended: that instant is its "now".
+        let now = ctx
+            .credential_done
+            .map_or_else(Instant::now, Instant::from_std);
         let key = bucket_key(rl, &vetted.connector, &vetted.workspace);
-        let decision = self
-            .limiter
-            .admit(&key, rl, &vetted.workspace, Instant::now())
-            .await;
+        let decision = self.limiter.admit(&key, rl, &vetted.workspace, now).await;
         ctx.bucket = Some(key);
         match decision {
             Decision::Go => {
