@@ -57,6 +57,7 @@ import secrets
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -73,6 +74,8 @@ BODY = '{"id":"42","properties":{"email":"ada@example.com","firstname":"Ada"},"a
 # The credential sluice injects: a canary, checked for in sluice's log after the run.
 CANARY = "bench-canary-" + secrets.token_hex(8)
 WORKSPACES = 1000
+# The reference row: the ratios of the CPU targets are to it.
+FLOOR_ROW = "pingora floor (bare http_proxy)"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 LUA = r"""
@@ -739,7 +742,7 @@ class Bench:
 
     def floor(self) -> Result:
         return self.plain_proxy(
-            "pingora floor (bare http_proxy)", "floor",
+            FLOOR_ROW, "floor",
             lambda port: [self.args.floor, f"127.0.0.1:{port}", f"127.0.0.1:{self.up_port}",
                           HOST, self.d / "ca.pem", CANARY],
             signal.SIGKILL)
@@ -830,14 +833,15 @@ class Bench:
         each round loads each in turn for `slice_s` seconds, the order rotating. The VM's
         speed drifts by tens of percent over a minute (BENCHMARKS.md); set-ups measured one
         after the other take that drift into their ratio, slices side by side do not.
-        Returns {name: (CPU-s/10k over all its slices, requests)}."""
+        Returns {name: (CPU-s/10k over all its slices, requests, CPU-s/10k of each
+        round's slice)}."""
         up, _ = self.start_upstream("paired")
         fport = free_port()
         fp = self.spawn([self.args.floor, f"127.0.0.1:{fport}", f"127.0.0.1:{self.up_port}",
                          HOST, self.d / "ca.pem", CANARY], self.proxy_cpu, "paired-floor.out")
         wait_for("floor", lambda: port_open(fport))
         target = f"http://{HOST}:{self.up_port}{PATH}"
-        runs = [("pingora floor (bare http_proxy)", fp, f"http://127.0.0.1:{fport}", 0, "")]
+        runs = [(FLOOR_ROW, fp, f"http://127.0.0.1:{fport}", 0, "")]
         extra = []
         for name, scenario, redis, capacity in (("sluice, warm cache", "paired-warm", False,
                                                  10_000),
@@ -847,6 +851,7 @@ class Bench:
             runs.append((name, p, f"http://127.0.0.1:{s.port}", WORKSPACES, s.caller_token))
             extra += [p] + ([redis_proc] if redis_proc else [])
         totals = {name: [0.0, 0] for name, *_ in runs}
+        per_round: dict[str, list[float]] = {name: [] for name, *_ in runs}
         try:
             for _, _, url, ws, token in runs:
                 self.wrk(url, target, ws, token, duration=self.args.warmup,
@@ -860,13 +865,16 @@ class Bench:
                                   conns=self.args.connections)
                     if st["errors"]:
                         raise SystemExit(f"errors in the interleaved run ({name}): {st}")
-                    totals[name][0] += sum(cpu_seconds(pids)) - c0
+                    used = sum(cpu_seconds(pids)) - c0
+                    totals[name][0] += used
                     totals[name][1] += st["requests"]
+                    per_round[name].append(used / max(st["requests"], 1) * 10_000)
         finally:
             for p in [fp, *extra]:
                 self.stop(p, signal.SIGKILL)
             self.stop(up, signal.SIGQUIT)
-        return {name: (cpu / n * 10_000, n) for name, (cpu, n) in totals.items()}
+        return {name: (cpu / n * 10_000, n, per_round[name])
+                for name, (cpu, n) in totals.items()}
 
 
 def fmt(v, spec: str, dash: str = "—") -> str:
@@ -934,11 +942,17 @@ def report(results: list[Result], args, gen_cpus: str, proxy_cpu: str) -> str:
         lines.append(f"interleaved max load ({args.pair_rounds} rounds of {args.pair_slice}s "
                      "per set-up, the order rotating; the CPU targets are judged on these):")
         lines.append("")
-        lines.append("| set-up | requests | CPU-s/10k @max | to the floor |")
-        lines.append("|---|---:|---:|---:|")
-        base = args.paired.get("pingora floor (bare http_proxy)", (None, 0))[0]
-        for name, (cpu, n) in args.paired.items():
-            lines.append(f"| {name} | {n} | {cpu:.3f} | {ratio(cpu, base)} |")
+        lines.append("| set-up | requests | CPU-s/10k @max | to the floor | per-round ratio: "
+                     "median (min–max) |")
+        lines.append("|---|---:|---:|---:|---:|")
+        base = args.paired.get(FLOOR_ROW, (None, 0, []))
+        for name, (cpu, n, rounds) in args.paired.items():
+            # Each round's slice against the floor's slice of the same round: how much the
+            # VM's drift still moves a single round (shown only; the targets use the totals).
+            each = sorted(a / b for a, b in zip(rounds, base[2]) if b)
+            spread = "—" if not each or name == FLOOR_ROW else (
+                f"{statistics.median(each):.2f}× ({each[0]:.2f}–{each[-1]:.2f}×)")
+            lines.append(f"| {name} | {n} | {cpu:.3f} | {ratio(cpu, base[0])} | {spread} |")
     lines.append("")
     lines.append("targets (issue 14):")
     for label, ok, detail in targets(results, args, direct):
