@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use super::RedisTarget;
 
 /// How long a thread reads through the shared connection after its own failed.
-pub(super) const BACKOFF: Duration = Duration::from_secs(2);
+const BACKOFF: Duration = Duration::from_secs(2);
 
 enum State {
     Ready(MultiplexedConnection),
@@ -78,10 +78,10 @@ impl LocalReads {
     /// (it is dropped, and the thread waits [`BACKOFF`] before connecting again): the caller
     /// then reads through the shared connection.
     pub(super) async fn get(&self, key: &str) -> Option<Option<Vec<u8>>> {
-        let now = Instant::now();
         let conn = match self.lookup() {
             Some(State::Ready(conn)) => Some(conn),
-            Some(State::Waiting(until)) if now < until => return None,
+            // The clock is read only by a thread that is waiting out its back-off.
+            Some(State::Waiting(until)) if Instant::now() < until => return None,
             _ => None,
         };
         let read = tokio::time::timeout(self.budget, async {
