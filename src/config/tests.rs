@@ -288,6 +288,14 @@ fn connector_rules() {
                 Some(("connector[c].rate_limit.shared", "lives in Redis")),
             ),
             (
+                &connector("none", "[connector.rate_limit]\nmin_wait_ms = 100"),
+                None,
+            ),
+            (
+                &connector("none", "[connector.rate_limit]\nmin_wait_ms = 101"),
+                Some(("connector[c].rate_limit.min_wait_ms", "at most 100")),
+            ),
+            (
                 &connector("none", "[connector.retry]\nmax_attempts = 0"),
                 Some(("connector[c].retry.max_attempts", "")),
             ),

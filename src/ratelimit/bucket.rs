@@ -69,9 +69,23 @@ impl Bucket {
 
     /// Admit one request at `now`.
     pub fn admit(&mut self, now: Instant, max_wait: Duration, queue_size: usize) -> Admission {
+        self.admit_within(now, Duration::ZERO, max_wait, queue_size)
+    }
+
+    /// Admit one request at `now`, letting it go at once if its turn is less than `early`
+    /// away. It still takes its interval, so the long-run rate is unchanged; a burst can be
+    /// at most `early / interval` requests larger than `capacity` (timer slack: a sleep that
+    /// short would end on the timer's next tick anyway, up to a tick late).
+    pub fn admit_within(
+        &mut self,
+        now: Instant,
+        early: Duration,
+        max_wait: Duration,
+        queue_size: usize,
+    ) -> Admission {
         let tat = self.tat.max(now);
         let allow_at = tat.checked_sub(self.tolerance).unwrap_or(now);
-        if allow_at <= now {
+        if allow_at < now + early || allow_at <= now {
             self.tat = tat + self.interval;
             return Admission::Now;
         }
@@ -238,6 +252,39 @@ mod tests {
             b.admit(later, Duration::ZERO, 0),
             Admission::TooLong(_)
         ));
+    }
+
+    #[test]
+    fn a_turn_due_within_min_wait_goes_at_once_but_still_counts() {
+        let t0 = Instant::now();
+        // 1,000 per second, no burst: one interval is exactly 1 ms.
+        let mut b = Bucket::new(1, 1000.0, t0);
+        let early = ms(1);
+        let at = |us| t0 + Duration::from_micros(us);
+        assert_eq!(b.admit_within(at(0), early, ms(100), 8), Admission::Now);
+        // Due 0.6 ms from now: shorter than min_wait, so it goes; the bucket moves on anyway.
+        assert_eq!(b.admit_within(at(400), early, ms(100), 8), Admission::Now);
+        // Due 1.6 ms from now (the last one took its interval): a real wait, not shortened.
+        assert_eq!(
+            b.admit_within(at(400), early, ms(100), 8),
+            Admission::After(Duration::from_micros(1600))
+        );
+        assert_eq!(b.queued(), 1, "only the real wait holds a queue place");
+        // Exactly min_wait away is a wait.
+        let mut b = Bucket::new(1, 1000.0, t0);
+        assert_eq!(b.admit_within(at(0), early, ms(100), 8), Admission::Now);
+        assert_eq!(
+            b.admit_within(at(0), early, ms(100), 8),
+            Admission::After(ms(1))
+        );
+        // Over a long run the rate is the configured one: 1,000 requests offered at once
+        // over 10 ms admit 10 (+1 from the slack) at once, the rest wait their interval.
+        let mut b = Bucket::new(1, 1000.0, t0);
+        let now_count = (0..1000)
+            .map(|i| b.admit_within(at(i * 10), early, Duration::ZERO, 0))
+            .filter(|a| *a == Admission::Now)
+            .count();
+        assert_eq!(now_count, 11);
     }
 
     #[test]

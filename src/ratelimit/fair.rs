@@ -16,6 +16,9 @@ use tokio::time::Instant;
 
 use super::bucket::{Admission, Bucket};
 
+/// The smallest wait: `time_to_token(now) < NANO` is "a token is there".
+const NANO: Duration = Duration::from_nanos(1);
+
 #[derive(Default)]
 struct Waiting {
     /// Workspaces with waiters, in turn order.
@@ -63,6 +66,8 @@ impl Waiting {
 /// learned yet).
 pub struct FairBucket {
     state: Mutex<(Option<Bucket>, Waiting)>,
+    /// A token due sooner than this counts as there (`rate_limit.min_wait_ms`).
+    min_wait: Duration,
 }
 
 /// What a request must do.
@@ -75,9 +80,12 @@ pub enum FairDecision {
 }
 
 impl FairBucket {
-    pub fn new(bucket: Option<Bucket>) -> Arc<Self> {
+    /// Tokens due sooner than `min_wait` are handed out at once (see
+    /// [`Bucket::admit_within`]).
+    pub fn new(bucket: Option<Bucket>, min_wait: Duration) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new((bucket, Waiting::default())),
+            min_wait,
         })
     }
 
@@ -123,7 +131,9 @@ impl FairBucket {
             return FairDecision::Go;
         };
         let ahead = waiting.purge();
-        if ahead == 0 && bucket.admit(now, Duration::ZERO, 0) == Admission::Now {
+        if ahead == 0
+            && bucket.admit_within(now, self.min_wait, Duration::ZERO, 0) == Admission::Now
+        {
             return FairDecision::Go;
         }
         let estimate = bucket.estimate(now, ahead);
@@ -158,7 +168,7 @@ impl FairBucket {
                     .as_ref()
                     .map_or(Duration::ZERO, |b| b.time_to_token(Instant::now()))
             };
-            if !wait.is_zero() {
+            if wait >= self.min_wait && !wait.is_zero() {
                 tokio::time::sleep(wait).await;
             }
             let mut guard = self.state.lock().expect("fair lock");
@@ -171,9 +181,9 @@ impl FairBucket {
                         let _ = tx.send(());
                     }
                 }
-                Some(bucket) if bucket.time_to_token(now).is_zero() => {
+                Some(bucket) if bucket.time_to_token(now) < self.min_wait.max(NANO) => {
                     if let Some(tx) = waiting.next() {
-                        bucket.admit(now, Duration::ZERO, 0);
+                        bucket.admit_within(now, self.min_wait, Duration::ZERO, 0);
                         // A receiver dropped since `next` looked gives the token back.
                         if tx.send(()).is_err() {
                             bucket.cancel(now);
@@ -192,7 +202,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn workspaces_take_turns() {
-        let fair = FairBucket::new(Some(Bucket::new(1, 10.0, Instant::now())));
+        let fair = FairBucket::new(Some(Bucket::new(1, 10.0, Instant::now())), Duration::ZERO);
         let now = Instant::now();
         assert!(matches!(
             fair.admit("a", now, Duration::from_secs(10), 100),
@@ -224,7 +234,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn released_at_the_bucket_rate_and_bounded() {
-        let fair = FairBucket::new(Some(Bucket::new(1, 10.0, Instant::now())));
+        let fair = FairBucket::new(Some(Bucket::new(1, 10.0, Instant::now())), Duration::ZERO);
         let t0 = Instant::now();
         assert!(matches!(
             fair.admit("a", t0, Duration::from_millis(250), 2),
@@ -260,7 +270,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_waiter_that_leaves_frees_its_place_and_turn() {
-        let fair = FairBucket::new(Some(Bucket::new(1, 10.0, Instant::now())));
+        let fair = FairBucket::new(Some(Bucket::new(1, 10.0, Instant::now())), Duration::ZERO);
         let t0 = Instant::now();
         assert!(matches!(
             fair.admit("a", t0, Duration::from_secs(1), 1),

@@ -47,6 +47,8 @@ pub struct RateLimitFile {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_wait_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_wait_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub queue_size: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limit_header: Option<String>,
@@ -61,6 +63,15 @@ pub struct RateLimitFile {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shared: Option<bool>,
 }
+
+/// `min_wait_ms` by default: the resolution of tokio's timer, which rounds every sleep up to
+/// the next millisecond tick. A shorter wait would cost a timer and a wake-up of an idle
+/// thread, and still end up to a millisecond late.
+const MIN_WAIT: Duration = Duration::from_millis(1);
+
+/// The largest `min_wait_ms` accepted: beyond this it is no longer timer slack but a bigger
+/// burst, which is what `capacity` is for.
+const MAX_MIN_WAIT_MS: u64 = 100;
 
 /// Whose calls a connector's bucket counts (`rate_limit.scope`).
 #[derive(
@@ -82,6 +93,9 @@ pub struct RateLimit {
     /// One bucket for every workspace of the connector.
     pub per_application: bool,
     pub max_wait: Duration,
+    /// A turn due sooner than this is not waited for: the request goes at once, still
+    /// counted against the bucket (see [`Bucket::admit_within`]).
+    pub min_wait: Duration,
     pub queue_size: usize,
     pub headers: HeaderSpec,
     /// The bucket lives in Redis, shared by every replica.
@@ -94,6 +108,7 @@ impl Default for RateLimit {
             initial: None,
             per_application: false,
             max_wait: Duration::from_millis(1000),
+            min_wait: MIN_WAIT,
             queue_size: 64,
             headers: HeaderSpec::default(),
             shared: false,
@@ -133,6 +148,12 @@ impl RateLimit {
                 ResetFormat::Auto
             });
         let shared = f.shared.unwrap_or(false);
+        if f.min_wait_ms.is_some_and(|ms| ms > MAX_MIN_WAIT_MS) {
+            errors.push((
+                "min_wait_ms".into(),
+                format!("at most {MAX_MIN_WAIT_MS} (it widens every burst)"),
+            ));
+        }
         if shared && initial.is_none() {
             errors.push((
                 "shared".into(),
@@ -162,6 +183,7 @@ impl RateLimit {
             initial,
             per_application,
             max_wait: f.max_wait_ms.map_or(d.max_wait, Duration::from_millis),
+            min_wait: f.min_wait_ms.map_or(d.min_wait, Duration::from_millis),
             queue_size: f.queue_size.unwrap_or(d.queue_size),
             headers: HeaderSpec {
                 limit,
@@ -346,7 +368,7 @@ impl Limiter {
 
     fn fair_bucket(&self, key: &BucketKey, rl: &RateLimit, now: Instant) -> Arc<fair::FairBucket> {
         self.fair.get_with_by_ref(key, || {
-            fair::FairBucket::new(rl.initial.map(|(c, r)| Bucket::new(c, r, now)))
+            fair::FairBucket::new(rl.initial.map(|(c, r)| Bucket::new(c, r, now)), rl.min_wait)
         })
     }
 
@@ -422,7 +444,7 @@ impl Limiter {
         };
         let admission = match bucket.lock().expect("bucket lock").as_mut() {
             None => return Decision::Go,
-            Some(b) => b.admit(now, rl.max_wait, rl.queue_size),
+            Some(b) => b.admit_within(now, rl.min_wait, rl.max_wait, rl.queue_size),
         };
         match admission {
             Admission::Now => Decision::Go,
@@ -449,7 +471,11 @@ impl Limiter {
     ) -> Option<Decision> {
         let skey = shared_key(key);
         match redis.admit(&skey, interval, tolerance, rl.max_wait).await {
-            Ok(0) => Some(Decision::Go),
+            // Redis answers in whole milliseconds: a wait under `min_wait` goes at once, its
+            // slot already taken.
+            Ok(wait) if wait >= 0 && (wait as u128) < rl.min_wait.as_millis().max(1) => {
+                Some(Decision::Go)
+            }
             Ok(wait) if wait < 0 => {
                 Some(Decision::Refuse(Duration::from_millis(wait.unsigned_abs())))
             }
