@@ -399,30 +399,33 @@ async fn a_record_copied_to_another_workspace_does_not_open() {
         .await;
     put_credential(&gw, "ws_42", "querykey", true, &[("api_key", CANARY)]).await;
 
-    // An attacker with write access to Redis copies ws_42's record to ws_7, relabelled.
+    // An attacker with write access to Redis copies ws_42's record to ws_7.
     let mut conn = redis.connection().await;
     let raw: Vec<u8> = redis::cmd("GET")
         .arg("sluice:cred:{ws_42}:querykey")
         .query_async(&mut conn)
         .await
         .unwrap();
-    let mut copied: serde_json::Value = serde_json::from_slice(&raw).unwrap();
-    copied["workspace"] = "ws_7".into();
-    let () = redis::cmd("SET")
-        .arg("sluice:cred:{ws_7}:querykey")
-        .arg(copied.to_string())
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-
-    let (status, code, body) =
-        call(&gw, env.url("api.saas.test", "/"), "querykey", "ws_7", &[]).await;
-    assert_eq!(
-        (status, code.as_deref()),
-        (500, Some("credential_unreadable")),
-        "{body}"
-    );
-    assert!(!body.contains(CANARY));
+    let mut relabelled: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+    relabelled["workspace"] = "ws_7".into();
+    // Relabelled, its ciphertext (bound to ws_42) does not open; copied as it is, still
+    // naming ws_42, the key it sits under decides whose it is. Failed reads are not cached.
+    for copy in [relabelled.to_string().into_bytes(), raw.clone()] {
+        let () = redis::cmd("SET")
+            .arg("sluice:cred:{ws_7}:querykey")
+            .arg(copy.as_slice())
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let (status, code, body) =
+            call(&gw, env.url("api.saas.test", "/"), "querykey", "ws_7", &[]).await;
+        assert_eq!(
+            (status, code.as_deref()),
+            (500, Some("credential_unreadable")),
+            "{body}"
+        );
+        assert!(!body.contains(CANARY));
+    }
     assert_eq!(env.upstream.connections(), 0);
 }
 

@@ -106,17 +106,17 @@ impl EmbeddedStore {
 
 #[async_trait]
 impl CredentialStore for EmbeddedStore {
-    async fn get(
+    async fn get_encoded(
         &self,
         workspace: &str,
         connector: &str,
-    ) -> Result<Option<CredentialRecord>, StoreError> {
+    ) -> Result<Option<Vec<u8>>, StoreError> {
         let k = key(workspace, connector);
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(failed)?;
             let table = txn.open_table(CREDENTIALS).map_err(failed)?;
             let value = table.get(k.as_str()).map_err(failed)?;
-            value.map(|v| decode(v.value())).transpose()
+            Ok(value.map(|v| v.value().to_vec()))
         })
         .await
     }

@@ -44,7 +44,7 @@ use crate::label::Label;
 use crate::telemetry::{CacheResult, StoreFailure};
 use crypto::{Keyring, OpenError};
 use secret::SecretFields;
-use store::{CredentialRecord, CredentialStore, StoreError};
+use store::{CredentialStore, StoreError};
 
 /// An opened credential.
 #[derive(Debug)]
@@ -205,8 +205,11 @@ impl Vault {
     /// Readiness: the store answers a read within the timeout; or, while it does not,
     /// credentials loaded within `max_staleness` are still being served.
     pub async fn health(&self) -> StoreHealth {
-        let probe =
-            tokio::time::timeout(self.read_timeout, self.store.get("_health", "_probe")).await;
+        let probe = tokio::time::timeout(
+            self.read_timeout,
+            self.store.get_encoded("_health", "_probe"),
+        )
+        .await;
         if matches!(probe, Ok(Ok(_))) {
             return StoreHealth::Reachable;
         }
@@ -292,42 +295,55 @@ impl Vault {
     }
 
     async fn load(&self, workspace: &str, connector: &str) -> Result<Arc<TenantState>, VaultError> {
-        let record =
-            match tokio::time::timeout(self.read_timeout, self.store.get(workspace, connector))
-                .await
-            {
-                Ok(Ok(r)) => {
-                    self.outage.end();
-                    r
-                }
-                Ok(Err(e)) => {
-                    crate::telemetry::METRICS
-                        .store_errors
-                        .with_label_values(&[StoreFailure::Read.as_label()])
-                        .inc();
-                    if matches!(e, StoreError::Unavailable(_)) {
-                        self.outage.begin();
-                    }
-                    return Err(e.into());
-                }
-                Err(_) => {
-                    crate::telemetry::METRICS
-                        .store_errors
-                        .with_label_values(&[StoreFailure::Timeout.as_label()])
-                        .inc();
+        let encoded = match tokio::time::timeout(
+            self.read_timeout,
+            self.store.get_encoded(workspace, connector),
+        )
+        .await
+        {
+            Ok(Ok(r)) => {
+                self.outage.end();
+                r
+            }
+            Ok(Err(e)) => {
+                crate::telemetry::METRICS
+                    .store_errors
+                    .with_label_values(&[StoreFailure::Read.as_label()])
+                    .inc();
+                if matches!(e, StoreError::Unavailable(_)) {
                     self.outage.begin();
-                    return Err(StoreError::Unavailable(format!(
-                        "read timed out after {:?}",
-                        self.read_timeout
-                    ))
-                    .into());
                 }
-            };
+                return Err(e.into());
+            }
+            Err(_) => {
+                crate::telemetry::METRICS
+                    .store_errors
+                    .with_label_values(&[StoreFailure::Timeout.as_label()])
+                    .inc();
+                self.outage.begin();
+                return Err(StoreError::Unavailable(format!(
+                    "read timed out after {:?}",
+                    self.read_timeout
+                ))
+                .into());
+            }
+        };
+        let record = encoded.as_deref().map(store::decode_view).transpose()?;
         let state = match record {
             None => TenantState::Unconfigured,
+            Some(r) if r.workspace != workspace || r.name != connector => {
+                // A record moved to another (workspace, connector)'s key: never served as
+                // that tenant's. Its ciphertext is bound to its own names, too.
+                error!(workspace, connector, stored_as = %format_args!("{}/{}", r.workspace, r.name), "stored credential names another workspace or connector");
+                return Err(VaultError::Unreadable {
+                    workspace: workspace.to_string(),
+                    connector: connector.to_string(),
+                    reason: OpenError::Invalid,
+                });
+            }
             Some(r) if !r.value.enabled => TenantState::OptedOut,
             Some(r) => TenantState::Connected(Connected {
-                fields: self.open(&r)?,
+                fields: self.open(workspace, connector, &r.key_id, &r.value.encrypted_config)?,
                 version: r.version,
                 oauth: r.oauth,
             }),
@@ -342,18 +358,26 @@ impl Vault {
         Ok(state)
     }
 
-    fn open(&self, r: &CredentialRecord) -> Result<SecretFields, VaultError> {
+    /// Open a record stored under (workspace, connector): its ciphertext is bound to those
+    /// names, so a record copied to another tenant's key does not open there.
+    fn open(
+        &self,
+        workspace: &str,
+        connector: &str,
+        key_id: &str,
+        sealed: &str,
+    ) -> Result<SecretFields, VaultError> {
         let unreadable = |reason| {
-            error!(workspace = %r.workspace, connector = %r.name, key_id = %r.key_id, %reason, "stored credential does not open");
+            error!(workspace, connector, key_id, %reason, "stored credential does not open");
             VaultError::Unreadable {
-                workspace: r.workspace.clone(),
-                connector: r.name.clone(),
+                workspace: workspace.to_string(),
+                connector: connector.to_string(),
                 reason,
             }
         };
         let plain = self
             .keyring
-            .open(&r.workspace, &r.name, &r.key_id, &r.value.encrypted_config)
+            .open(workspace, connector, key_id, sealed)
             .map_err(unreadable)?;
         SecretFields::from_plaintext(&plain).map_err(|_| unreadable(OpenError::Invalid))
     }

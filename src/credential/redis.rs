@@ -263,26 +263,24 @@ impl RedisStore {
 
 #[async_trait]
 impl CredentialStore for RedisStore {
-    async fn get(
+    async fn get_encoded(
         &self,
         workspace: &str,
         connector: &str,
-    ) -> Result<Option<CredentialRecord>, StoreError> {
+    ) -> Result<Option<Vec<u8>>, StoreError> {
         let mut conn = self.conn()?;
         let key = record_key(workspace, connector);
         // The thread's own connection first, within half the deadline; the shared one if it
         // has none or it failed, within what is left.
-        let bytes: Option<Vec<u8>> = self
-            .bounded(async {
-                if let Some(local) = &self.local
-                    && let Some(bytes) = local.get(&key).await
-                {
-                    return Ok(bytes);
-                }
-                conn.get(&key).await
-            })
-            .await?;
-        bytes.map(|b| decode(&b)).transpose()
+        self.bounded(async {
+            if let Some(local) = &self.local
+                && let Some(bytes) = local.get(&key).await
+            {
+                return Ok(bytes);
+            }
+            conn.get(&key).await
+        })
+        .await
     }
 
     async fn put(&self, record: &CredentialRecord) -> Result<(), StoreError> {

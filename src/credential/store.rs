@@ -7,6 +7,7 @@
 //! Stores hold only sealed records: a store dump reveals which workspaces use which connectors
 //! and the names of their fields, never a value.
 
+use std::borrow::Cow;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -79,12 +80,22 @@ pub enum StoreError {
 /// The operations every store offers. Implementations must not block the async runtime.
 #[async_trait]
 pub trait CredentialStore: Send + Sync {
+    /// The record for (workspace, connector), if any, as stored: its JSON.
+    async fn get_encoded(
+        &self,
+        workspace: &str,
+        connector: &str,
+    ) -> Result<Option<Vec<u8>>, StoreError>;
+
     /// The record for (workspace, connector), if any.
     async fn get(
         &self,
         workspace: &str,
         connector: &str,
-    ) -> Result<Option<CredentialRecord>, StoreError>;
+    ) -> Result<Option<CredentialRecord>, StoreError> {
+        let bytes = self.get_encoded(workspace, connector).await?;
+        bytes.map(|b| decode(&b)).transpose()
+    }
 
     /// Insert or replace a record.
     async fn put(&self, record: &CredentialRecord) -> Result<(), StoreError>;
@@ -147,6 +158,35 @@ pub(crate) fn encode(record: &CredentialRecord) -> Vec<u8> {
 }
 
 pub(crate) fn decode(bytes: &[u8]) -> Result<CredentialRecord, StoreError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| StoreError::Corrupt(format!("undecodable record: {e}")))
+}
+
+/// What the request path needs of a stored record, borrowed from its JSON: a cold read
+/// parses it without allocating a string per field. Other fields are skipped.
+#[derive(Debug, Deserialize)]
+pub(crate) struct RecordView<'a> {
+    #[serde(borrow)]
+    pub name: Cow<'a, str>,
+    #[serde(borrow)]
+    pub workspace: Cow<'a, str>,
+    #[serde(borrow)]
+    pub value: RecordValueView<'a>,
+    #[serde(borrow)]
+    pub key_id: Cow<'a, str>,
+    pub version: u64,
+    #[serde(default)]
+    pub oauth: Option<OAuthMeta>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct RecordValueView<'a> {
+    pub enabled: bool,
+    #[serde(borrow)]
+    pub encrypted_config: Cow<'a, str>,
+}
+
+pub(crate) fn decode_view(bytes: &[u8]) -> Result<RecordView<'_>, StoreError> {
     serde_json::from_slice(bytes)
         .map_err(|e| StoreError::Corrupt(format!("undecodable record: {e}")))
 }

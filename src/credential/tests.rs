@@ -2,6 +2,7 @@
 
 use super::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use store::CredentialRecord;
 
 /// The real embedded store, counting reads.
 struct Counting {
@@ -11,9 +12,9 @@ struct Counting {
 
 #[async_trait::async_trait]
 impl CredentialStore for Counting {
-    async fn get(&self, w: &str, c: &str) -> Result<Option<CredentialRecord>, StoreError> {
+    async fn get_encoded(&self, w: &str, c: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.reads.fetch_add(1, Ordering::SeqCst);
-        self.inner.get(w, c).await
+        self.inner.get_encoded(w, c).await
     }
     async fn put(&self, r: &CredentialRecord) -> Result<(), StoreError> {
         self.inner.put(r).await
@@ -246,4 +247,46 @@ async fn rotation_never_overwrites_a_refresh_holding_the_lock() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn the_read_path_view_reads_what_the_full_record_wrote() {
+    let record = CredentialRecord {
+        group: "connector".into(),
+        name: "c\"1".into(),
+        workspace: "ws".into(),
+        value: store::RecordValue {
+            enabled: true,
+            encrypted_config: "c2VhbGVk".into(),
+        },
+        key_id: "k1".into(),
+        version: 7,
+        fields: vec!["access_token".into()],
+        created_at: 1,
+        updated_at: 2,
+        oauth: Some(store::OAuthMeta {
+            expires_at: 99,
+            needs_reauthorization: false,
+        }),
+    };
+    let bytes = store::encode(&record);
+    let view = store::decode_view(&bytes).unwrap();
+    // An escaped name is unescaped (owned); the rest is borrowed from the JSON.
+    assert_eq!(
+        (&*view.workspace, &*view.name, &*view.key_id),
+        ("ws", "c\"1", "k1")
+    );
+    assert!(matches!(view.name, std::borrow::Cow::Owned(_)));
+    assert!(matches!(
+        view.value.encrypted_config,
+        std::borrow::Cow::Borrowed(_)
+    ));
+    assert_eq!(
+        (view.value.enabled, view.version, view.oauth),
+        (true, 7, record.oauth)
+    );
+    assert!(matches!(
+        store::decode_view(b"{\"name\":1}"),
+        Err(StoreError::Corrupt(_))
+    ));
 }

@@ -120,7 +120,8 @@ impl Vault {
     ) -> Result<Option<(CredentialRecord, Connected)>, VaultError> {
         match self.store.get(workspace, connector).await? {
             Some(r) if r.value.enabled => {
-                let fields = self.open(&r)?;
+                let fields =
+                    self.open(workspace, connector, &r.key_id, &r.value.encrypted_config)?;
                 let connected = Connected {
                     fields,
                     version: r.version,
@@ -251,7 +252,7 @@ impl Vault {
         if r.key_id == self.keyring.active_id() {
             return Ok(false);
         }
-        let fields = self.open(&r)?;
+        let fields = self.open(workspace, connector, &r.key_id, &r.value.encrypted_config)?;
         let (key_id, blob) = self
             .keyring
             .seal(workspace, connector, &fields.to_plaintext());
