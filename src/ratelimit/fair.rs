@@ -201,6 +201,32 @@ mod tests {
     use super::*;
 
     #[tokio::test(start_paused = true)]
+    async fn a_token_due_within_min_wait_is_handed_out_at_once() {
+        let t0 = Instant::now();
+        let min_wait = Duration::from_millis(1);
+        // 1,000 per second, no burst.
+        let fair = FairBucket::new(Some(Bucket::new(1, 1000.0, t0)), min_wait);
+        let max_wait = Duration::from_secs(1);
+        assert!(matches!(fair.admit("a", t0, max_wait, 8), FairDecision::Go));
+        // The next token is due 0.4 ms from now: no wait.
+        tokio::time::advance(Duration::from_micros(600)).await;
+        let soon = Instant::now();
+        assert!(matches!(
+            fair.admit("b", soon, max_wait, 8),
+            FairDecision::Go
+        ));
+        // The one after is 1.4 ms away: it waits its turn, released by the dispatcher.
+        let FairDecision::Wait(rx) = fair.admit("c", soon, max_wait, 8) else {
+            panic!("a real wait");
+        };
+        rx.await.unwrap();
+        assert!(
+            Instant::now() >= t0 + Duration::from_millis(2),
+            "released at its turn"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn workspaces_take_turns() {
         let fair = FairBucket::new(Some(Bucket::new(1, 10.0, Instant::now())), Duration::ZERO);
         let now = Instant::now();
