@@ -1,6 +1,8 @@
 //! The limiter on tokio's paused clock: learning a limit, bucket scope, queue places.
 
 use super::*;
+use crate::label::Choice;
+use http::HeaderName;
 
 #[tokio::test]
 async fn unlimited_until_a_limit_is_seen() {
