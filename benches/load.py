@@ -1116,6 +1116,9 @@ def main() -> None:
                     "them)")
     ap.add_argument("--pair-slice", type=int, default=2,
                     help="seconds of load per set-up per round in the interleaved run")
+    ap.add_argument("--min-wait-ms", type=int,
+                    help="the rate-limited set-up's rate_limit.min_wait_ms (default: sluice's "
+                    "own, 1): how soon a turn must be due to go without a timer")
     args = ap.parse_args()
     args.paired = {}
     args.paired_rate = {}
@@ -1148,6 +1151,8 @@ per_second = {args.rate}
 max_wait_ms = 1000
 queue_size = {max(64, args.connections * 2)}
 """
+        if args.min_wait_ms is not None:
+            limited += f"min_wait_ms = {args.min_wait_ms}\n"
         plan = [
             ("direct", b.direct),
             ("nginx", b.nginx),
