@@ -277,8 +277,8 @@ mod tests {
             b.admit_within(at(0), early, ms(100), 8),
             Admission::After(ms(1))
         );
-        // Over a long run the rate is the configured one: 1,000 requests offered at once
-        // over 10 ms admit 10 (+1 from the slack) at once, the rest wait their interval.
+        // Over a run the rate is the configured one: 1,000 requests offered over 10 ms (one
+        // every 10 µs) admit 10 at once, plus 1 from the slack; the rest would have to wait.
         let mut b = Bucket::new(1, 1000.0, t0);
         let now_count = (0..1000)
             .map(|i| b.admit_within(at(i * 10), early, Duration::ZERO, 0))
