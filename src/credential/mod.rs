@@ -295,12 +295,14 @@ impl Vault {
     }
 
     async fn load(&self, workspace: &str, connector: &str) -> Result<Arc<TenantState>, VaultError> {
-        let encoded = match tokio::time::timeout(
-            self.read_timeout,
-            self.store.get_encoded(workspace, connector),
-        )
-        .await
-        {
+        let read = self.store.get_encoded(workspace, connector);
+        // A store that bounds its own reads (Redis: by this same timeout) gets no second timer.
+        let answer = if self.store.bounds_reads() {
+            Ok(read.await)
+        } else {
+            tokio::time::timeout(self.read_timeout, read).await
+        };
+        let encoded = match answer {
             Ok(Ok(r)) => {
                 self.outage.end();
                 r

@@ -263,6 +263,11 @@ impl RedisStore {
 
 #[async_trait]
 impl CredentialStore for RedisStore {
+    /// Every call goes through [`RedisStore::bounded`], which the vault's read timeout sets.
+    fn bounds_reads(&self) -> bool {
+        true
+    }
+
     async fn get_encoded(
         &self,
         workspace: &str,

@@ -87,6 +87,12 @@ pub trait CredentialStore: Send + Sync {
         connector: &str,
     ) -> Result<Option<Vec<u8>>, StoreError>;
 
+    /// `true` when every read answers within the store's own deadline (an error, not a hang,
+    /// when it runs out), so the vault need not set a second timer around it.
+    fn bounds_reads(&self) -> bool {
+        false
+    }
+
     /// The record for (workspace, connector), if any.
     async fn get(
         &self,
