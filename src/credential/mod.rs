@@ -335,7 +335,7 @@ impl Vault {
             None => TenantState::Unconfigured,
             Some(r) if r.workspace != workspace || r.name != connector => {
                 // A record moved to another (workspace, connector)'s key: never served as
-                // that tenant's. Its ciphertext is bound to its own names, too.
+                // that tenant's. It would not open under these names either; this says why.
                 error!(workspace, connector, stored_as = %format_args!("{}/{}", r.workspace, r.name), "stored credential names another workspace or connector");
                 return Err(VaultError::Unreadable {
                     workspace: workspace.to_string(),

@@ -84,12 +84,11 @@ impl Bucket {
         queue_size: usize,
     ) -> Admission {
         let tat = self.tat.max(now);
-        let allow_at = tat.checked_sub(self.tolerance).unwrap_or(now);
-        if allow_at < now + early || allow_at <= now {
+        if self.due_within(now, early) {
             self.tat = tat + self.interval;
             return Admission::Now;
         }
-        let wait = allow_at - now;
+        let wait = self.time_to_token(now);
         if wait > max_wait {
             return Admission::TooLong(wait);
         }
@@ -105,6 +104,12 @@ impl Bucket {
     pub fn time_to_token(&self, now: Instant) -> Duration {
         let allow_at = self.tat.max(now).checked_sub(self.tolerance).unwrap_or(now);
         allow_at.saturating_duration_since(now)
+    }
+
+    /// A token is there now, or due sooner than `early`.
+    pub fn due_within(&self, now: Instant, early: Duration) -> bool {
+        let wait = self.time_to_token(now);
+        wait.is_zero() || wait < early
     }
 
     /// How long the `n`-th waiter from now would wait, one interval per waiter ahead.

@@ -16,9 +16,6 @@ use tokio::time::Instant;
 
 use super::bucket::{Admission, Bucket};
 
-/// The smallest wait: `time_to_token(now) < NANO` is "a token is there".
-const NANO: Duration = Duration::from_nanos(1);
-
 #[derive(Default)]
 struct Waiting {
     /// Workspaces with waiters, in turn order.
@@ -164,11 +161,13 @@ impl FairBucket {
                     waiting.dispatching = false;
                     return;
                 }
-                bucket
-                    .as_ref()
-                    .map_or(Duration::ZERO, |b| b.time_to_token(Instant::now()))
+                let now = Instant::now();
+                match bucket.as_ref() {
+                    Some(b) if !b.due_within(now, self.min_wait) => b.time_to_token(now),
+                    _ => Duration::ZERO,
+                }
             };
-            if wait >= self.min_wait && !wait.is_zero() {
+            if !wait.is_zero() {
                 tokio::time::sleep(wait).await;
             }
             let mut guard = self.state.lock().expect("fair lock");
@@ -181,7 +180,7 @@ impl FairBucket {
                         let _ = tx.send(());
                     }
                 }
-                Some(bucket) if bucket.time_to_token(now) < self.min_wait.max(NANO) => {
+                Some(bucket) if bucket.due_within(now, self.min_wait) => {
                     if let Some(tx) = waiting.next() {
                         bucket.admit_within(now, self.min_wait, Duration::ZERO, 0);
                         // A receiver dropped since `next` looked gives the token back.
