@@ -22,7 +22,10 @@ What it starts (Python standard library and Debian packages only; installed when
   holds one entry and the load cycles through 1,000 workspaces, so nearly every request reads
   and decrypts from Redis), and a rate limit that makes requests wait for their turn;
 * wrk, with a Lua script sending absolute-form requests with X-Connector, X-Workspace and
-  Proxy-Authorization (sluice authenticates the caller on every request; nginx does not);
+  Proxy-Authorization to every proxy (sluice authenticates the caller on every request; the
+  peers and the floor only drop the three headers), so all parse the same request head;
+  `--bare-peer-requests` sends the peers and the floor requests without them, as the bench
+  did before issue 14's fifth round;
 * sluice with TLS interception: `benches/tunnel_load.go` (Go's net/http, since wrk cannot
   CONNECT) sends `https://` requests through `HTTPS_PROXY`, one keep-alive intercepted tunnel
   per connection, the workspace as the proxy URL's user name; its CPU-s/10k sits next to the
@@ -76,6 +79,9 @@ CANARY = "bench-canary-" + secrets.token_hex(8)
 WORKSPACES = 1000
 # The reference row: the ratios of the CPU targets are to it.
 FLOOR_ROW = "pingora floor (bare http_proxy)"
+# What the peers and the floor get as Proxy-Authorization: the same length as sluice's caller
+# token, never checked (they drop the header, as they drop X-Connector and X-Workspace).
+PEER_TOKEN = secrets.token_hex(32)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 LUA = r"""
@@ -696,6 +702,11 @@ class Bench:
         r.opened, r.upstream_requests = self.upstream_counts(up, up_log)
         return r
 
+    def peer_routing(self) -> tuple[int, str]:
+        """(workspaces, token) for a proxy that takes no routing headers: sluice's request
+        head, whose routing headers it drops, unless `--bare-peer-requests`."""
+        return (0, "") if self.args.bare_peer_requests else (WORKSPACES, PEER_TOKEN)
+
     def plain_proxy(self, name: str, scenario: str, command, stop_signal) -> Result:
         """A proxy that takes no routing headers (nginx, the floor): start, measure, count.
         `command(port)` returns the command line for a proxy listening on `port`."""
@@ -704,8 +715,8 @@ class Bench:
         port = free_port()
         p = self.spawn(command(port), self.proxy_cpu, f"{scenario}-proxy.out")
         wait_for(name, lambda: port_open(port))
-        self.measure(r, f"http://127.0.0.1:{port}", f"http://{HOST}:{self.up_port}{PATH}", 0, "",
-                     proc_tree(p.pid))
+        self.measure(r, f"http://127.0.0.1:{port}", f"http://{HOST}:{self.up_port}{PATH}",
+                     *self.peer_routing(), proc_tree(p.pid))
         self.stop(p, stop_signal)
         r.opened, r.upstream_requests = self.upstream_counts(up, up_log)
         return r
@@ -841,7 +852,7 @@ class Bench:
                          HOST, self.d / "ca.pem", CANARY], self.proxy_cpu, "paired-floor.out")
         wait_for("floor", lambda: port_open(fport))
         target = f"http://{HOST}:{self.up_port}{PATH}"
-        runs = [(FLOOR_ROW, fp, f"http://127.0.0.1:{fport}", 0, "")]
+        runs = [(FLOOR_ROW, fp, f"http://127.0.0.1:{fport}", *self.peer_routing())]
         extra = []
         for name, scenario, redis, capacity in (("sluice, warm cache", "paired-warm", False,
                                                  10_000),
@@ -1116,6 +1127,10 @@ def main() -> None:
                     "them)")
     ap.add_argument("--pair-slice", type=int, default=2,
                     help="seconds of load per set-up per round in the interleaved run")
+    ap.add_argument("--bare-peer-requests", action="store_true",
+                    help="send nginx, HAProxy, Envoy and the floor requests without "
+                    "X-Connector, X-Workspace and Proxy-Authorization (the bench before issue "
+                    "14's fifth round; sluice always gets them)")
     ap.add_argument("--min-wait-ms", type=int,
                     help="the rate-limited set-up's rate_limit.min_wait_ms (default: sluice's "
                     "own, 1): how soon a turn must be due to go without a timer")
