@@ -221,7 +221,9 @@ async fn pooled_upstream_connections_are_reused() {
     let env = Env::new().await;
     let gw = env.start().await;
     let client = client(&gw, Some(("app", APP_TOKEN)));
-    for _ in 0..5 {
+    let ok =
+        r#"sluice_requests_total{class="forwarded",connector="saas",outcome="ok",status="2xx"}"#;
+    for i in 1..=5 {
         let resp = routed(
             client.get(env.url("api.saas.test", "/again")),
             "saas",
@@ -232,6 +234,18 @@ async fn pooled_upstream_connections_are_reused() {
         .unwrap();
         assert_eq!(resp.status(), 200);
         resp.bytes().await.unwrap();
+        // pingora puts the upstream connection back in the pool just after the response's
+        // last byte went out, so a client this quick can ask again in between and, rightly,
+        // get a second connection. The request is counted after the connection is back:
+        // wait for that, then send the next.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while metric(&gw, ok).await < i {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "request {i} never counted"
+            );
+            tokio::task::yield_now().await;
+        }
     }
     assert_eq!(env.upstream.requests().len(), 5);
     assert_eq!(
