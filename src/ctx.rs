@@ -66,8 +66,8 @@ pub struct RequestCtx {
     pub next: NextAttempt,
     /// The circuit breaker of the vetted (connector, host), once the first attempt looked it up.
     pub breaker: Option<crate::ratelimit::BreakerHandle>,
-    /// The rate-limit bucket this request drew from (its response teaches it).
-    pub bucket: Option<crate::ratelimit::BucketKey>,
+    /// The request drew from its rate-limit bucket (its response teaches it).
+    pub paced: bool,
     /// OAuth connectors: the token state injected, kept for a forced refresh after a 401.
     pub oauth: Option<Arc<Connected>>,
     /// An upstream 401 asked for one forced refresh and one retry already (it is only one).
@@ -98,7 +98,7 @@ impl RequestCtx {
             attempts: 0,
             next: NextAttempt::None,
             breaker: None,
-            bucket: None,
+            paced: false,
             oauth: None,
             oauth_retried: false,
             refusal: None,

@@ -77,7 +77,9 @@ pub async fn explain(
             let _ = writeln!(
                 printer.out,
                 "verdict: ALLOW  connect {} (TLS, SNI {}), send Host {} {origin_form}",
-                v.addr, v.sni, v.host_header
+                v.addr,
+                v.sni(),
+                v.host_header()
             );
         }
         Err(r) => {

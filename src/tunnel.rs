@@ -149,8 +149,8 @@ pub async fn admit_connect(
     .await?;
     let tunnel = Tunnel {
         caller,
-        connector: vetted.connector.clone(),
-        workspace: vetted.workspace.clone(),
+        connector: vetted.connector().to_owned(),
+        workspace: vetted.workspace().to_owned(),
         host,
         port,
         tls_sni: None,

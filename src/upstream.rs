@@ -87,8 +87,11 @@ impl Drop for CaBundle {
 
 /// The pingora peer for a vetted destination, with the connector's own TLS.
 pub fn peer(vetted: &Vetted, settings: &Upstream, tls: &ConnectorTls) -> HttpPeer {
-    debug_assert!(!vetted.sni.is_empty(), "an empty SNI disables verification");
-    let mut peer = HttpPeer::new(vetted.addr, true, vetted.sni.clone());
+    debug_assert!(
+        !vetted.sni().is_empty(),
+        "an empty SNI disables verification"
+    );
+    let mut peer = HttpPeer::new(vetted.addr, true, vetted.sni().to_owned());
     let o = &mut peer.options;
     o.verify_cert = true;
     o.verify_hostname = true;

@@ -59,15 +59,68 @@ pub struct Egress<'a> {
 /// A destination that passed every check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Vetted {
-    pub connector: String,
-    pub workspace: String,
-    pub org: String,
     /// The address to connect to: one of the resolved addresses, all of which were vetted.
     pub addr: SocketAddr,
+    /// The connector, workspace, org, SNI name and `Host` header, back to back: one
+    /// allocation per request instead of five (`ends` marks where each stops).
+    text: String,
+    ends: [usize; 5],
+}
+
+impl Vetted {
+    fn new(
+        connector: &str,
+        workspace: &str,
+        org: &str,
+        name: &str,
+        port: u16,
+        addr: SocketAddr,
+    ) -> Self {
+        let mut port_text = itoa::Buffer::new();
+        let port_text = port_text.format(port);
+        let mut text = String::with_capacity(
+            connector.len() + workspace.len() + org.len() + 2 * name.len() + 1 + port_text.len(),
+        );
+        let mut ends = [0; 5];
+        for (end, part) in ends.iter_mut().zip([connector, workspace, org, name]) {
+            text.push_str(part);
+            *end = text.len();
+        }
+        text.push_str(name);
+        if port != 443 {
+            text.push(':');
+            text.push_str(port_text);
+        }
+        ends[4] = text.len();
+        Vetted { addr, text, ends }
+    }
+
+    fn part(&self, i: usize) -> &str {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.text[start..self.ends[i]]
+    }
+
+    pub fn connector(&self) -> &str {
+        self.part(0)
+    }
+
+    pub fn workspace(&self) -> &str {
+        self.part(1)
+    }
+
+    pub fn org(&self) -> &str {
+        self.part(2)
+    }
+
     /// The host name sent as SNI and verified against the certificate. Never empty.
-    pub sni: String,
+    pub fn sni(&self) -> &str {
+        self.part(3)
+    }
+
     /// The `Host` header sent upstream (`name`, or `name:port` off 443).
-    pub host_header: String,
+    pub fn host_header(&self) -> &str {
+        self.part(4)
+    }
 }
 
 /// The checks, in order. Their names are what explain prints.
@@ -241,23 +294,16 @@ async fn vet_target<R: Rules + ?Sized, O: Observer>(
         format!("host {}, path {}", target.host, target.path())
     });
 
-    let dest = vet_destination(
-        rules,
-        connector,
+    let port = target.upstream_port();
+    let (name, addr) = vet_address(rules, connector, org, &target.host, port, obs).await?;
+    Ok(Vetted::new(
+        connector.id,
+        workspace_id,
         org,
-        &target.host,
-        target.upstream_port(),
-        obs,
-    )
-    .await?;
-    Ok(Vetted {
-        connector: connector.id.to_owned(),
-        workspace: workspace_id.to_owned(),
-        org: org.to_owned(),
-        sni: dest.sni,
-        host_header: dest.host_header,
-        addr: dest.addr,
-    })
+        name,
+        port,
+        addr,
+    ))
 }
 
 /// Where a vetted connection goes: the pinned address, the SNI/certificate name, the `Host`.
@@ -279,6 +325,28 @@ pub async fn vet_destination<R: Rules + ?Sized, O: Observer>(
     port: u16,
     obs: &mut O,
 ) -> Result<Destination, Refusal> {
+    let (name, addr) = vet_address(rules, connector, org_id, host, port, obs).await?;
+    let host_header = if port == 443 {
+        name.to_owned()
+    } else {
+        format!("{name}:{port}")
+    };
+    Ok(Destination {
+        sni: name.to_owned(),
+        host_header,
+        addr,
+    })
+}
+
+/// [`vet_destination`]'s checks: the host's name and the one address to connect to.
+async fn vet_address<'h, R: Rules + ?Sized, O: Observer>(
+    rules: &R,
+    connector: ConnectorRules<'_>,
+    org_id: &str,
+    host: &'h Host,
+    port: u16,
+    obs: &mut O,
+) -> Result<(&'h str, SocketAddr), Refusal> {
     let connector_id = connector.id;
     if !connector.allowed_ports.contains(&port) {
         return Err(Refusal::new(
@@ -375,17 +443,7 @@ pub async fn vet_destination<R: Rules + ?Sized, O: Observer>(
     obs.passed(Check::Pinned, || {
         format!("connect to {addr}, SNI and certificate name {name}")
     });
-
-    let host_header = if port == 443 {
-        name.clone()
-    } else {
-        format!("{name}:{port}")
-    };
-    Ok(Destination {
-        sni: name.clone(),
-        host_header,
-        addr,
-    })
+    Ok((name, addr))
 }
 
 /// The operator exception covering `ip` (or the IPv4 address it embeds), if any.
@@ -415,4 +473,24 @@ fn is_own_listener(listen: SocketAddr, addr: SocketAddr) -> bool {
     ip == listen.ip()
         || (listen.ip().is_unspecified()
             && (ip.is_loopback() || ip.is_unspecified() || classify(ip) == AddrClass::Loopback))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vetted_parts_read_back_as_given() {
+        let addr: SocketAddr = "203.0.113.7:8443".parse().unwrap();
+        let v = Vetted::new("hubspot", "ws_42", "acme", "api.hubapi.com", 8443, addr);
+        assert_eq!(
+            (v.connector(), v.workspace(), v.org(), v.sni()),
+            ("hubspot", "ws_42", "acme", "api.hubapi.com")
+        );
+        assert_eq!(v.host_header(), "api.hubapi.com:8443");
+        assert_eq!(v.addr, addr);
+        // The default port is left out of Host.
+        let v = Vetted::new("c", "w", "o", "h.example", 443, addr);
+        assert_eq!((v.sni(), v.host_header()), ("h.example", "h.example"));
+    }
 }

@@ -111,7 +111,7 @@ impl Sluice {
 /// The verdict kept: the vetted destination, and its connector resolved by name, once; every
 /// later step reads the connector from the context.
 pub(super) fn admitted(ctx: &mut RequestCtx, vetted: Vetted) -> Result<(), Refusal> {
-    let connector = ctx.snapshot.connectors.get(&vetted.connector).cloned();
+    let connector = ctx.snapshot.connectors.get(vetted.connector()).cloned();
     ctx.connector = Some(connector.ok_or_else(|| {
         Refusal::new(ErrorCode::Internal, "connector vanished from the snapshot")
     })?);

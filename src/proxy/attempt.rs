@@ -42,10 +42,9 @@ impl Sluice {
                 "no vetted destination for request",
             );
         };
-        let breaker = ctx.breaker.get_or_insert_with(|| {
-            self.breakers
-                .handle(&(vetted.connector.clone(), vetted.sni.clone()))
-        });
+        let breaker = ctx
+            .breaker
+            .get_or_insert_with(|| self.breakers.handle(vetted.connector(), vetted.sni()));
         // The first attempt follows the wait phase at once: its end is the breaker's "now"
         // (one clock read fewer per request). Retries read the clock.
         let now = match ctx.wait_done {
@@ -59,7 +58,7 @@ impl Sluice {
         if let Pass::Reject(wait) = pass {
             let refusal = Refusal::new(
                 ErrorCode::CircuitOpen,
-                format!("{} is failing; its circuit breaker is open", vetted.sni),
+                format!("{} is failing; its circuit breaker is open", vetted.sni()),
             )
             .with_retry_after(wait);
             return Err(refused("circuit open", refusal));
@@ -101,7 +100,7 @@ impl Sluice {
         let Some((from, to)) = changed else {
             return;
         };
-        tracing::warn!(connector = %connector.id, host = %vetted.sni, state = to.as_label(), "circuit breaker changed state");
+        tracing::warn!(connector = %connector.id, host = %vetted.sni(), state = to.as_label(), "circuit breaker changed state");
         let metrics = &crate::telemetry::METRICS;
         metrics
             .circuit_transitions
@@ -286,7 +285,7 @@ pub(super) fn rewrite_request(
         }
         None => upstream_request.set_raw_path(target.origin_form.as_bytes())?,
     }
-    upstream_request.insert_header(header::HOST, vetted.host_header.as_str())?;
+    upstream_request.insert_header(header::HOST, vetted.host_header())?;
     for name in stripped_names(&upstream_request.headers) {
         upstream_request.remove_header(&name);
     }
@@ -318,7 +317,7 @@ pub(super) fn check_tls_version(
     if connector.tls.accepts(version) {
         return Ok(());
     }
-    let host = ctx.vetted.as_ref().map_or("upstream", |v| v.sni.as_str());
+    let host = ctx.vetted.as_ref().map_or("upstream", |v| v.sni());
     let refusal = Refusal::new(
         ErrorCode::UpstreamTlsFailed,
         format!(

@@ -26,7 +26,7 @@ impl Sluice {
         let vault = self.vault.as_ref().ok_or_else(|| {
             Refusal::new(ErrorCode::Internal, "no credential store is configured")
         })?;
-        let (ws, conn) = (vetted.workspace.as_str(), vetted.connector.as_str());
+        let (ws, conn) = (vetted.workspace(), vetted.connector());
         let state = vault.lookup(ws, conn).await.map_err(Refusal::from)?;
         match &*state {
             TenantState::Unconfigured => Err(Refusal::new(
@@ -79,8 +79,8 @@ impl Sluice {
             vault,
             connector: connector.rules(),
             oauth: oauth2,
-            workspace: &vetted.workspace,
-            org: &vetted.org,
+            workspace: vetted.workspace(),
+            org: vetted.org(),
             tls: connector.tls.outbound.as_ref(),
         };
         let token = self

@@ -5,11 +5,11 @@
 use http::header::HeaderName;
 use pingora::proxy::Session;
 
-use super::{X_CONNECTOR_NAME, X_WORKSPACE_NAME};
 use crate::ctx::RequestCtx;
 use crate::label::Label;
-use crate::logline::{self, Line, Value};
+use crate::logline::{self, Line, Value, name};
 use crate::names::{Host, is_identifier};
+use crate::request::{X_CONNECTOR_NAME, X_WORKSPACE_NAME};
 use crate::telemetry::OutcomeClass;
 
 /// What pingora's own error log lines say about a request: never the query string (it may
@@ -70,7 +70,7 @@ pub(super) fn request_done(session: &Session, ctx: &RequestCtx) {
             .unwrap_or_default()
     };
     let (connector, workspace) = match &ctx.vetted {
-        Some(v) => (v.connector.as_str(), v.workspace.as_str()),
+        Some(v) => (v.connector(), v.workspace()),
         None => (routed(&X_CONNECTOR_NAME), routed(&X_WORKSPACE_NAME)),
     };
     let upstream = ctx.vetted.as_ref().map(|v| v.addr);
@@ -90,34 +90,43 @@ pub(super) fn request_done(session: &Session, ctx: &RequestCtx) {
         Line::Access,
         wall,
         &[
-            ("request_id", Value::Bare(&ctx.request_id)),
-            ("connector", Value::Bare(connector)),
-            ("workspace", Value::Bare(workspace)),
+            (name!("request_id"), Value::Bare(&ctx.request_id)),
+            (name!("connector"), Value::Bare(connector)),
+            (name!("workspace"), Value::Bare(workspace)),
             (
-                "caller",
+                name!("caller"),
                 Value::Quoted(ctx.caller.as_ref().map_or("", |c| c.name.as_str())),
             ),
             // An action call logs the method its upstream request used.
             (
-                "method",
+                name!("method"),
                 Value::Bare(super::action::method(session, ctx).as_str()),
             ),
-            ("host", host),
-            ("path", Value::Quoted(path)),
-            ("status", Value::U64(status.into())),
-            ("outcome", Value::Quoted(code)),
-            ("outcome_class", Value::Quoted(outcome_class)),
-            ("upstream", Value::Addr(upstream)),
+            (name!("host"), host),
+            (name!("path"), Value::Quoted(path)),
+            (name!("status"), Value::U64(status.into())),
+            (name!("outcome"), Value::Quoted(code)),
+            (name!("outcome_class"), Value::Quoted(outcome_class)),
+            (name!("upstream"), Value::Addr(upstream)),
             (
-                "org",
-                Value::Quoted(ctx.vetted.as_ref().map_or("", |v| v.org.as_str())),
+                name!("org"),
+                Value::Quoted(ctx.vetted.as_ref().map_or("", |v| v.org())),
             ),
-            ("retries", Value::U64(ctx.attempts.saturating_sub(1).into())),
-            ("policy_ms", phase(Some(ctx.started), ctx.policy_done)),
-            ("credential_ms", phase(ctx.policy_done, ctx.credential_done)),
-            ("wait_ms", phase(ctx.credential_done, ctx.wait_done)),
-            ("upstream_ms", phase(upstream_since, Some(now))),
-            ("duration_ms", Value::U64(total.as_millis() as u64)),
+            (
+                name!("retries"),
+                Value::U64(ctx.attempts.saturating_sub(1).into()),
+            ),
+            (
+                name!("policy_ms"),
+                phase(Some(ctx.started), ctx.policy_done),
+            ),
+            (
+                name!("credential_ms"),
+                phase(ctx.policy_done, ctx.credential_done),
+            ),
+            (name!("wait_ms"), phase(ctx.credential_done, ctx.wait_done)),
+            (name!("upstream_ms"), phase(upstream_since, Some(now))),
+            (name!("duration_ms"), Value::U64(total.as_millis() as u64)),
         ],
     );
     // Only configured connector ids become label values: the admitted connector, or (for a
@@ -172,27 +181,27 @@ fn audit(
     host: Value<'_>,
     upstream: Option<std::net::SocketAddr>,
 ) {
-    let id = ("request_id", Value::Bare(&ctx.request_id));
+    let id = (name!("request_id"), Value::Bare(&ctx.request_id));
     if let Some(r) = &ctx.refusal {
         logline::emit_at(
             Line::Audit,
             wall,
             &[
                 id,
-                ("decision", Value::Quoted(outcome_class)),
-                ("host", host),
-                ("code", Value::Quoted(r.code.as_str())),
-                ("reason", Value::Bare(&r.message)),
+                (name!("decision"), Value::Quoted(outcome_class)),
+                (name!("host"), host),
+                (name!("code"), Value::Quoted(r.code.as_str())),
+                (name!("reason"), Value::Bare(&r.message)),
             ],
         );
     } else if ctx.vetted.is_some() {
         let action = super::action::action_id(ctx);
         let allowed = [
             id,
-            ("decision", Value::Quoted("allowed")),
-            ("host", host),
-            ("upstream", Value::Addr(upstream)),
-            ("action", Value::Quoted(action.unwrap_or_default())),
+            (name!("decision"), Value::Quoted("allowed")),
+            (name!("host"), host),
+            (name!("upstream"), Value::Addr(upstream)),
+            (name!("action"), Value::Quoted(action.unwrap_or_default())),
         ];
         let fields = if action.is_some() {
             &allowed[..]

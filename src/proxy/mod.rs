@@ -36,14 +36,11 @@ use crate::ctx::RequestCtx;
 use crate::error::{ERROR_HEADER, Refusal};
 use crate::ratelimit::shared::SharedBudget;
 use crate::ratelimit::{Breakers, Limiter};
-use crate::request::{X_CONNECTOR, X_WORKSPACE};
 
 const REQUEST_ID: &str = "x-request-id";
 /// The same names parsed once, for lookups and removals on every request.
 const REQUEST_ID_NAME: HeaderName = HeaderName::from_static(REQUEST_ID);
 const ERROR_HEADER_NAME: HeaderName = HeaderName::from_static(ERROR_HEADER);
-const X_CONNECTOR_NAME: HeaderName = HeaderName::from_static(X_CONNECTOR);
-const X_WORKSPACE_NAME: HeaderName = HeaderName::from_static(X_WORKSPACE);
 
 /// The gateway. Cheap to share: the config lives behind an `ArcSwap`.
 pub struct Sluice {

@@ -34,9 +34,9 @@ impl Sluice {
         let now = ctx
             .credential_done
             .map_or_else(Instant::now, Instant::from_std);
-        let key = bucket_key(rl, &vetted.connector, &vetted.workspace);
-        let decision = self.limiter.admit(&key, rl, &vetted.workspace, now).await;
-        ctx.bucket = Some(key);
+        let key = bucket_key(rl, vetted.connector(), vetted.workspace());
+        let decision = self.limiter.admit(&key, rl, vetted.workspace(), now).await;
+        ctx.paced = true;
         match decision {
             Decision::Go => {
                 // No wait: the wait phase ends where the credential phase did.
@@ -50,7 +50,7 @@ impl Sluice {
 
     /// Step 8: the response's rate-limit headers (and a 429) adjust the bucket it drew from.
     pub(super) async fn learn(&self, ctx: &RequestCtx, response: &ResponseHeader) {
-        let (Some(key), Some(connector)) = (&ctx.bucket, &ctx.connector) else {
+        let (true, Some(vetted), Some(connector)) = (ctx.paced, &ctx.vetted, &ctx.connector) else {
             return;
         };
         let rl = &connector.rate_limit;
@@ -60,8 +60,9 @@ impl Sluice {
             return;
         }
         let learned = learn(&response.headers, &rl.headers, std::time::SystemTime::now());
+        let key = bucket_key(rl, vetted.connector(), vetted.workspace());
         self.limiter
-            .observe(key, rl, &learned, too_many, Instant::now())
+            .observe(&key, rl, &learned, too_many, Instant::now())
             .await;
     }
 }

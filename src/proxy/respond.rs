@@ -47,10 +47,12 @@ pub(super) fn strip_upstream_headers(
     // The id is an identifier or sluice's hex: always a valid header value.
     let id = http::HeaderValue::from_str(&ctx.request_id)
         .or_err(ErrorType::InternalError, "request id as a header value")?;
+    // Named by the `&'static str`: pingora keeps it as the name's case without a copy (a
+    // `HeaderName` it would copy into a new buffer on every response).
     if request_id {
-        upstream_response.insert_header(REQUEST_ID_NAME, id)?;
+        upstream_response.insert_header(REQUEST_ID, id)?;
     } else {
-        upstream_response.append_header(REQUEST_ID_NAME, id)?;
+        upstream_response.append_header(REQUEST_ID, id)?;
     }
     Ok(())
 }
@@ -176,7 +178,7 @@ fn tls_handshake_stalled(e: &Error) -> bool {
 /// Map a pingora failure to sluice's error model.
 fn refusal_for(e: &Error, ctx: &RequestCtx) -> Refusal {
     use ErrorType::*;
-    let host = ctx.vetted.as_ref().map_or("upstream", |v| v.sni.as_str());
+    let host = ctx.vetted.as_ref().map_or("upstream", |v| v.sni());
     if e.esource() == &ErrorSource::Downstream {
         return downstream_refusal(e);
     }

@@ -26,17 +26,23 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::warn;
 
+use crate::fastmap::Pair;
+
 use bucket::{Admission, Bucket};
 use headers::Learned;
 pub use settings::{BucketScope, RateLimit, RateLimitFile};
 use shared::{Adjust, SharedBudget};
 
-/// Which bucket a request draws from.
-pub type BucketKey = (String, String);
-
-pub fn bucket_key(rl: &RateLimit, connector: &str, workspace: &str) -> BucketKey {
+/// Which bucket a request draws from: (connector, workspace), the workspace empty for a
+/// per-application bucket. The maps own it as `(String, String)` and are probed with this
+/// borrowed pair ([`Pair`]): nothing is allocated per request.
+pub fn bucket_key<'a>(
+    rl: &RateLimit,
+    connector: &'a str,
+    workspace: &'a str,
+) -> (&'a str, &'a str) {
     let ws = if rl.per_application { "" } else { workspace };
-    (connector.to_string(), ws.to_string())
+    (connector, ws)
 }
 
 /// The bucket a first sight of a limit creates: that size over its window (or a minute); a
@@ -63,11 +69,15 @@ pub(crate) fn first_bucket(
 
 /// Every bucket in the process, and the Redis store for shared budgets.
 pub struct Limiter {
-    buckets: moka::sync::Cache<BucketKey, Arc<Mutex<Option<Bucket>>>, crate::fastmap::CacheHasher>,
+    buckets: moka::sync::Cache<
+        (String, String),
+        Arc<Mutex<Option<Bucket>>>,
+        crate::fastmap::CacheHasher,
+    >,
     /// Per-application buckets: workspaces waiting take turns.
-    fair: moka::sync::Cache<BucketKey, Arc<fair::FairBucket>, crate::fastmap::CacheHasher>,
+    fair: moka::sync::Cache<(String, String), Arc<fair::FairBucket>, crate::fastmap::CacheHasher>,
     /// Waiters per shared bucket in this replica (the queue bound is per replica).
-    queues: moka::sync::Cache<BucketKey, Arc<AtomicUsize>, crate::fastmap::CacheHasher>,
+    queues: moka::sync::Cache<(String, String), Arc<AtomicUsize>, crate::fastmap::CacheHasher>,
     shared: Option<SharedBudget>,
     /// After a failed Redis call, local buckets decide until then (no timeout per request).
     shared_down_until: Mutex<Option<Instant>>,
@@ -88,8 +98,8 @@ fn gcra(capacity: u32, per_second: f64) -> (Duration, Duration) {
     (interval, interval * capacity.max(1).saturating_sub(1))
 }
 
-fn shared_key(key: &BucketKey) -> String {
-    format!("sluice:rl:{{{}:{}}}", key.0, key.1)
+fn shared_key(key: &dyn Pair) -> String {
+    format!("sluice:rl:{{{}:{}}}", key.first(), key.second())
 }
 
 enum Place {
@@ -189,13 +199,13 @@ impl Limiter {
         }
     }
 
-    fn bucket(&self, key: &BucketKey, rl: &RateLimit, now: Instant) -> Arc<Mutex<Option<Bucket>>> {
+    fn bucket(&self, key: &dyn Pair, rl: &RateLimit, now: Instant) -> Arc<Mutex<Option<Bucket>>> {
         self.buckets.get_with_by_ref(key, || {
             Arc::new(Mutex::new(rl.initial.map(|(c, r)| Bucket::new(c, r, now))))
         })
     }
 
-    fn fair_bucket(&self, key: &BucketKey, rl: &RateLimit, now: Instant) -> Arc<fair::FairBucket> {
+    fn fair_bucket(&self, key: &dyn Pair, rl: &RateLimit, now: Instant) -> Arc<fair::FairBucket> {
         self.fair.get_with_by_ref(key, || {
             fair::FairBucket::new(rl.initial.map(|(c, r)| Bucket::new(c, r, now)), rl.min_wait)
         })
@@ -205,7 +215,7 @@ impl Limiter {
     /// known to be down.
     fn shared_params(
         &self,
-        key: &BucketKey,
+        key: &dyn Pair,
         rl: &RateLimit,
     ) -> Option<(&SharedBudget, Duration, Duration)> {
         let redis = self.shared.as_ref().filter(|_| rl.shared)?;
@@ -219,16 +229,16 @@ impl Limiter {
         Some((redis, interval, tolerance))
     }
 
-    fn count_fallback(key: &BucketKey) {
+    fn count_fallback(key: &dyn Pair) {
         crate::telemetry::METRICS
             .rate_limit_fallbacks
-            .with_label_values(&[key.0.as_str()])
+            .with_label_values(&[key.first()])
             .inc();
     }
 
     /// A Redis call failed: count it, say so, and let local buckets decide for a while.
-    fn fell_back(&self, key: &BucketKey, error: &dyn std::fmt::Display) {
-        warn!(connector = %key.0, error = %error, "shared rate-limit budget unreachable; using this replica's bucket");
+    fn fell_back(&self, key: &dyn Pair, error: &dyn std::fmt::Display) {
+        warn!(connector = %key.first(), error = %error, "shared rate-limit budget unreachable; using this replica's bucket");
         Self::count_fallback(key);
         *self.shared_down_until.lock().expect("lock") = Some(Instant::now() + SHARED_RETRY_AFTER);
     }
@@ -236,7 +246,7 @@ impl Limiter {
     /// Admit one request of `workspace` at `now`.
     pub async fn admit(
         &self,
-        key: &BucketKey,
+        key: &dyn Pair,
         rl: &RateLimit,
         workspace: &str,
         now: Instant,
@@ -292,7 +302,7 @@ impl Limiter {
     /// replica's own bucket decides instead.
     async fn admit_shared(
         &self,
-        key: &BucketKey,
+        key: &dyn Pair,
         rl: &RateLimit,
         redis: &SharedBudget,
         interval: Duration,
@@ -339,7 +349,7 @@ impl Limiter {
     /// Learn from a response (the local bucket always; the shared one too, best effort).
     pub async fn observe(
         &self,
-        key: &BucketKey,
+        key: &dyn Pair,
         rl: &RateLimit,
         learned: &Learned,
         too_many_requests: bool,
@@ -439,9 +449,11 @@ pub type BreakerHandle = Arc<Mutex<breaker::Breaker>>;
 
 impl Breakers {
     /// The breaker for (connector, host), created closed on first use.
-    pub fn handle(&self, key: &(String, String)) -> BreakerHandle {
+    pub fn handle(&self, connector: &str, host: &str) -> BreakerHandle {
         self.map
-            .get_with_by_ref(key, || Arc::new(Mutex::new(breaker::Breaker::default())))
+            .get_with_by_ref(&(connector, host) as &dyn Pair, || {
+                Arc::new(Mutex::new(breaker::Breaker::default()))
+            })
     }
 }
 
