@@ -17,6 +17,7 @@ use std::sync::Arc;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
 
 use crate::error::{ErrorCode, Refusal};
 
@@ -101,22 +102,26 @@ impl Callers {
         let header = std::str::from_utf8(header).map_err(|_| denied())?;
         let (scheme, rest) = header.trim().split_once(' ').ok_or_else(denied)?;
         let rest = rest.trim();
-        let (claimed_name, token) = if scheme.eq_ignore_ascii_case("bearer") {
-            (None, rest.as_bytes().to_vec())
-        } else if scheme.eq_ignore_ascii_case("basic") {
-            let decoded = STANDARD.decode(rest).map_err(|_| denied())?;
-            let colon = decoded.iter().position(|&b| b == b':').ok_or_else(denied)?;
-            let name = String::from_utf8(decoded[..colon].to_vec()).map_err(|_| denied())?;
-            (Some(name), decoded[colon + 1..].to_vec())
-        } else {
-            return Err(denied());
-        };
+        // A Bearer token is hashed where it lies in the header; a Basic one is decoded into a
+        // buffer that is wiped when dropped.
+        let decoded;
+        let (claimed_name, token): (Option<String>, &[u8]) =
+            if scheme.eq_ignore_ascii_case("bearer") {
+                (None, rest.as_bytes())
+            } else if scheme.eq_ignore_ascii_case("basic") {
+                decoded = Zeroizing::new(STANDARD.decode(rest).map_err(|_| denied())?);
+                let colon = decoded.iter().position(|&b| b == b':').ok_or_else(denied)?;
+                let name = String::from_utf8(decoded[..colon].to_vec()).map_err(|_| denied())?;
+                (Some(name), &decoded[colon + 1..])
+            } else {
+                return Err(denied());
+            };
         if token.is_empty() {
             return Err(denied());
         }
         let caller = self
             .by_token_hash
-            .get(&token_hash(&token))
+            .get(&token_hash(token))
             .ok_or_else(denied)?;
         // With Basic, the user name must be the caller the token belongs to, or a workspace
         // it may act for (an empty user name is accepted: some clients can only send a
