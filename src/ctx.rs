@@ -59,7 +59,7 @@ pub struct RequestCtx {
     /// The vetted connector, resolved once at admission; every later step reads it here.
     pub connector: Option<Arc<Connector>>,
     /// What to inject upstream, rendered from the workspace's credential before connecting.
-    pub injected: Option<Injected>,
+    pub injected: Option<std::sync::Arc<Injected>>,
     /// Upstream attempts made so far.
     pub attempts: u32,
     /// What the next attempt must do first, once a retry was decided.

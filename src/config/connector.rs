@@ -152,7 +152,7 @@ fn connector(
             RateLimit::build,
         ),
         oauth2,
-        injection,
+        injection: Arc::new(injection),
         id: c.connector_id,
         display_name: c.display_name,
         auth_type: auth_type.unwrap_or(AuthType::None),

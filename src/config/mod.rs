@@ -93,8 +93,11 @@ pub struct Connector {
     pub allowed_domains: DomainList,
     pub allowed_ports: Vec<u16>,
     pub enabled: bool,
-    /// How the workspace's credential is attached upstream.
-    pub injection: Injection,
+    /// How the workspace's credential is attached upstream. Shared: a credential's rendering
+    /// is kept for as long as these rules are the ones in force ([`Connected::injected`]).
+    ///
+    /// [`Connected::injected`]: crate::credential::Connected::injected
+    pub injection: Arc<Injection>,
     /// `auth_type = "oauth2"`: endpoints, client and token lifecycle settings.
     pub oauth2: Option<Arc<crate::credential::oauth::OAuth2>>,
     /// Pacing: initial bucket, scope, wait limits, which headers to learn from.

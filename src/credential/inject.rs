@@ -394,6 +394,37 @@ mod tests {
     }
 
     #[test]
+    fn a_credential_renders_once_per_set_of_rules() {
+        use crate::credential::Connected;
+        use std::sync::Arc;
+        let build = || {
+            Arc::new(
+                Injection::build(AuthType::Bearer, &InjectFile::default(), &names(&["token"]))
+                    .unwrap(),
+            )
+        };
+        let rules = build();
+        let c = Connected::new(fields(&[("token", "t0k")]), 1, None);
+        let first = c.injected(&rules).unwrap();
+        assert_eq!(first.headers[0].1, "Bearer t0k");
+        assert!(Arc::ptr_eq(&first, &c.injected(&rules).unwrap()), "kept");
+        // A reload's rules are new rules, even when they read the same: rendered again.
+        let reloaded = build();
+        let again = c.injected(&reloaded).unwrap();
+        assert!(!Arc::ptr_eq(&first, &again));
+        assert_eq!(again.headers[0].1, "Bearer t0k");
+        assert!(Arc::ptr_eq(&again, &c.injected(&reloaded).unwrap()));
+        // A credential missing the field fails every time; nothing is kept.
+        let c = Connected::new(fields(&[("other", "x")]), 1, None);
+        assert!(c.injected(&rules).is_err());
+        assert!(c.injected(&rules).is_err());
+        // Debug never shows what was rendered.
+        let c = Connected::new(fields(&[("token", "canary-9f2")]), 1, None);
+        c.injected(&rules).unwrap();
+        assert!(!format!("{c:?}").contains("canary-9f2"));
+    }
+
+    #[test]
     fn basic_and_api_key_placements() {
         let basic = Injection::build(
             AuthType::Basic,

@@ -31,6 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use moka::future::Cache;
 use tracing::{error, warn};
 
@@ -43,6 +44,7 @@ use crate::error::{ErrorCode, Refusal};
 use crate::label::Label;
 use crate::telemetry::{CacheResult, StoreFailure};
 use crypto::{Keyring, OpenError};
+use inject::{Injected, Injection};
 use secret::SecretFields;
 use store::{CredentialStore, StoreError};
 
@@ -53,6 +55,51 @@ pub struct Connected {
     /// The record version it was read from (OAuth refreshes key on it).
     pub version: u64,
     pub oauth: Option<store::OAuthMeta>,
+    /// The last rendering of `fields`, and the rules it was made under.
+    rendered: ArcSwapOption<Rendered>,
+}
+
+/// `fields` rendered under one connector's injection rules. Holding the rules keeps them
+/// alive, so a reload's new rules can never be mistaken for these by address.
+struct Rendered {
+    rules: Arc<Injection>,
+    injected: Arc<Injected>,
+}
+
+/// Says which rules, never what was rendered.
+impl std::fmt::Debug for Rendered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rendered").finish_non_exhaustive()
+    }
+}
+
+impl Connected {
+    pub fn new(fields: SecretFields, version: u64, oauth: Option<store::OAuthMeta>) -> Self {
+        Connected {
+            fields,
+            version,
+            oauth,
+            rendered: ArcSwapOption::empty(),
+        }
+    }
+
+    /// What `rules` inject for this credential. The first request under a set of rules
+    /// renders it; the requests after share that rendering until the credential leaves the
+    /// cache or a reload brings new rules (told apart by `Arc` identity). A failed
+    /// rendering (a field missing) is not kept.
+    pub fn injected(&self, rules: &Arc<Injection>) -> Result<Arc<Injected>, String> {
+        if let Some(r) = &*self.rendered.load() {
+            if Arc::ptr_eq(&r.rules, rules) {
+                return Ok(r.injected.clone());
+            }
+        }
+        let injected = Arc::new(rules.render(&self.fields)?);
+        self.rendered.store(Some(Arc::new(Rendered {
+            rules: rules.clone(),
+            injected: injected.clone(),
+        })));
+        Ok(injected)
+    }
 }
 
 /// A workspace's relation to a connector, as the request path sees it.
@@ -344,11 +391,11 @@ impl Vault {
                 });
             }
             Some(r) if !r.value.enabled => TenantState::OptedOut,
-            Some(r) => TenantState::Connected(Connected {
-                fields: self.open(workspace, connector, &r.key_id, &r.value.encrypted_config)?,
-                version: r.version,
-                oauth: r.oauth,
-            }),
+            Some(r) => TenantState::Connected(Connected::new(
+                self.open(workspace, connector, &r.key_id, &r.value.encrypted_config)?,
+                r.version,
+                r.oauth,
+            )),
         };
         let state = Arc::new(state);
         self.last_good

@@ -122,11 +122,7 @@ impl Vault {
             Some(r) if r.value.enabled => {
                 let fields =
                     self.open(workspace, connector, &r.key_id, &r.value.encrypted_config)?;
-                let connected = Connected {
-                    fields,
-                    version: r.version,
-                    oauth: r.oauth,
-                };
+                let connected = Connected::new(fields, r.version, r.oauth);
                 Ok(Some((r, connected)))
             }
             _ => Ok(None),
@@ -154,11 +150,11 @@ impl Vault {
             return Ok(None);
         }
         self.invalidate_everywhere(workspace, connector).await;
-        Ok(Some(Connected {
-            fields: fields.clone(),
-            version: record.version,
-            oauth: Some(meta),
-        }))
+        Ok(Some(Connected::new(
+            fields.clone(),
+            record.version,
+            Some(meta),
+        )))
     }
 
     /// Delete a workspace's credential; `true` when one existed.

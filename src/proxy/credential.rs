@@ -45,9 +45,8 @@ impl Sluice {
                 Ok(())
             }
             TenantState::Connected(c) => {
-                let injected = connector
-                    .injection
-                    .render(&c.fields)
+                let injected = c
+                    .injected(&connector.injection)
                     .map_err(|m| Refusal::new(ErrorCode::CredentialIncomplete, m))?;
                 ctx.injected = Some(injected);
                 Ok(())
@@ -62,7 +61,7 @@ impl Sluice {
         ctx: &RequestCtx,
         current: &Connected,
         force: bool,
-    ) -> Result<(Arc<Connected>, Injected), Refusal> {
+    ) -> Result<(Arc<Connected>, Arc<Injected>), Refusal> {
         let (Some(vetted), Some(connector), Some(vault)) =
             (&ctx.vetted, &ctx.connector, &self.vault)
         else {
@@ -88,9 +87,8 @@ impl Sluice {
             .token(&scope, current, force)
             .await
             .map_err(Refusal::from)?;
-        let injected = connector
-            .injection
-            .render(&token.fields)
+        let injected = token
+            .injected(&connector.injection)
             .map_err(|m| Refusal::new(ErrorCode::CredentialIncomplete, m))?;
         Ok((token, injected))
     }

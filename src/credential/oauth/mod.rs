@@ -246,21 +246,21 @@ impl OAuthClient {
         let fresh = meta.expires_at > now + oauth.refresh_skew.as_secs();
         let unexpired = meta.expires_at > now;
         if fresh && !force {
-            return Ok(Arc::new(Connected {
-                fields: current.fields.clone(),
-                version: current.version,
-                oauth: current.oauth,
-            }));
+            return Ok(Arc::new(Connected::new(
+                current.fields.clone(),
+                current.version,
+                current.oauth,
+            )));
         }
         let backoff_key = (workspace.to_string(), connector.id.to_owned());
         if let Some((until, _)) = self.backoff.get(&backoff_key) {
             if Instant::now() < until {
                 return if unexpired && !force {
-                    Ok(Arc::new(Connected {
-                        fields: current.fields.clone(),
-                        version: current.version,
-                        oauth: current.oauth,
-                    }))
+                    Ok(Arc::new(Connected::new(
+                        current.fields.clone(),
+                        current.version,
+                        current.oauth,
+                    )))
                 } else {
                     Err(TokenError::Unavailable(
                         "backing off after token endpoint failures".into(),
@@ -292,11 +292,11 @@ impl OAuthClient {
                     .insert(backoff_key, (Instant::now() + delay, delay));
                 // Within the skew window the current token is still good.
                 if unexpired && !force {
-                    return Ok(Arc::new(Connected {
-                        fields: current.fields.clone(),
-                        version: current.version,
-                        oauth: current.oauth,
-                    }));
+                    return Ok(Arc::new(Connected::new(
+                        current.fields.clone(),
+                        current.version,
+                        current.oauth,
+                    )));
                 }
             }
             Err(_) => {}
