@@ -41,6 +41,7 @@ pub use setup::{
 pub use write::Metadata;
 
 use crate::error::{ErrorCode, Refusal};
+use crate::fastmap::Pair;
 use crate::label::Label;
 use crate::telemetry::{CacheResult, StoreFailure};
 use crypto::{Keyring, OpenError};
@@ -279,10 +280,10 @@ impl Vault {
         workspace: &str,
         connector: &str,
     ) -> Result<Arc<TenantState>, VaultError> {
-        let key = (workspace.to_string(), connector.to_string());
-        // The warm path: one cache read. Misses go through `try_get_with`, which lets one
-        // caller load while the others for the same key wait for its result.
-        if let Some(state) = self.fresh.get(&key).await {
+        // The warm path: one cache read, by the borrowed names (no key is built). Misses go
+        // through `try_get_with`, which lets one caller load while the others for the same
+        // key wait for its result.
+        if let Some(state) = self.fresh.get(&(workspace, connector) as &dyn Pair).await {
             static HITS: LazyLock<prometheus::IntCounter> = LazyLock::new(|| {
                 crate::telemetry::METRICS
                     .credential_cache
@@ -293,7 +294,7 @@ impl Vault {
         }
         // Boxed: the store read's future is large, and a future is moved whole wherever it
         // goes, so carried inline every warm request would copy it (BENCHMARKS.md).
-        Box::pin(self.lookup_miss(key)).await
+        Box::pin(self.lookup_miss((workspace.to_string(), connector.to_string()))).await
     }
 
     async fn lookup_miss(&self, key: (String, String)) -> Result<Arc<TenantState>, VaultError> {
