@@ -17,7 +17,9 @@ Each proxy runs under `valgrind --tool=callgrind` with the load bench's own conf
 as a single process, `master_process off`); a Python client sends the requests one at a
 time on one keep-alive connection, absolute-form, through the proxy to a native nginx TLS
 upstream. sluice authenticates the caller, cycles through 100 workspaces with stored
-credentials, injects, paces and logs, exactly as in the load bench's warm set-up.
+credentials, injects, paces and logs, exactly as in the load bench's warm set-up. Every proxy
+gets the same request head (X-Connector, X-Workspace, Proxy-Authorization); the others drop
+those headers, as in the load bench.
 """
 
 from __future__ import annotations
@@ -120,9 +122,11 @@ def main() -> None:
                 p = b.spawn(callgrind(command(port), d / f"cg-{key}.out"), b.proxy_cpu,
                             f"{key}-cg.log")
                 load.wait_for(f"{name} under callgrind", lambda: load.port_open(port), 120)
-                drive(port, w, 0, "")
+                # The request head sluice gets, whose routing headers these proxies drop.
+                ws, token = load.WORKSPACES, load.PEER_TOKEN
+                drive(port, w, ws, token)
                 results.append((name, count(p.pid, d / f"cg-{key}.out",
-                                            lambda: drive(port, n, 0, ""))))
+                                            lambda: drive(port, n, ws, token))))
                 b.stop(p, load.signal.SIGKILL)
 
             def nginx(port: int) -> list:
