@@ -6,11 +6,35 @@ use std::time::{Duration, Instant};
 
 use crate::caller::Caller;
 use crate::config::{Connector, Snapshot};
-use crate::credential::Connected;
 use crate::credential::inject::Injected;
+use crate::credential::{Connected, TenantState};
 use crate::error::Refusal;
 use crate::policy::Vetted;
 use crate::request::Target;
+
+/// Where a request's injection lives: read in place from the credential that keeps it, or
+/// owned by the request.
+pub enum Injecting {
+    /// Kept on this cached credential ([`Connected::kept`]).
+    Kept(Arc<TenantState>),
+    /// Kept on this OAuth token's state.
+    KeptOnToken(Arc<Connected>),
+    /// Rendered for this request only.
+    Owned(Injected),
+}
+
+impl Injecting {
+    pub fn get(&self) -> Option<&Injected> {
+        match self {
+            Injecting::Kept(state) => match &**state {
+                TenantState::Connected(c) => c.kept(),
+                _ => None,
+            },
+            Injecting::KeptOnToken(token) => token.kept(),
+            Injecting::Owned(injected) => Some(injected),
+        }
+    }
+}
 
 /// The retry state: what the next upstream attempt does before connecting.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -58,8 +82,9 @@ pub struct RequestCtx {
     pub vetted: Option<Vetted>,
     /// The vetted connector, resolved once at admission; every later step reads it here.
     pub connector: Option<Arc<Connector>>,
-    /// What to inject upstream, rendered from the workspace's credential before connecting.
-    pub injected: Option<std::sync::Arc<Injected>>,
+    /// What to inject upstream, rendered from the workspace's credential before connecting
+    /// ([`RequestCtx::injected`] reads it).
+    pub injecting: Option<Injecting>,
     /// Upstream attempts made so far.
     pub attempts: u32,
     /// What the next attempt must do first, once a retry was decided.
@@ -82,6 +107,11 @@ pub struct RequestCtx {
 }
 
 impl RequestCtx {
+    /// What to inject upstream, if the credential step set anything.
+    pub fn injected(&self) -> Option<&Injected> {
+        self.injecting.as_ref().and_then(Injecting::get)
+    }
+
     pub fn new(snapshot: Arc<Snapshot>) -> Self {
         Self {
             snapshot,
@@ -94,7 +124,7 @@ impl RequestCtx {
             target: None,
             vetted: None,
             connector: None,
-            injected: None,
+            injecting: None,
             attempts: 0,
             next: NextAttempt::None,
             breaker: None,

@@ -395,7 +395,7 @@ mod tests {
 
     #[test]
     fn a_credential_renders_once_per_set_of_rules() {
-        use crate::credential::Connected;
+        use crate::credential::{Connected, Rendering};
         use std::sync::Arc;
         let build = || {
             Arc::new(
@@ -405,22 +405,27 @@ mod tests {
         };
         let rules = build();
         let c = Connected::new(fields(&[("token", "t0k")]), 1, None);
-        let first = c.injected(&rules).unwrap();
-        assert_eq!(first.headers[0].1, "Bearer t0k");
-        assert!(Arc::ptr_eq(&first, &c.injected(&rules).unwrap()), "kept");
-        // A reload's rules are new rules, even when they read the same: rendered again.
-        let reloaded = build();
-        let again = c.injected(&reloaded).unwrap();
-        assert!(!Arc::ptr_eq(&first, &again));
+        assert!(c.kept().is_none());
+        assert!(matches!(c.render(&rules), Ok(Rendering::Kept)));
+        let kept = c.kept().unwrap() as *const Injected;
+        assert_eq!(c.kept().unwrap().headers[0].1, "Bearer t0k");
+        // The next request under the same rules reads the same rendering.
+        assert!(matches!(c.render(&rules), Ok(Rendering::Kept)));
+        assert!(std::ptr::eq(kept, c.kept().unwrap()));
+        // A reload's rules are new rules, even when they read the same: rendered for the
+        // request, and the kept rendering stays as it was.
+        let Ok(Rendering::Owned(again)) = c.render(&build()) else {
+            panic!("rendered per request under new rules")
+        };
         assert_eq!(again.headers[0].1, "Bearer t0k");
-        assert!(Arc::ptr_eq(&again, &c.injected(&reloaded).unwrap()));
+        assert!(std::ptr::eq(kept, c.kept().unwrap()));
         // A credential missing the field fails every time; nothing is kept.
         let c = Connected::new(fields(&[("other", "x")]), 1, None);
-        assert!(c.injected(&rules).is_err());
-        assert!(c.injected(&rules).is_err());
+        assert!(c.render(&rules).is_err());
+        assert!(c.kept().is_none());
         // Debug never shows what was rendered.
         let c = Connected::new(fields(&[("token", "canary-9f2")]), 1, None);
-        c.injected(&rules).unwrap();
+        c.render(&rules).unwrap();
         assert!(!format!("{c:?}").contains("canary-9f2"));
     }
 

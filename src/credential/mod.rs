@@ -28,10 +28,9 @@ pub mod store;
 mod write;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
 use moka::future::Cache;
 use tracing::{error, warn};
 
@@ -56,15 +55,24 @@ pub struct Connected {
     /// The record version it was read from (OAuth refreshes key on it).
     pub version: u64,
     pub oauth: Option<store::OAuthMeta>,
-    /// The last rendering of `fields`, and the rules it was made under.
-    rendered: ArcSwapOption<Rendered>,
+    /// The first rendering of `fields`, and the rules it was made under.
+    rendered: OnceLock<Rendered>,
 }
 
 /// `fields` rendered under one connector's injection rules. Holding the rules keeps them
 /// alive, so a reload's new rules can never be mistaken for these by address.
 struct Rendered {
     rules: Arc<Injection>,
-    injected: Arc<Injected>,
+    injected: Injected,
+}
+
+/// What [`Connected::render`] made.
+pub enum Rendering {
+    /// Kept on the credential: [`Connected::kept`] reads it for as long as the credential is
+    /// held.
+    Kept,
+    /// Made for this request only (the kept rendering is under other rules).
+    Owned(Injected),
 }
 
 /// Says which rules, never what was rendered.
@@ -80,26 +88,40 @@ impl Connected {
             fields,
             version,
             oauth,
-            rendered: ArcSwapOption::empty(),
+            rendered: OnceLock::new(),
         }
     }
 
-    /// What `rules` inject for this credential. The first request under a set of rules
-    /// renders it; the requests after share that rendering until the credential leaves the
-    /// cache or a reload brings new rules (told apart by `Arc` identity). A failed
-    /// rendering (a field missing) is not kept.
-    pub fn injected(&self, rules: &Arc<Injection>) -> Result<Arc<Injected>, String> {
-        if let Some(r) = &*self.rendered.load() {
-            if Arc::ptr_eq(&r.rules, rules) {
-                return Ok(r.injected.clone());
-            }
+    /// What `rules` inject for this credential. The first rendering is kept on the
+    /// credential, and the requests after read it in place (no copy, no reference count)
+    /// until the credential leaves the cache. Rules from a later reload are told apart by
+    /// `Arc` identity and rendered per request until then. A failed rendering (a field
+    /// missing) is not kept.
+    pub fn render(&self, rules: &Arc<Injection>) -> Result<Rendering, String> {
+        if self.kept_under(rules).is_some() {
+            return Ok(Rendering::Kept);
         }
-        let injected = Arc::new(rules.render(&self.fields)?);
-        self.rendered.store(Some(Arc::new(Rendered {
+        let injected = rules.render(&self.fields)?;
+        match self.rendered.set(Rendered {
             rules: rules.clone(),
-            injected: injected.clone(),
-        })));
-        Ok(injected)
+            injected,
+        }) {
+            Ok(()) => Ok(Rendering::Kept),
+            // Kept already: under other rules, or by a request that rendered at the same time.
+            Err(mine) => Ok(Rendering::Owned(mine.injected)),
+        }
+    }
+
+    fn kept_under(&self, rules: &Arc<Injection>) -> Option<&Injected> {
+        self.rendered
+            .get()
+            .filter(|r| Arc::ptr_eq(&r.rules, rules))
+            .map(|r| &r.injected)
+    }
+
+    /// The kept rendering, once [`Self::render`] said [`Rendering::Kept`].
+    pub fn kept(&self) -> Option<&Injected> {
+        self.rendered.get().map(|r| &r.injected)
     }
 }
 

@@ -76,9 +76,9 @@ impl Sluice {
             return Error::e_explain(ErrorType::InternalError, "forced refresh without a token");
         };
         match Box::pin(self.oauth_token(ctx, &current, true)).await {
-            Ok((token, injected)) => {
+            Ok((token, injecting)) => {
                 ctx.oauth = Some(token);
-                ctx.injected = Some(injected);
+                ctx.injecting = Some(injecting);
                 Ok(())
             }
             Err(refusal) => Err(refused("forced token refresh failed", refusal)),
@@ -278,7 +278,8 @@ pub(super) fn rewrite_request(
             "no vetted destination for request",
         );
     };
-    match ctx.injected.as_ref().and_then(|i| i.query.as_ref()) {
+    let injected = ctx.injected();
+    match injected.and_then(|i| i.query.as_ref()) {
         Some((name, value)) => {
             let path = with_query_param(&target.origin_form, name, value);
             upstream_request.set_raw_path(path.as_bytes())?;
@@ -290,7 +291,7 @@ pub(super) fn rewrite_request(
         upstream_request.remove_header(&name);
     }
     // Last, so an injected header replaces whatever the app sent under that name.
-    if let Some(injected) = &ctx.injected {
+    if let Some(injected) = injected {
         for (name, value) in &injected.headers {
             upstream_request.insert_header(name.clone(), value.clone())?;
         }

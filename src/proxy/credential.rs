@@ -5,10 +5,9 @@
 use std::sync::Arc;
 
 use super::Sluice;
-use crate::credential::inject::Injected;
 use crate::credential::oauth::Scope;
-use crate::credential::{Connected, TenantState};
-use crate::ctx::RequestCtx;
+use crate::credential::{Connected, Rendering, TenantState};
+use crate::ctx::{Injecting, RequestCtx};
 use crate::error::{ErrorCode, Refusal};
 
 impl Sluice {
@@ -28,6 +27,7 @@ impl Sluice {
         })?;
         let (ws, conn) = (vetted.workspace(), vetted.connector());
         let state = vault.lookup(ws, conn).await.map_err(Refusal::from)?;
+        let incomplete = |m| Refusal::new(ErrorCode::CredentialIncomplete, m);
         match &*state {
             TenantState::Unconfigured => Err(Refusal::new(
                 ErrorCode::CredentialNotConfigured,
@@ -39,16 +39,17 @@ impl Sluice {
             )),
             TenantState::Connected(c) if connector.oauth2.is_some() => {
                 // Boxed: the token client's future is large (see `Vault::lookup`).
-                let (token, injected) = Box::pin(self.oauth_token(ctx, c, false)).await?;
-                ctx.injected = Some(injected);
+                let (token, injecting) = Box::pin(self.oauth_token(ctx, c, false)).await?;
+                ctx.injecting = Some(injecting);
                 ctx.oauth = Some(token);
                 Ok(())
             }
             TenantState::Connected(c) => {
-                let injected = c
-                    .injected(&connector.injection)
-                    .map_err(|m| Refusal::new(ErrorCode::CredentialIncomplete, m))?;
-                ctx.injected = Some(injected);
+                ctx.injecting = Some(match c.render(&connector.injection).map_err(incomplete)? {
+                    // Read in place from the cached credential the context now holds.
+                    Rendering::Kept => Injecting::Kept(state.clone()),
+                    Rendering::Owned(injected) => Injecting::Owned(injected),
+                });
                 Ok(())
             }
         }
@@ -61,7 +62,7 @@ impl Sluice {
         ctx: &RequestCtx,
         current: &Connected,
         force: bool,
-    ) -> Result<(Arc<Connected>, Arc<Injected>), Refusal> {
+    ) -> Result<(Arc<Connected>, Injecting), Refusal> {
         let (Some(vetted), Some(connector), Some(vault)) =
             (&ctx.vetted, &ctx.connector, &self.vault)
         else {
@@ -87,9 +88,13 @@ impl Sluice {
             .token(&scope, current, force)
             .await
             .map_err(Refusal::from)?;
-        let injected = token
-            .injected(&connector.injection)
-            .map_err(|m| Refusal::new(ErrorCode::CredentialIncomplete, m))?;
-        Ok((token, injected))
+        let injecting = match token
+            .render(&connector.injection)
+            .map_err(|m| Refusal::new(ErrorCode::CredentialIncomplete, m))?
+        {
+            Rendering::Kept => Injecting::KeptOnToken(token.clone()),
+            Rendering::Owned(injected) => Injecting::Owned(injected),
+        };
+        Ok((token, injecting))
     }
 }
