@@ -229,16 +229,7 @@ mod tests {
         UNIX_EPOCH + Duration::from_secs(NOW)
     }
 
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(
-                HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                HeaderValue::from_str(v).unwrap(),
-            );
-        }
-        h
-    }
+    use crate::request::tests::headers;
 
     fn learned(pairs: &[(&str, &str)]) -> Learned {
         learn(&headers(pairs), &HeaderSpec::default(), now())

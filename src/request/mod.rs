@@ -337,4 +337,4 @@ pub fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -4,7 +4,8 @@ use super::*;
 use http::HeaderValue;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+/// A header map from name/value pairs, in order (shared with other modules' tests).
+pub(crate) fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
     let mut h = HeaderMap::new();
     for (k, v) in pairs {
         h.append(
