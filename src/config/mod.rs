@@ -93,10 +93,11 @@ pub struct Connector {
     pub allowed_domains: DomainList,
     pub allowed_ports: Vec<u16>,
     pub enabled: bool,
-    /// How the workspace's credential is attached upstream. Shared: a credential's rendering
-    /// is kept for as long as these rules are the ones in force ([`Connected::injected`]).
+    /// How the workspace's credential is attached upstream. Shared: a credential keeps its
+    /// rendering under these rules, told apart from a reload's by `Arc` identity
+    /// ([`Connected::render`]).
     ///
-    /// [`Connected::injected`]: crate::credential::Connected::injected
+    /// [`Connected::render`]: crate::credential::Connected::render
     pub injection: Arc<Injection>,
     /// `auth_type = "oauth2"`: endpoints, client and token lifecycle settings.
     pub oauth2: Option<Arc<crate::credential::oauth::OAuth2>>,

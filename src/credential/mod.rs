@@ -98,7 +98,7 @@ impl Connected {
     /// `Arc` identity and rendered per request until then. A failed rendering (a field
     /// missing) is not kept.
     pub fn render(&self, rules: &Arc<Injection>) -> Result<Rendering, String> {
-        if self.kept_under(rules).is_some() {
+        if self.keeps(rules) {
             return Ok(Rendering::Kept);
         }
         let injected = rules.render(&self.fields)?;
@@ -112,11 +112,11 @@ impl Connected {
         }
     }
 
-    fn kept_under(&self, rules: &Arc<Injection>) -> Option<&Injected> {
+    /// Whether the kept rendering was made under `rules`.
+    fn keeps(&self, rules: &Arc<Injection>) -> bool {
         self.rendered
             .get()
-            .filter(|r| Arc::ptr_eq(&r.rules, rules))
-            .map(|r| &r.injected)
+            .is_some_and(|r| Arc::ptr_eq(&r.rules, rules))
     }
 
     /// The kept rendering, once [`Self::render`] said [`Rendering::Kept`].

@@ -27,7 +27,6 @@ impl Sluice {
         })?;
         let (ws, conn) = (vetted.workspace(), vetted.connector());
         let state = vault.lookup(ws, conn).await.map_err(Refusal::from)?;
-        let incomplete = |m| Refusal::new(ErrorCode::CredentialIncomplete, m);
         match &*state {
             TenantState::Unconfigured => Err(Refusal::new(
                 ErrorCode::CredentialNotConfigured,
@@ -45,11 +44,10 @@ impl Sluice {
                 Ok(())
             }
             TenantState::Connected(c) => {
-                ctx.injecting = Some(match c.render(&connector.injection).map_err(incomplete)? {
-                    // Read in place from the cached credential the context now holds.
-                    Rendering::Kept => Injecting::Kept(state.clone()),
-                    Rendering::Owned(injected) => Injecting::Owned(injected),
-                });
+                // A kept rendering is read in place from the cached credential the context
+                // now holds.
+                let rendering = c.render(&connector.injection);
+                ctx.injecting = Some(injecting(rendering, || Injecting::Kept(state.clone()))?);
                 Ok(())
             }
         }
@@ -88,13 +86,20 @@ impl Sluice {
             .token(&scope, current, force)
             .await
             .map_err(Refusal::from)?;
-        let injecting = match token
-            .render(&connector.injection)
-            .map_err(|m| Refusal::new(ErrorCode::CredentialIncomplete, m))?
-        {
-            Rendering::Kept => Injecting::KeptOnToken(token.clone()),
-            Rendering::Owned(injected) => Injecting::Owned(injected),
-        };
+        let rendering = token.render(&connector.injection);
+        let injecting = injecting(rendering, || Injecting::KeptOnToken(token.clone()))?;
         Ok((token, injecting))
+    }
+}
+
+/// Where the request reads its injection: `kept` (the credential that keeps the rendering),
+/// or the rendering made for it alone.
+fn injecting(
+    rendering: Result<Rendering, String>,
+    kept: impl FnOnce() -> Injecting,
+) -> Result<Injecting, Refusal> {
+    match rendering.map_err(|m| Refusal::new(ErrorCode::CredentialIncomplete, m))? {
+        Rendering::Kept => Ok(kept()),
+        Rendering::Owned(injected) => Ok(Injecting::Owned(injected)),
     }
 }

@@ -220,7 +220,8 @@ pub fn learn(headers: &HeaderMap, spec: &HeaderSpec, now: SystemTime) -> Learned
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::{HeaderName, HeaderValue};
+    use crate::request::tests::headers;
+    use http::HeaderValue;
     use proptest::prelude::*;
 
     const NOW: u64 = 1_800_000_000; // a fixed wall clock, 2027
@@ -228,8 +229,6 @@ mod tests {
     fn now() -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(NOW)
     }
-
-    use crate::request::tests::headers;
 
     fn learned(pairs: &[(&str, &str)]) -> Learned {
         learn(&headers(pairs), &HeaderSpec::default(), now())
