@@ -37,11 +37,15 @@ the others. For each set-up it measures, after a warm-up:
 
 * max throughput: closed loop, `--connections` connections, `--duration` seconds;
 * latency at a fixed rate: `--rate` requests/s, paced by wrk's `delay()` hook (each of
-  10 connections waits 10,000/rate ms between a response and its next request; wrk measures
-  from send to response, so this is closed-loop pacing, not wrk2's open loop: a slow response
-  delays the next request rather than queueing it);
+  10 connections waits a random time, uniform in [0, 20,000/rate] ms and so 10,000/rate ms
+  on average, between a response and its next request; wrk measures from send to response,
+  so this is closed-loop pacing, not wrk2's open loop: a slow response delays the next
+  request rather than queueing it). With a fixed wait (`--lockstep-pacing`, the bench
+  before issue 14's sixth round) the 10 connections stay in step and fire together: the
+  proxy then serves them in one wake-up, which no longer happens once anything spreads
+  them out, and a rate limit exists to do exactly that (BENCHMARKS.md);
 * unloaded latency: one connection, 5 ms between requests, so no request waits behind
-  another (the paced run's connections bunch, so its p50 also counts queueing);
+  another (the paced run's connections can still meet, so its p50 also counts queueing);
 * proxy CPU-seconds per 10,000 requests (utime + stime from /proc, every process of the
   proxy), in both runs;
 * peak RSS (VmHWM, summed over the proxy's processes);
@@ -92,9 +96,14 @@ local nws = tonumber(os.getenv("BENCH_WORKSPACES") or "0")
 local token = os.getenv("BENCH_TOKEN") or ""
 local host = os.getenv("BENCH_HOST")
 local delay_ms = tonumber(os.getenv("BENCH_DELAY_MS") or "0")
+local jitter = os.getenv("BENCH_JITTER") == "1"
 local i = 0
 
-if delay_ms > 0 then
+if delay_ms > 0 and jitter then
+  -- Uniform in [0, 2 * delay_ms], rounded to wrk's whole milliseconds: the same mean, but
+  -- the connections drift apart instead of firing together.
+  function delay() return math.floor(math.random() * 2 * delay_ms + 0.5) end
+elseif delay_ms > 0 then
   function delay() return delay_ms end
 end
 
@@ -627,11 +636,12 @@ class Bench:
         return opened, total
 
     def wrk(self, url: str, target: str, workspaces: int, token: str, *, duration: float,
-            conns: int, delay_ms: float = 0) -> dict:
+            conns: int, delay_ms: float = 0, jitter: bool = False) -> dict:
         # Through a proxy the Host header names the authority of the absolute-form target.
         host = target.split("/")[2] if target.startswith("http://") else HOST
         env = dict(os.environ, BENCH_TARGET=target, BENCH_WORKSPACES=str(workspaces),
-                   BENCH_TOKEN=token, BENCH_HOST=host, BENCH_DELAY_MS=f"{delay_ms:.3f}")
+                   BENCH_TOKEN=token, BENCH_HOST=host, BENCH_DELAY_MS=f"{delay_ms:.3f}",
+                   BENCH_JITTER="1" if jitter else "0")
         cmd = ["taskset", "-c", self.gen_cpus, "wrk", "-t1", f"-c{conns}",
                f"-d{duration:.0f}s", "--timeout", "5s", "-s", str(self.lua), url]
         out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
@@ -640,7 +650,8 @@ class Bench:
         return stats
 
     def tunnel_client(self, url: str, target: str, workspaces: int, token: str, *,
-                      duration: float, conns: int, delay_ms: float = 0) -> dict:
+                      duration: float, conns: int, delay_ms: float = 0,
+                      jitter: bool = False) -> dict:
         """tunnel_load.go with wrk's calling convention: `url` is the proxy, `target` the
         https:// URL requested through intercepted tunnels."""
         if not hasattr(self, "tunnel_bin"):
@@ -651,7 +662,7 @@ class Bench:
         cmd = ["taskset", "-c", self.gen_cpus, self.tunnel_bin, "-proxy", url, "-token", token,
                "-ca", self.d / "sluice-ca.pem", "-url", target, "-c", conns,
                "-d", f"{duration:.0f}s", "-delay", f"{delay_ms * 1000:.0f}us",
-               "-workspaces", workspaces]
+               "-workspaces", workspaces] + (["-jitter"] if jitter else [])
         out = subprocess.run(list(map(str, cmd)), check=True, capture_output=True,
                              text=True).stdout
         stats = json.loads(out.strip().splitlines()[-1])
@@ -676,7 +687,7 @@ class Bench:
         c1 = u1 + s1
         conns = 10
         s = load(url, target, workspaces, token, duration=a.duration, conns=conns,
-                 delay_ms=conns * 1000 / a.rate)
+                 delay_ms=conns * 1000 / a.rate, jitter=not a.lockstep_pacing)
         c2 = sum(cpu_seconds(pids))
         r.rate_rps = s["requests"] / (s["duration_us"] / 1e6)
         r.p50_ms = s["p50_us"] / 1000
@@ -686,7 +697,7 @@ class Bench:
             r.rate_cpu_per_10k = (c2 - c1) / s["requests"] * 10_000
             r.rss_mib = peak_rss_mib(pids)
         # Unloaded latency: one connection, 5 ms between a response and the next request, so
-        # no request ever waits behind another. The paced run above bunches its connections
+        # no request ever waits behind another. The paced run's connections can meet
         # (closed-loop delay()), so its p50 also counts queueing, i.e. per-request CPU.
         s = load(url, target, workspaces, token, duration=a.duration / 2, conns=1,
                  delay_ms=5)
@@ -908,7 +919,8 @@ class Bench:
                     pids = proc_tree(p.pid)
                     c0 = sum(cpu_seconds(pids))
                     st = self.wrk(url, target, ws, token, duration=slice_s, conns=conns,
-                                  delay_ms=conns * 1000 / self.args.rate)
+                                  delay_ms=conns * 1000 / self.args.rate,
+                                  jitter=not self.args.lockstep_pacing)
                     if st["errors"]:
                         raise SystemExit(f"errors in the interleaved fixed-rate run ({name}): "
                                          f"{st}")
@@ -1131,6 +1143,11 @@ def main() -> None:
                     help="send nginx, HAProxy, Envoy and the floor requests without "
                     "X-Connector, X-Workspace and Proxy-Authorization (the bench before issue "
                     "14's fifth round; sluice always gets them)")
+    ap.add_argument("--lockstep-pacing", action="store_true",
+                    help="at the fixed rate, every connection waits exactly 10,000/rate ms "
+                    "between a response and its next request (the bench before issue 14's "
+                    "sixth round): the connections then fire together, in bunches of 10, "
+                    "instead of a random wait of the same mean that spreads them out")
     ap.add_argument("--min-wait-ms", type=int,
                     help="the rate-limited set-up's rate_limit.min_wait_ms (default: sluice's "
                     "own, 1): how soon a turn must be due to go without a timer")

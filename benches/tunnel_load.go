@@ -2,7 +2,7 @@
 // then TLS to the proxy's minted certificate, then keep-alive requests inside).
 //
 //	go run benches/tunnel_load.go -proxy http://127.0.0.1:8080 -token T -ca ca.pem \
-//	    -url https://api.bench.test:8443/path -c 64 -d 10s [-delay 5ms] [-workspaces 1000]
+//	    -url https://api.bench.test:8443/path -c 64 -d 10s [-delay 5ms [-jitter]] [-workspaces 1000]
 //
 // Each of the -c connections is its own HTTP client with one keep-alive tunnel, for
 // workspace ws_<i mod workspaces> (the proxy URL's user name). It prints one JSON line in the
@@ -16,6 +16,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math/rand"
 	"net/http"
 	"net/url"
 	"os"
@@ -32,6 +33,7 @@ func main() {
 	conns := flag.Int("c", 64, "connections")
 	duration := flag.Duration("d", 10*time.Second, "how long")
 	delay := flag.Duration("delay", 0, "wait between a response and the next request")
+	jitter := flag.Bool("jitter", false, "wait a uniformly random time in [0, 2*delay] instead (same mean)")
 	workspaces := flag.Int("workspaces", 1000, "workspaces, one per connection in turn")
 	flag.Parse()
 
@@ -85,7 +87,9 @@ func main() {
 				} else {
 					mine = append(mine, time.Since(t0))
 				}
-				if *delay > 0 {
+				if *delay > 0 && *jitter {
+					time.Sleep(time.Duration(rand.Int63n(2*int64(*delay) + 1)))
+				} else if *delay > 0 {
 					time.Sleep(*delay)
 				}
 			}
