@@ -115,17 +115,17 @@ async fn wait_for_turn(
             count_wait(connector, WaitResult::Released);
             Ok(true)
         }
-        Decision::Wait(wait, ticket) => {
+        Decision::Wait(_, mut ticket) => {
             let _leave = DepthGuard::enter();
             // Without a body to read, a closed connection is visible while waiting: the
             // waiter then leaves and its place and slot go to the next.
             let left = if session.is_body_empty() {
                 tokio::select! {
-                    () = tokio::time::sleep(wait) => false,
+                    () = ticket.turn() => false,
                     _ = session.read_body_or_idle(true) => true,
                 }
             } else {
-                tokio::time::sleep(wait).await;
+                ticket.turn().await;
                 false
             };
             if left {

@@ -7,6 +7,13 @@
 //! bucket's own lock in arrival order, so waiters are released first-in first-out. A waiter
 //! that gives up returns its slot.
 //!
+//! Turns are handed out ahead, so on time they are spaced by the interval; but timers that
+//! fire late fire together. After the thread stalled (a busy or descheduled vCPU), every
+//! waiter whose turn passed during the stall would go at once, a burst the API never
+//! allowed. So a second cursor, `sent`, spaces what is actually released
+//! ([`Bucket::release`]): a waiter released later than timer jitter explains counts from
+//! the moment it goes, not from its turn, and the next one waits its interval after it.
+//!
 //! Time is passed in: the bucket never reads a clock, so tests are exact.
 
 use std::time::Duration;
@@ -34,8 +41,17 @@ pub struct Bucket {
     interval: Duration,
     tolerance: Duration,
     tat: Instant,
+    /// The theoretical arrival time of what was actually sent: `tat` for requests that went
+    /// (or were released), never for reservations still waiting.
+    sent: Instant,
     queued: usize,
 }
+
+/// A waiter released less than this late still counts from its own turn, so timer jitter
+/// does not add up to a slower rate: tokio ends a sleep on the millisecond tick after its
+/// deadline, and `epoll_wait`'s millisecond timeout can add another. After a stall, this
+/// much of the backlog goes at once (3 requests at 1,000/s).
+const SLACK: Duration = Duration::from_millis(2);
 
 impl Bucket {
     /// `capacity` requests at once, refilled at `per_second`.
@@ -48,6 +64,7 @@ impl Bucket {
             interval,
             tolerance: interval * (capacity - 1),
             tat: now,
+            sent: now,
             queued: 0,
         }
     }
@@ -83,9 +100,10 @@ impl Bucket {
         max_wait: Duration,
         queue_size: usize,
     ) -> Admission {
-        let tat = self.tat.max(now);
+        let tat = self.tat.max(self.sent).max(now);
         if self.due_within(now, early) {
             self.tat = tat + self.interval;
+            self.sent = self.sent.max(now) + self.interval;
             return Admission::Now;
         }
         let wait = self.time_to_token(now);
@@ -102,8 +120,33 @@ impl Bucket {
 
     /// How long until a token is free (zero: now). Reserves nothing.
     pub fn time_to_token(&self, now: Instant) -> Duration {
-        let allow_at = self.tat.max(now).checked_sub(self.tolerance).unwrap_or(now);
+        let allow_at = self
+            .tat
+            .max(self.sent)
+            .max(now)
+            .checked_sub(self.tolerance)
+            .unwrap_or(now);
         allow_at.saturating_duration_since(now)
+    }
+
+    /// A waiter whose turn was `turn` asks to go at `now` (less than `early` ahead of the
+    /// sending order is on time, as in [`Self::admit_within`]). `Err(wait)`: not yet; ask
+    /// again after `wait`. Waiters on time always go; ones released together after a stall
+    /// go one interval apart (beyond `capacity`).
+    pub fn release(
+        &mut self,
+        turn: Instant,
+        now: Instant,
+        early: Duration,
+    ) -> Result<(), Duration> {
+        let allow_at = self.sent.checked_sub(self.tolerance).unwrap_or(now);
+        let wait = allow_at.saturating_duration_since(now);
+        if !wait.is_zero() && wait >= early {
+            return Err(wait);
+        }
+        let late_beyond_slack = now.checked_sub(SLACK).unwrap_or(now);
+        self.sent = self.sent.max(turn).max(late_beyond_slack) + self.interval;
+        Ok(())
     }
 
     /// A token is there now, or due sooner than `early`.
@@ -364,5 +407,55 @@ mod tests {
             matches!(b.admit(t0, Duration::ZERO, 0), Admission::TooLong(_)),
             "a bare 429 empties the bucket"
         );
+    }
+
+    /// One token at 1,000/s, five waiters behind the first request: turns at 1..=5 ms.
+    fn five_waiting(t0: Instant) -> (Bucket, Vec<Instant>) {
+        let mut b = Bucket::new(1, 1000.0, t0);
+        assert_eq!(b.admit(t0, ms(100), 64), Admission::Now);
+        let turns = (1..=5)
+            .map(|i| {
+                assert_eq!(b.admit(t0, ms(100), 64), Admission::After(ms(i)));
+                t0 + ms(i)
+            })
+            .collect();
+        (b, turns)
+    }
+
+    #[test]
+    fn waiters_on_time_go_even_when_their_timers_jitter() {
+        let t0 = Instant::now();
+        let (mut b, turns) = five_waiting(t0);
+        // Timers end on the tick after the deadline, and epoll may add one: up to two
+        // ticks late, unevenly.
+        let late = [1900, 100, 1999, 0, 500];
+        for (turn, late_us) in turns.iter().zip(late) {
+            let now = *turn + Duration::from_micros(late_us);
+            assert_eq!(
+                b.release(*turn, now, Duration::ZERO),
+                Ok(()),
+                "{late_us} µs late"
+            );
+        }
+    }
+
+    #[test]
+    fn waiters_released_together_after_a_stall_go_one_interval_apart() {
+        let t0 = Instant::now();
+        let (mut b, turns) = five_waiting(t0);
+        // The thread stalled until 30 ms: every waiter's timer fires at once.
+        let mut now = t0 + ms(30);
+        let answers: Vec<_> = turns.iter().map(|t| b.release(*t, now, ms(1))).collect();
+        assert_eq!(
+            answers,
+            [Ok(()), Ok(()), Ok(()), Err(ms(1)), Err(ms(1))],
+            "two ticks of slack, then the interval"
+        );
+        for turn in &turns[3..] {
+            now += ms(1);
+            assert_eq!(b.release(*turn, now, ms(1)), Ok(()));
+        }
+        // A new request queues behind what was actually sent, not behind the old turns.
+        assert_eq!(b.admit(now, ms(100), 64), Admission::After(ms(1)));
     }
 }

@@ -103,7 +103,11 @@ fn shared_key(key: &dyn Pair) -> String {
 }
 
 enum Place {
-    Local(Arc<Mutex<Option<Bucket>>>),
+    Local {
+        bucket: Arc<Mutex<Option<Bucket>>>,
+        /// `min_wait`: how early a release still counts as on time.
+        early: Duration,
+    },
     Shared {
         redis: SharedBudget,
         key: String,
@@ -118,13 +122,37 @@ enum Place {
 pub struct Ticket {
     place: Place,
     used: bool,
+    /// When this place's turn comes.
+    turn: Instant,
 }
 
 impl Ticket {
+    /// Wait for this place's turn. A local bucket may hold it longer: waiters whose turns
+    /// passed while the thread stalled go one interval apart, not all at once
+    /// ([`Bucket::release`]).
+    pub async fn turn(&mut self) {
+        let mut at = self.turn;
+        loop {
+            tokio::time::sleep_until(at).await;
+            let Place::Local { bucket, early } = &self.place else {
+                return;
+            };
+            let now = Instant::now();
+            let released = match bucket.lock().expect("bucket lock").as_mut() {
+                Some(b) => b.release(self.turn, now, *early),
+                None => Ok(()),
+            };
+            match released {
+                Ok(()) => return,
+                Err(wait) => at = now + wait,
+            }
+        }
+    }
+
     pub fn used(mut self) {
         self.used = true;
         match &self.place {
-            Place::Local(bucket) => {
+            Place::Local { bucket, .. } => {
                 if let Some(b) = bucket.lock().expect("bucket lock").as_mut() {
                     b.leave_queue();
                 }
@@ -142,7 +170,7 @@ impl Drop for Ticket {
             return;
         }
         match &self.place {
-            Place::Local(bucket) => {
+            Place::Local { bucket, .. } => {
                 if let Some(b) = bucket.lock().expect("bucket lock").as_mut() {
                     b.cancel(Instant::now());
                 }
@@ -290,8 +318,12 @@ impl Limiter {
             Admission::After(wait) => Decision::Wait(
                 wait,
                 Ticket {
-                    place: Place::Local(bucket),
+                    place: Place::Local {
+                        bucket,
+                        early: rl.min_wait,
+                    },
                     used: false,
+                    turn: now + wait,
                 },
             ),
             Admission::TooLong(wait) | Admission::QueueFull(wait) => Decision::Refuse(wait),
@@ -337,7 +369,14 @@ impl Limiter {
                     tolerance,
                     queued,
                 };
-                Some(Decision::Wait(wait, Ticket { place, used: false }))
+                Some(Decision::Wait(
+                    wait,
+                    Ticket {
+                        place,
+                        used: false,
+                        turn: Instant::now() + wait,
+                    },
+                ))
             }
             Err(e) => {
                 self.fell_back(key, &e);

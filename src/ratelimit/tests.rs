@@ -96,6 +96,53 @@ async fn a_dropped_ticket_frees_its_place() {
     ));
 }
 
+/// After a stall of the thread, the waiters whose turns passed go one interval apart, not
+/// all at once (one token at 1,000/s: a burst of 8 would be 8 upstream requests together).
+#[tokio::test(start_paused = true)]
+async fn waiters_whose_turns_passed_in_a_stall_go_one_interval_apart() {
+    let rl = RateLimit {
+        initial: Some((1, 1000.0)),
+        max_wait: Duration::from_secs(1),
+        queue_size: 64,
+        ..RateLimit::default()
+    };
+    let limiter = Limiter::default();
+    let key = bucket_key(&rl, "c", "w");
+    let t0 = Instant::now();
+    assert!(matches!(
+        limiter.admit(&key, &rl, "w", t0).await,
+        Decision::Go
+    ));
+    let mut tickets = Vec::new();
+    for _ in 0..8 {
+        let Decision::Wait(_, ticket) = limiter.admit(&key, &rl, "w", t0).await else {
+            panic!("queued")
+        };
+        tickets.push(ticket);
+    }
+    // Nobody polls the waiters for 30 ms: their turns (1..=8 ms) all pass.
+    tokio::time::advance(Duration::from_millis(30)).await;
+    let released: Vec<_> = tickets
+        .into_iter()
+        .map(|mut ticket| {
+            tokio::spawn(async move {
+                ticket.turn().await;
+                ticket.used();
+                Instant::now()
+            })
+        })
+        .collect();
+    let mut at = Vec::new();
+    for r in released {
+        at.push(r.await.unwrap() - t0);
+    }
+    at.sort();
+    let ms = Duration::from_millis;
+    // Two ticks of slack at the stall's end, then one every millisecond.
+    assert_eq!(at, [30, 30, 30, 31, 32, 33, 34, 35].map(ms), "{at:?}");
+    assert_eq!(limiter.queued(), 0);
+}
+
 #[test]
 fn config_validation() {
     assert!(
