@@ -67,19 +67,8 @@ async fn per_application_buckets_are_shared_by_workspaces() {
 
 #[tokio::test]
 async fn a_dropped_ticket_frees_its_place() {
-    let rl = RateLimit {
-        initial: Some((1, 1.0)),
-        queue_size: 1,
-        max_wait: Duration::from_secs(10),
-        ..RateLimit::default()
-    };
-    let limiter = Limiter::default();
+    let (limiter, rl, t0) = token_taken(1.0, Duration::from_secs(10), 1).await;
     let key = bucket_key(&rl, "c", "w");
-    let t0 = Instant::now();
-    assert!(matches!(
-        limiter.admit(&key, &rl, "w", t0).await,
-        Decision::Go
-    ));
     let Decision::Wait(_, ticket) = limiter.admit(&key, &rl, "w", t0).await else {
         panic!("queued")
     };
@@ -100,19 +89,8 @@ async fn a_dropped_ticket_frees_its_place() {
 /// all at once (one token at 1,000/s: a burst of 8 would be 8 upstream requests together).
 #[tokio::test(start_paused = true)]
 async fn waiters_whose_turns_passed_in_a_stall_go_one_interval_apart() {
-    let rl = RateLimit {
-        initial: Some((1, 1000.0)),
-        max_wait: Duration::from_secs(1),
-        queue_size: 64,
-        ..RateLimit::default()
-    };
-    let limiter = Limiter::default();
+    let (limiter, rl, t0) = token_taken(1000.0, Duration::from_secs(1), 64).await;
     let key = bucket_key(&rl, "c", "w");
-    let t0 = Instant::now();
-    assert!(matches!(
-        limiter.admit(&key, &rl, "w", t0).await,
-        Decision::Go
-    ));
     let mut tickets = Vec::new();
     for _ in 0..8 {
         let Decision::Wait(_, ticket) = limiter.admit(&key, &rl, "w", t0).await else {
@@ -141,6 +119,29 @@ async fn waiters_whose_turns_passed_in_a_stall_go_one_interval_apart() {
     // Two ticks of slack at the stall's end, then one every millisecond.
     assert_eq!(at, [30, 30, 30, 31, 32, 33, 34, 35].map(ms), "{at:?}");
     assert_eq!(limiter.queued(), 0);
+}
+
+/// A limiter whose ("c", "w") bucket holds one token at `per_second`, that token taken.
+async fn token_taken(
+    per_second: f64,
+    max_wait: Duration,
+    queue_size: usize,
+) -> (Limiter, RateLimit, Instant) {
+    let rl = RateLimit {
+        initial: Some((1, per_second)),
+        max_wait,
+        queue_size,
+        ..RateLimit::default()
+    };
+    let limiter = Limiter::default();
+    let t0 = Instant::now();
+    assert!(matches!(
+        limiter
+            .admit(&bucket_key(&rl, "c", "w"), &rl, "w", t0)
+            .await,
+        Decision::Go
+    ));
+    (limiter, rl, t0)
 }
 
 #[test]
