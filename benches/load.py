@@ -1075,12 +1075,16 @@ def targets(results: list[Result], args, direct: Result) -> list[tuple[str, bool
     out.append(("warm CPU-s/10k at max load <= 1.15x the floor", *within(warm, floor, 1.15,
                                                                         "warm and floor")))
     paired = getattr(args, "paired", {}) or {}
-    if warm and floor and paired.get(warm.name, ())[3:] and paired.get(floor.name, ())[3:]:
+
+    def unloaded_p50s(r: Result | None) -> list[float]:
+        return paired.get(r.name, (None, 0, [], []))[3] if r else []
+
+    if unloaded_p50s(warm) and unloaded_p50s(floor):
         # Judged on the interleaved unloaded slices (the direct baseline cancels out of
         # "added"): the median of the per-round differences, so a slow minute of the VM
         # moves both sides. The sequential rows beside it.
-        over = statistics.median(a - b for a, b in zip(paired[warm.name][3],
-                                                       paired[floor.name][3]))
+        over = statistics.median(a - b for a, b in zip(unloaded_p50s(warm),
+                                                       unloaded_p50s(floor)))
         out.append(("warm unloaded p50 added <= floor's + 0.05 ms", over <= 0.05,
                     f"{over:+.3f} ms over the floor's, median of the interleaved rounds; "
                     f"sequential rows: {solo_added(warm):+.3f} ms vs "

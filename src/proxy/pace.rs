@@ -115,7 +115,7 @@ async fn wait_for_turn(
             count_wait(connector, WaitResult::Released);
             Ok(true)
         }
-        Decision::Wait(_, mut ticket) => {
+        Decision::Wait(mut ticket) => {
             let _leave = DepthGuard::enter();
             // Without a body to read, a closed connection is visible while waiting: the
             // waiter then leaves and its place and slot go to the next.

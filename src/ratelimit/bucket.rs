@@ -100,7 +100,7 @@ impl Bucket {
         max_wait: Duration,
         queue_size: usize,
     ) -> Admission {
-        let tat = self.tat.max(self.sent).max(now);
+        let tat = self.next().max(now);
         if self.due_within(now, early) {
             self.tat = tat + self.interval;
             self.sent = self.sent.max(now) + self.interval;
@@ -121,12 +121,17 @@ impl Bucket {
     /// How long until a token is free (zero: now). Reserves nothing.
     pub fn time_to_token(&self, now: Instant) -> Duration {
         let allow_at = self
-            .tat
-            .max(self.sent)
+            .next()
             .max(now)
             .checked_sub(self.tolerance)
             .unwrap_or(now);
         allow_at.saturating_duration_since(now)
+    }
+
+    /// Where a new request lines up: behind every reservation (`tat`), and behind what was
+    /// actually sent when a stall pushed that later ([`Self::release`]).
+    fn next(&self) -> Instant {
+        self.tat.max(self.sent)
     }
 
     /// A waiter whose turn was `turn` asks to go at `now` (less than `early` ahead of the

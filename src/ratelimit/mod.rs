@@ -198,7 +198,8 @@ impl Drop for Ticket {
 /// What a request must do.
 pub enum Decision {
     Go,
-    Wait(Duration, Ticket),
+    /// Wait for the ticket's turn ([`Ticket::turn`]); dropping it gives the place up.
+    Wait(Ticket),
     /// Wait for this workspace's turn (per-application buckets); dropping it gives the
     /// place up.
     Turn(tokio::sync::oneshot::Receiver<()>),
@@ -315,17 +316,14 @@ impl Limiter {
         };
         match admission {
             Admission::Now => Decision::Go,
-            Admission::After(wait) => Decision::Wait(
-                wait,
-                Ticket {
-                    place: Place::Local {
-                        bucket,
-                        early: rl.min_wait,
-                    },
-                    used: false,
-                    turn: now + wait,
+            Admission::After(wait) => Decision::Wait(Ticket {
+                place: Place::Local {
+                    bucket,
+                    early: rl.min_wait,
                 },
-            ),
+                used: false,
+                turn: now + wait,
+            }),
             Admission::TooLong(wait) | Admission::QueueFull(wait) => Decision::Refuse(wait),
         }
     }
@@ -369,14 +367,11 @@ impl Limiter {
                     tolerance,
                     queued,
                 };
-                Some(Decision::Wait(
-                    wait,
-                    Ticket {
-                        place,
-                        used: false,
-                        turn: Instant::now() + wait,
-                    },
-                ))
+                Some(Decision::Wait(Ticket {
+                    place,
+                    used: false,
+                    turn: Instant::now() + wait,
+                }))
             }
             Err(e) => {
                 self.fell_back(key, &e);
