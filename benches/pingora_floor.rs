@@ -1,8 +1,14 @@
 //! The framework floor for `benches/load.py`: pingora's `http_proxy` doing exactly the work of
 //! the nginx set-up and nothing more — absolute-form request in, origin-form over verified TLS
 //! (SNI, pinned address, keepalive pool) out, `Authorization` injected, routing headers
-//! dropped — with none of sluice's logic (no caller auth, policy, credential store, pacing,
-//! retries, metrics or logs).
+//! dropped, upstream timeouts enforced — with none of sluice's logic (no caller auth, policy,
+//! credential store, pacing, retries, metrics or logs).
+//!
+//! Timeouts: nginx enforces `proxy_read_timeout`, `proxy_send_timeout` and the upstream
+//! `keepalive_timeout` (60 s each by default), HAProxy `timeout server` and Envoy its route
+//! timeout; sluice sets the same three from `[upstream]` (60 s defaults). A pingora peer without
+//! them would wait forever on a stalled upstream, and skips the timer each upstream read and
+//! write arms, so the floor sets them too, at those defaults.
 //!
 //! It separates what sluice's own code costs (sluice minus this) from what pingora's HTTP/1
 //! proxy path costs (this minus nginx). Not a product: a measuring stick, built by the load
@@ -20,6 +26,7 @@ use pingora::proxy::{ProxyHttp, Session, http_proxy};
 use pingora::server::configuration::ServerConf;
 use pingora::services::listening::Service;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 struct Floor {
     upstream: SocketAddr,
@@ -37,6 +44,11 @@ impl ProxyHttp for Floor {
         let mut peer = HttpPeer::new(self.upstream, true, self.sni.clone());
         peer.options.verify_cert = true;
         peer.options.verify_hostname = true;
+        peer.options.connection_timeout = Some(Duration::from_secs(5));
+        peer.options.total_connection_timeout = Some(Duration::from_secs(15));
+        peer.options.read_timeout = Some(Duration::from_secs(60));
+        peer.options.write_timeout = Some(Duration::from_secs(60));
+        peer.options.idle_timeout = Some(Duration::from_secs(60));
         Ok(Box::new(peer))
     }
 
