@@ -79,6 +79,11 @@ pub struct Limiter {
     /// Waiters per shared bucket in this replica (the queue bound is per replica).
     queues: moka::sync::Cache<(String, String), Arc<AtomicUsize>, crate::fastmap::CacheHasher>,
     shared: Option<SharedBudget>,
+    /// Connectors without a configured limit whose API has taught a bucket (`observe`).
+    /// Until a connector is here its requests skip the bucket lookup: one read of this small
+    /// set (no lock, no cache bookkeeping) instead of a cache miss per request. Never
+    /// shrinks; it holds at most every connector id ever configured.
+    taught: arc_swap::ArcSwap<crate::fastmap::FastSet<String>>,
     /// After a failed Redis call, local buckets decide until then (no timeout per request).
     shared_down_until: Mutex<Option<Instant>>,
 }
@@ -224,8 +229,22 @@ impl Limiter {
                 .time_to_idle(Duration::from_secs(600))
                 .build_with_hasher(Default::default()),
             shared,
+            taught: Default::default(),
             shared_down_until: Mutex::new(None),
         }
+    }
+
+    /// Record that `connector`'s API taught a bucket, before the bucket exists: a request
+    /// that finds the bucket has seen this first.
+    fn mark_taught(&self, connector: &str) {
+        if self.taught.load().contains(connector) {
+            return;
+        }
+        self.taught.rcu(|set| {
+            let mut set = crate::fastmap::FastSet::clone(set);
+            set.insert(connector.to_owned());
+            set
+        });
     }
 
     fn bucket(&self, key: &dyn Pair, rl: &RateLimit, now: Instant) -> Arc<Mutex<Option<Bucket>>> {
@@ -303,7 +322,10 @@ impl Limiter {
         let bucket = match rl.initial {
             // No limit configured: a bucket exists only once a response taught one (`observe`
             // creates it). Until then there is nothing to pace, and no entry is made per
-            // workspace on the way in.
+            // workspace on the way in; until the connector's API taught any, not even a
+            // lookup. (A bucket left from a limit since removed from the config is not
+            // consulted: the operator removed the limit.)
+            None if !self.taught.load().contains(key.first()) => return Decision::Go,
             None => match self.buckets.get(key) {
                 Some(bucket) => bucket,
                 None => return Decision::Go,
@@ -430,6 +452,9 @@ impl Limiter {
             self.fair_bucket(key, rl, now)
                 .observe(now, learned, too_many_requests);
             return;
+        }
+        if rl.initial.is_none() {
+            self.mark_taught(key.first());
         }
         let bucket = self.bucket(key, rl, now);
         let mut guard = bucket.lock().expect("bucket lock");

@@ -16,9 +16,10 @@ async fn unlimited_until_a_limit_is_seen() {
             Decision::Go
         ));
     }
-    // Nothing to pace yet, so nothing kept per workspace either.
+    // Nothing to pace yet, so nothing kept per workspace either, and no lookups made.
     limiter.buckets.run_pending_tasks();
     assert_eq!(limiter.buckets.entry_count(), 0);
+    assert!(limiter.taught.load().is_empty());
     let seen = Learned {
         limit: Some(5),
         remaining: Some(0),
@@ -30,6 +31,18 @@ async fn unlimited_until_a_limit_is_seen() {
         Decision::Refuse(wait) => assert_eq!(wait, Duration::from_secs(10)),
         _ => panic!("held until the reset"),
     }
+    // What one connector's API taught paces only that connector.
+    let other = bucket_key(&rl, "d", "w");
+    assert!(matches!(
+        limiter.admit(&other, &rl, "w", t0).await,
+        Decision::Go
+    ));
+    // A second workspace of the taught connector: looked up, nothing learned for it yet.
+    let second = bucket_key(&rl, "c", "v");
+    assert!(matches!(
+        limiter.admit(&second, &rl, "v", t0).await,
+        Decision::Go
+    ));
 }
 
 #[tokio::test]
