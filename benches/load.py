@@ -857,10 +857,11 @@ class Bench:
 
     def paired(self, rounds: int, slice_s: int) -> dict[str, tuple[float, int, list, list]]:
         """Max-load CPU-s/10k of the floor (also without upstream timeouts, for reference)
-        and of sluice warm and cold, in interleaved slices: all four run at once (pinned to the proxy core, idle unless loaded), and
-        each round loads each in turn for `slice_s` seconds, the order rotating. The VM's
-        speed drifts by tens of percent over a minute (BENCHMARKS.md); set-ups measured one
-        after the other take that drift into their ratio, slices side by side do not.
+        and of sluice warm and cold, in interleaved slices: all four run at once (pinned to
+        the proxy core, idle unless loaded), and each round loads each in turn for
+        `slice_s` seconds, the order rotating. The VM's speed drifts by tens of percent over
+        a minute (BENCHMARKS.md); set-ups measured one after the other take that drift into
+        their ratio, slices side by side do not.
         Right after its max-load slice, each set-up also gets an unloaded slice (one
         connection, 5 ms between requests) for its p50, so the latency target is judged on
         set-ups measured side by side too. Returns {name: (CPU-s/10k over all its slices,

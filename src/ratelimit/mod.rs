@@ -323,8 +323,8 @@ impl Limiter {
             // No limit configured: a bucket exists only once a response taught one (`observe`
             // creates it). Until then there is nothing to pace, and no entry is made per
             // workspace on the way in; until the connector's API taught any, not even a
-            // lookup. (A bucket left from a limit since removed from the config is not
-            // consulted: the operator removed the limit.)
+            // lookup. (Buckets left from a limit since removed from the config are not
+            // consulted until the API teaches one: the operator removed the limit.)
             None if !self.taught.load().contains(key.first()) => return Decision::Go,
             None => match self.buckets.get(key) {
                 Some(bucket) => bucket,
