@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
+use compact_str::CompactString;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
@@ -25,7 +26,8 @@ use crate::error::{ErrorCode, Refusal};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WorkspaceScope {
     All,
-    Only(HashSet<String>),
+    /// Inline names, as the config's workspace map keeps them (`config::Workspace`).
+    Only(HashSet<CompactString>),
 }
 
 impl WorkspaceScope {
@@ -149,7 +151,7 @@ mod tests {
             token_hash(b"s3cret-token"),
             Arc::new(Caller {
                 name: "billing".into(),
-                scope: WorkspaceScope::Only(["ws_42".to_string()].into_iter().collect()),
+                scope: WorkspaceScope::Only(["ws_42".into()].into_iter().collect()),
             }),
         );
         Callers::new(map, dev)

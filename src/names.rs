@@ -75,7 +75,10 @@ pub fn parse_host(raw: &str) -> Result<Host, String> {
             .map_err(|_| "invalid IPv6 literal".to_string());
     }
     let name = parse_name(raw)?;
-    if is_numeric_label(name.rsplit('.').next().unwrap_or_default()) {
+    let last_label = name
+        .rfind('.')
+        .map_or(name.as_str(), |dot| &name[dot + 1..]);
+    if is_numeric_label(last_label) {
         return canonical_ipv4(&name)
             .map(Host::V4)
             .ok_or_else(|| format!("numeric host {raw:?} is not a canonical dotted-quad IPv4"));
@@ -92,17 +95,27 @@ pub(crate) fn parse_name(raw: &str) -> Result<String, String> {
     if trimmed.len() > MAX_NAME_LEN {
         return Err(format!("host longer than {MAX_NAME_LEN} bytes"));
     }
-    for label in trimmed.split('.') {
+    // One pass over the bytes (every request's host comes through here); each label is
+    // judged when its end is reached, by the checks below in this order.
+    let bytes = trimmed.as_bytes();
+    let (mut start, mut bad_byte) = (0, false);
+    for end in 0..=bytes.len() {
+        match bytes.get(end) {
+            Some(b'.') | None => {}
+            Some(&b) => {
+                bad_byte |= !(b.is_ascii_alphanumeric() || b == b'-');
+                continue;
+            }
+        }
+        // `start` and `end` sit next to a '.' or at an end of the string: char boundaries.
+        let label = &trimmed[start..end];
         if label.is_empty() {
             return Err(format!("empty label in {raw:?}"));
         }
         if label.len() > MAX_LABEL_LEN {
             return Err(format!("label longer than {MAX_LABEL_LEN} bytes in host"));
         }
-        if !label
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        {
+        if bad_byte {
             return Err(format!(
                 "host {raw:?} has a character outside letters, digits and '-'"
             ));
@@ -110,6 +123,7 @@ pub(crate) fn parse_name(raw: &str) -> Result<String, String> {
         if label.starts_with('-') || label.ends_with('-') {
             return Err(format!("label {label:?} starts or ends with '-'"));
         }
+        start = end + 1;
     }
     Ok(trimmed.to_ascii_lowercase())
 }

@@ -19,6 +19,7 @@
 
 use std::sync::Arc;
 
+use compact_str::CompactString;
 use http::HeaderMap;
 
 use crate::caller::{Caller, WorkspaceScope};
@@ -86,7 +87,7 @@ pub fn infer_connector<'s>(snap: &'s Snapshot, host: &Host) -> Result<&'s str, R
 /// The caller's only workspace, when it is scoped to exactly one.
 fn only_workspace(caller: &Caller) -> Option<&str> {
     match &caller.scope {
-        WorkspaceScope::Only(set) if set.len() == 1 => set.iter().next().map(String::as_str),
+        WorkspaceScope::Only(set) if set.len() == 1 => set.iter().next().map(CompactString::as_str),
         _ => None,
     }
 }

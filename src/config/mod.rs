@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use compact_str::CompactString;
 use ipnetwork::IpNetwork;
 
 use crate::caller::Callers;
@@ -120,11 +121,13 @@ pub struct Org {
     pub allowlist: Option<DomainList>,
 }
 
-/// A workspace (tenant) and the org it belongs to.
+/// A workspace (tenant) and the org it belongs to. Every request looks its workspace up;
+/// ids of up to 24 bytes are kept inline, in the map's own slot, so that lookup reads no
+/// separate heap string (`fastmap::PairKey` says why).
 #[derive(Debug, Clone)]
 pub struct Workspace {
-    pub id: String,
-    pub org: String,
+    pub id: CompactString,
+    pub org: CompactString,
 }
 
 /// `[listener]`.
@@ -192,7 +195,7 @@ pub struct Snapshot {
     /// Shared: a request keeps its connector (`RequestCtx::connector`) without a lookup.
     pub connectors: HashMap<String, Arc<Connector>>,
     pub orgs: HashMap<String, Org>,
-    pub workspaces: HashMap<String, Workspace>,
+    pub workspaces: HashMap<CompactString, Workspace>,
     pub callers: Callers,
     pub resolver: Resolver,
     /// `None` when no connector needs a credential and `[credentials]` is absent.

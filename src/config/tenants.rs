@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 
 use crate::fastmap::FastMap as HashMap;
+use compact_str::CompactString;
 use std::sync::Arc;
 
 use super::file::{CallerFile, OrgFile, WorkspaceFile};
@@ -46,7 +47,7 @@ pub(super) fn workspaces(
     errors: &mut Errors,
     raw: Vec<WorkspaceFile>,
     orgs: &HashMap<String, Org>,
-) -> HashMap<String, Workspace> {
+) -> HashMap<CompactString, Workspace> {
     let mut workspaces = HashMap::default();
     for (i, w) in raw.into_iter().enumerate() {
         let key = format!("workspace[{i}]");
@@ -63,10 +64,10 @@ pub(super) fn workspaces(
             );
         }
         let ws = Workspace {
-            id: w.workspace_id.clone(),
-            org: w.org,
+            id: w.workspace_id.as_str().into(),
+            org: w.org.into(),
         };
-        if workspaces.insert(w.workspace_id.clone(), ws).is_some() {
+        if workspaces.insert(ws.id.clone(), ws).is_some() {
             errors.push(
                 format!("{key}.workspace_id"),
                 format!("duplicate workspace_id {:?}", w.workspace_id),
@@ -80,7 +81,7 @@ pub(super) fn workspaces(
 pub(super) fn callers(
     errors: &mut Errors,
     raw: Vec<CallerFile>,
-    workspaces: &HashMap<String, Workspace>,
+    workspaces: &HashMap<CompactString, Workspace>,
 ) -> HashMap<[u8; 32], Arc<Caller>> {
     let mut by_hash = HashMap::default();
     let mut names = HashSet::new();
@@ -123,7 +124,7 @@ fn caller_scope(
     errors: &mut Errors,
     key: &str,
     listed: &[String],
-    workspaces: &HashMap<String, Workspace>,
+    workspaces: &HashMap<CompactString, Workspace>,
 ) -> WorkspaceScope {
     if listed == ["*"] {
         return WorkspaceScope::All;
@@ -137,12 +138,12 @@ fn caller_scope(
     for w in listed {
         if w == "*" {
             errors.push(format!("{key}.workspaces"), "\"*\" must be the only entry");
-        } else if !workspaces.contains_key(w) {
+        } else if !workspaces.contains_key(w.as_str()) {
             errors.push(
                 format!("{key}.workspaces"),
                 format!("no [[workspace]] {w:?}"),
             );
         }
     }
-    WorkspaceScope::Only(listed.iter().cloned().collect())
+    WorkspaceScope::Only(listed.iter().map(|w| w.as_str().into()).collect())
 }

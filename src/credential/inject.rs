@@ -18,9 +18,10 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use http::header::{AUTHORIZATION, HeaderName, HeaderValue};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
+use smallvec::SmallVec;
 use zeroize::Zeroizing;
 
-use super::secret::SecretFields;
+use super::secret::{self, SecretFields};
 use crate::label::Label;
 
 /// How a connector authenticates to its upstream (`auth_type`).
@@ -118,10 +119,11 @@ pub struct Injection {
     headers: Vec<(HeaderName, Template)>,
 }
 
-/// What to add to one upstream request.
+/// What to add to one upstream request. Kept on the cached credential and read by every
+/// request for it: the usual single header is held inline (no separate heap block to reach).
 #[derive(Default)]
 pub struct Injected {
-    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub headers: SmallVec<[(HeaderName, HeaderValue); 1]>,
     pub query: Option<(String, Zeroizing<String>)>,
 }
 
@@ -135,13 +137,6 @@ impl std::fmt::Debug for Injected {
             .field("query", &self.query.as_ref().map(|(n, _)| n))
             .finish()
     }
-}
-
-fn sensitive(value: &str) -> Result<HeaderValue, String> {
-    let mut v = HeaderValue::from_str(value)
-        .map_err(|_| "value is not a valid header value".to_string())?;
-    v.set_sensitive(true);
-    Ok(v)
 }
 
 /// The `[connector.inject]` table as written.
@@ -300,18 +295,21 @@ impl Injection {
                 .ok_or_else(|| missing("password".into()))?;
             let pair = Zeroizing::new(format!("{}:{}", user.expose(), pass.expose()));
             let value = Zeroizing::new(format!("Basic {}", STANDARD.encode(pair.as_bytes())));
-            out.headers.push((AUTHORIZATION, sensitive(&value)?));
+            out.headers
+                .push((AUTHORIZATION, secret::header_value(&value)?));
         }
         if let Some((placement, template)) = &self.primary {
             let value = template.render(fields).map_err(missing)?;
             match placement {
-                Placement::Header(h) => out.headers.push((h.clone(), sensitive(&value)?)),
+                Placement::Header(h) => {
+                    out.headers.push((h.clone(), secret::header_value(&value)?))
+                }
                 Placement::Query(q) => out.query = Some((q.clone(), value)),
             }
         }
         for (h, template) in &self.headers {
             let value = template.render(fields).map_err(missing)?;
-            out.headers.push((h.clone(), sensitive(&value)?));
+            out.headers.push((h.clone(), secret::header_value(&value)?));
         }
         Ok(out)
     }
@@ -393,6 +391,30 @@ mod tests {
         assert_eq!(out.headers[1].1, "42");
     }
 
+    #[test]
+    fn rendered_values_are_shared_not_copied_at_any_length() {
+        let inj = Injection::build(
+            AuthType::Bearer,
+            &file(None, None, None, &[]),
+            &names(&["token"]),
+        )
+        .unwrap();
+        // Inline, at the inline limit, and past it (a long JWT).
+        for len in [3, secret::INLINE_HEADER_VALUE - "Bearer ".len(), 2000] {
+            let token = "t".repeat(len);
+            let out = inj.render(&fields(&[("token", &token)])).unwrap();
+            let value = &out.headers[0].1;
+            assert_eq!(value.as_bytes(), format!("Bearer {token}").as_bytes());
+            assert!(value.is_sensitive());
+            // What each request inserts is a reference to the same bytes.
+            let per_request = value.clone();
+            assert_eq!(per_request.as_bytes().as_ptr(), value.as_bytes().as_ptr());
+        }
+        // A value a header cannot carry is still refused, inline or not.
+        for bad in ["a\nb".to_string(), format!("{}\n", "t".repeat(2000))] {
+            assert!(inj.render(&fields(&[("token", &bad)])).is_err());
+        }
+    }
     #[test]
     fn a_credential_renders_once_per_set_of_rules() {
         use crate::credential::{Connected, Rendering};

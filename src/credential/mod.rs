@@ -40,7 +40,7 @@ pub use setup::{
 pub use write::Metadata;
 
 use crate::error::{ErrorCode, Refusal};
-use crate::fastmap::Pair;
+use crate::fastmap::{Pair, pair_key};
 use crate::label::Label;
 use crate::telemetry::{CacheResult, StoreFailure};
 use crypto::{Keyring, OpenError};
@@ -195,7 +195,7 @@ pub struct VaultSettings {
     pub outage_backoff: Duration,
 }
 
-type Key = (String, String);
+type Key = crate::fastmap::PairKey;
 
 pub struct Vault {
     store: Arc<dyn CredentialStore>,
@@ -316,10 +316,10 @@ impl Vault {
         }
         // Boxed: the store read's future is large, and a future is moved whole wherever it
         // goes, so carried inline every warm request would copy it (BENCHMARKS.md).
-        Box::pin(self.lookup_miss((workspace.to_string(), connector.to_string()))).await
+        Box::pin(self.lookup_miss(pair_key(workspace, connector))).await
     }
 
-    async fn lookup_miss(&self, key: (String, String)) -> Result<Arc<TenantState>, VaultError> {
+    async fn lookup_miss(&self, key: Key) -> Result<Arc<TenantState>, VaultError> {
         let (workspace, connector) = (key.0.as_str(), key.1.as_str());
         if self.outage.active() {
             if let Some(state) = self.last_good.get(&key).await {
@@ -422,10 +422,7 @@ impl Vault {
         };
         let state = Arc::new(state);
         self.last_good
-            .insert(
-                (workspace.to_string(), connector.to_string()),
-                state.clone(),
-            )
+            .insert(pair_key(workspace, connector), state.clone())
             .await;
         Ok(state)
     }
@@ -456,7 +453,7 @@ impl Vault {
 
     /// Drop a cached entry here (and nowhere else).
     pub async fn invalidate_local(&self, workspace: &str, connector: &str) {
-        let key = (workspace.to_string(), connector.to_string());
+        let key = pair_key(workspace, connector);
         self.fresh.invalidate(&key).await;
         self.last_good.invalidate(&key).await;
     }

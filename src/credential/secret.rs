@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use zeroize::Zeroizing;
+use bytes::Bytes;
+use http::HeaderValue;
+use zeroize::{Zeroize, Zeroizing};
 
 /// One secret string.
 #[derive(Clone, PartialEq, Eq)]
@@ -96,6 +98,67 @@ impl fmt::Debug for SecretFields {
         f.debug_map()
             .entries(self.0.keys().map(|k| (k, "[redacted]")))
             .finish()
+    }
+}
+
+/// A rendered credential as a header value. Its bytes are owned by a [`SecretBytes`], which
+/// every request's copy of the header shares (a `Bytes` reference, no copy) and which wipes
+/// them when the last copy is dropped.
+pub fn header_value(value: &str) -> Result<HeaderValue, String> {
+    let mut v = HeaderValue::from_maybe_shared(Bytes::from_owner(SecretBytes::new(value)))
+        .map_err(|_| "value is not a valid header value".to_string())?;
+    v.set_sensitive(true);
+    Ok(v)
+}
+
+/// Up to this many bytes of a rendered value are kept inline in [`SecretBytes`].
+pub const INLINE_HEADER_VALUE: usize = 232;
+
+/// The bytes behind a rendered credential's `HeaderValue`. `Bytes::from_owner` puts the
+/// owner in the same heap block as the reference count every request's clone increments,
+/// so a value of up to [`INLINE_HEADER_VALUE`] bytes (API keys, most bearer tokens) is read
+/// from that one block when the request is written, not from a second one. Both forms are
+/// zeroed on drop; what pingora copies into its write buffer is outside this.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "the inline variant is the point: the bytes share the reference count's block"
+)]
+enum SecretBytes {
+    Inline {
+        len: u8,
+        buf: [u8; INLINE_HEADER_VALUE],
+    },
+    Heap(Zeroizing<Box<[u8]>>),
+}
+
+impl SecretBytes {
+    fn new(value: &str) -> Self {
+        let bytes = value.as_bytes();
+        match u8::try_from(bytes.len()) {
+            Ok(len) if bytes.len() <= INLINE_HEADER_VALUE => {
+                let mut buf = [0; INLINE_HEADER_VALUE];
+                buf[..bytes.len()].copy_from_slice(bytes);
+                SecretBytes::Inline { len, buf }
+            }
+            _ => SecretBytes::Heap(Zeroizing::new(bytes.into())),
+        }
+    }
+}
+
+impl AsRef<[u8]> for SecretBytes {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            SecretBytes::Inline { len, buf } => &buf[..usize::from(*len)],
+            SecretBytes::Heap(b) => b,
+        }
+    }
+}
+
+impl Drop for SecretBytes {
+    fn drop(&mut self) {
+        if let SecretBytes::Inline { buf, .. } = self {
+            buf.zeroize();
+        }
     }
 }
 

@@ -263,6 +263,29 @@ mod tests {
     }
 
     #[test]
+    fn each_label_is_judged_in_order() {
+        let err = |h: &str| parse_host(h).unwrap_err();
+        assert!(err("a..b").starts_with("empty label"));
+        assert!(err(".a").starts_with("empty label"));
+        assert!(err(&format!("{}.com", "a".repeat(64))).starts_with("label longer"));
+        // Length is judged before the characters, as the label ends.
+        assert!(err(&format!("{}_.com", "a".repeat(64))).starts_with("label longer"));
+        assert!(err("api_x.com").contains("character outside"));
+        assert!(
+            err("b\u{fc}cher.de").contains("character outside"),
+            "IDNs arrive as A-labels"
+        );
+        assert!(err("ok.\u{fc}").contains("character outside"));
+        assert!(err("-a.com").contains("starts or ends"));
+        assert!(err("a.com-").contains("starts or ends"));
+        assert_eq!(
+            parse_host(&format!("{}.Example-1.COM.", "a".repeat(63))).unwrap(),
+            Host::Name(format!("{}.example-1.com", "a".repeat(63)))
+        );
+        assert!(err(&format!("{}.com", "a.".repeat(125))).starts_with("host longer"));
+    }
+
+    #[test]
     fn look_alikes_do_not_match() {
         let p = ["*.hubspot.com", "api.stripe.com"];
         for host in [

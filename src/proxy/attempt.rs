@@ -92,11 +92,12 @@ impl Sluice {
         else {
             return;
         };
-        let changed = breaker.lock().expect("breaker lock").record(
-            Instant::now(),
-            outcome,
-            &connector.breaker,
-        );
+        // The clock is read only when a failure opens the breaker (not for the usual success).
+        let changed =
+            breaker
+                .lock()
+                .expect("breaker lock")
+                .record(Instant::now, outcome, &connector.breaker);
         let Some((from, to)) = changed else {
             return;
         };

@@ -139,10 +139,11 @@ impl Breaker {
         }
     }
 
-    /// Record an attempt's outcome; returns (old, new) state when it changed.
+    /// Record an attempt's outcome; returns (old, new) state when it changed. `now` is asked
+    /// for only when a failure opens the breaker.
     pub fn record(
         &mut self,
-        now: Instant,
+        now: impl FnOnce() -> Instant,
         outcome: Outcome,
         policy: &BreakerPolicy,
     ) -> Option<(BreakerState, BreakerState)> {
@@ -154,14 +155,14 @@ impl Breaker {
                 if failures + 1 >= policy.failure_threshold =>
             {
                 State::Open {
-                    until: now + policy.open_for,
+                    until: now() + policy.open_for,
                 }
             }
             (State::Closed { failures }, Outcome::Failure) => State::Closed {
                 failures: failures + 1,
             },
             (State::HalfOpen { .. }, Outcome::Failure) => State::Open {
-                until: now + policy.open_for,
+                until: now() + policy.open_for,
             },
             (open @ State::Open { .. }, Outcome::Failure) => open,
         };
@@ -197,19 +198,19 @@ mod tests {
     fn opens_after_consecutive_failures_only() {
         let (p, t0) = (policy(), Instant::now());
         let mut b = Breaker::default();
-        b.record(t0, Outcome::Failure, &p);
-        b.record(t0, Outcome::Failure, &p);
-        b.record(t0, Outcome::Success, &p);
-        b.record(t0, Outcome::Failure, &p);
-        b.record(t0, Outcome::Failure, &p);
+        b.record(|| t0, Outcome::Failure, &p);
+        b.record(|| t0, Outcome::Failure, &p);
+        b.record(|| t0, Outcome::Success, &p);
+        b.record(|| t0, Outcome::Failure, &p);
+        b.record(|| t0, Outcome::Failure, &p);
         assert_eq!(
             b.admit(t0, &p),
             Pass::Allow,
             "a success in between reset the count"
         );
-        b.record(t0, Outcome::Neutral, &p);
+        b.record(|| t0, Outcome::Neutral, &p);
         assert_eq!(
-            b.record(t0, Outcome::Failure, &p)
+            b.record(|| t0, Outcome::Failure, &p)
                 .map(|(_, to)| to.as_label()),
             Some("open")
         );
@@ -224,7 +225,7 @@ mod tests {
         let (p, t0) = (policy(), Instant::now());
         let mut b = Breaker::default();
         for _ in 0..3 {
-            b.record(t0, Outcome::Failure, &p);
+            b.record(|| t0, Outcome::Failure, &p);
         }
         let t1 = t0 + Duration::from_secs(30);
         assert_eq!(b.admit(t1, &p), Pass::Probe);
@@ -235,7 +236,7 @@ mod tests {
         );
         // The probe fails: open again for a full period.
         assert_eq!(
-            b.record(t1, Outcome::Failure, &p)
+            b.record(|| t1, Outcome::Failure, &p)
                 .map(|(_, to)| to.as_label()),
             Some("open")
         );
@@ -247,7 +248,7 @@ mod tests {
         let t2 = t1 + Duration::from_secs(30);
         assert_eq!(b.admit(t2, &p), Pass::Probe);
         assert_eq!(
-            b.record(t2, Outcome::Success, &p)
+            b.record(|| t2, Outcome::Success, &p)
                 .map(|(_, to)| to.as_label()),
             Some("closed")
         );
@@ -259,7 +260,7 @@ mod tests {
         let (p, t0) = (policy(), Instant::now());
         let mut b = Breaker::default();
         for _ in 0..3 {
-            b.record(t0, Outcome::Failure, &p);
+            b.record(|| t0, Outcome::Failure, &p);
         }
         let t1 = t0 + Duration::from_secs(30);
         assert_eq!(b.admit(t1, &p), Pass::Probe);

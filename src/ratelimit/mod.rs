@@ -34,8 +34,8 @@ pub use settings::{BucketScope, RateLimit, RateLimitFile};
 use shared::{Adjust, SharedBudget};
 
 /// Which bucket a request draws from: (connector, workspace), the workspace empty for a
-/// per-application bucket. The maps own it as `(String, String)` and are probed with this
-/// borrowed pair ([`Pair`]): nothing is allocated per request.
+/// per-application bucket. The maps own it as a [`crate::fastmap::PairKey`] and are probed
+/// with this borrowed pair ([`Pair`]): nothing is allocated per request.
 pub fn bucket_key<'a>(
     rl: &RateLimit,
     connector: &'a str,
@@ -70,14 +70,19 @@ pub(crate) fn first_bucket(
 /// Every bucket in the process, and the Redis store for shared budgets.
 pub struct Limiter {
     buckets: moka::sync::Cache<
-        (String, String),
+        crate::fastmap::PairKey,
         Arc<Mutex<Option<Bucket>>>,
         crate::fastmap::CacheHasher,
     >,
     /// Per-application buckets: workspaces waiting take turns.
-    fair: moka::sync::Cache<(String, String), Arc<fair::FairBucket>, crate::fastmap::CacheHasher>,
+    fair: moka::sync::Cache<
+        crate::fastmap::PairKey,
+        Arc<fair::FairBucket>,
+        crate::fastmap::CacheHasher,
+    >,
     /// Waiters per shared bucket in this replica (the queue bound is per replica).
-    queues: moka::sync::Cache<(String, String), Arc<AtomicUsize>, crate::fastmap::CacheHasher>,
+    queues:
+        moka::sync::Cache<crate::fastmap::PairKey, Arc<AtomicUsize>, crate::fastmap::CacheHasher>,
     shared: Option<SharedBudget>,
     /// Connectors without a configured limit whose API has taught a bucket (`observe`).
     /// Until a connector is here its requests skip the bucket lookup: one read of this small
@@ -485,7 +490,7 @@ impl Limiter {
 /// Every circuit breaker in the process, per (connector, upstream host).
 pub struct Breakers {
     map: moka::sync::Cache<
-        (String, String),
+        crate::fastmap::PairKey,
         Arc<Mutex<breaker::Breaker>>,
         crate::fastmap::CacheHasher,
     >,
