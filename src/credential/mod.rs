@@ -7,7 +7,10 @@
 //!   one key share a single store read (`try_get_with`).
 //! * `last_good`, bounded by `max_staleness`: the last answer that loaded successfully. Used
 //!   only when the store is unavailable, so a Redis outage does not fail requests whose
-//!   credentials were seen recently.
+//!   credentials were seen recently. Written on every load and read only in an outage, it is
+//!   moka's synchronous cache: its insert costs about 60 % of the async cache's (no future to
+//!   build and drive; ~2.5k instructions less per cold request, BENCHMARKS.md), and nothing
+//!   in it waits on I/O.
 //!
 //! After a store read fails, the vault counts the store as down for `outage_backoff`: a miss
 //! with a `last_good` entry is answered from it at once instead of paying the read timeout
@@ -201,7 +204,7 @@ pub struct Vault {
     store: Arc<dyn CredentialStore>,
     keyring: Keyring,
     fresh: Cache<Key, Arc<TenantState>, crate::fastmap::CacheHasher>,
-    last_good: Cache<Key, Arc<TenantState>, crate::fastmap::CacheHasher>,
+    last_good: moka::sync::Cache<Key, Arc<TenantState>, crate::fastmap::CacheHasher>,
     read_timeout: Duration,
     outage: Outage,
 }
@@ -259,7 +262,7 @@ impl Vault {
                 .max_capacity(settings.cache_capacity)
                 .time_to_live(settings.cache_ttl)
                 .build_with_hasher(Default::default()),
-            last_good: Cache::builder()
+            last_good: moka::sync::Cache::builder()
                 .max_capacity(settings.cache_capacity)
                 .time_to_live(settings.max_staleness)
                 .build_with_hasher(Default::default()),
@@ -283,7 +286,7 @@ impl Vault {
         if matches!(probe, Ok(Ok(_))) {
             return StoreHealth::Reachable;
         }
-        self.last_good.run_pending_tasks().await;
+        self.last_good.run_pending_tasks();
         if self.last_good.entry_count() > 0 {
             StoreHealth::ServingFromCache
         } else {
@@ -322,7 +325,7 @@ impl Vault {
     async fn lookup_miss(&self, key: Key) -> Result<Arc<TenantState>, VaultError> {
         let (workspace, connector) = (key.0.as_str(), key.1.as_str());
         if self.outage.active() {
-            if let Some(state) = self.last_good.get(&key).await {
+            if let Some(state) = self.last_good.get(&key) {
                 crate::telemetry::METRICS
                     .credential_cache
                     .with_label_values(&[CacheResult::Stale.as_label()])
@@ -347,7 +350,7 @@ impl Vault {
             }
             Err(e) => match &*e {
                 VaultError::Store(StoreError::Unavailable(reason)) => {
-                    match self.last_good.get(&key).await {
+                    match self.last_good.get(&key) {
                         Some(state) => {
                             warn!(workspace, connector, reason = %reason, backoff_ms = self.outage.backoff.as_millis() as u64, "credential store unavailable; serving cached credentials without asking it for the back-off");
                             crate::telemetry::METRICS
@@ -422,8 +425,7 @@ impl Vault {
         };
         let state = Arc::new(state);
         self.last_good
-            .insert(pair_key(workspace, connector), state.clone())
-            .await;
+            .insert(pair_key(workspace, connector), state.clone());
         Ok(state)
     }
 
@@ -455,7 +457,7 @@ impl Vault {
     pub async fn invalidate_local(&self, workspace: &str, connector: &str) {
         let key = pair_key(workspace, connector);
         self.fresh.invalidate(&key).await;
-        self.last_good.invalidate(&key).await;
+        self.last_good.invalidate(&key);
     }
 
     /// Drop every fresh entry (after missing invalidations). The stale fallback stays.
