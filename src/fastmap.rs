@@ -29,9 +29,9 @@ pub trait Pair: Sync {
     fn second(&self) -> &str;
 }
 
-/// The owned form of a [`Pair`]. Names of up to 24 bytes (every workspace and connector id
-/// in practice) live inside the key itself: a lookup that lands on a key compares it without
-/// a further pointer chase to a separate heap string. With a thousand workspaces read in
+/// The owned form of a [`Pair`]. Names of up to 24 bytes (typical workspace and connector ids;
+/// longer ones spill to the heap) live inside the key itself: a lookup that lands on a key
+/// compares it without a further pointer chase to a separate heap string. With a thousand workspaces read in
 /// turn, those chases were cache misses on every request (BENCHMARKS.md).
 pub type PairKey = (CompactString, CompactString);
 
