@@ -31,8 +31,8 @@ pub trait Pair: Sync {
 
 /// The owned form of a [`Pair`]. Names of up to 24 bytes (typical workspace and connector ids;
 /// longer ones spill to the heap) live inside the key itself: a lookup that lands on a key
-/// compares it without a further pointer chase to a separate heap string. With a thousand workspaces read in
-/// turn, those chases were cache misses on every request (BENCHMARKS.md).
+/// compares it without a further pointer chase to a separate heap string. With a thousand
+/// workspaces read in turn, those chases were cache misses on every request (BENCHMARKS.md).
 pub type PairKey = (CompactString, CompactString);
 
 /// A [`PairKey`] from borrowed names.
