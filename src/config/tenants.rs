@@ -2,10 +2,11 @@
 //! before it (a workspace's org exists, a caller's workspaces exist).
 
 use std::collections::HashSet;
+use std::sync::Arc;
+
+use compact_str::CompactString;
 
 use crate::fastmap::FastMap as HashMap;
-use compact_str::CompactString;
-use std::sync::Arc;
 
 use super::file::{CallerFile, OrgFile, WorkspaceFile};
 use super::validate::{Errors, domain_list, sha256_hex};

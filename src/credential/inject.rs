@@ -415,6 +415,7 @@ mod tests {
             assert!(inj.render(&fields(&[("token", &bad)])).is_err());
         }
     }
+
     #[test]
     fn a_credential_renders_once_per_set_of_rules() {
         use crate::credential::{Connected, Rendering};

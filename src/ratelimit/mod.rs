@@ -26,7 +26,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::warn;
 
-use crate::fastmap::Pair;
+use crate::fastmap::{Pair, PairKey};
 
 use bucket::{Admission, Bucket};
 use headers::Learned;
@@ -34,7 +34,7 @@ pub use settings::{BucketScope, RateLimit, RateLimitFile};
 use shared::{Adjust, SharedBudget};
 
 /// Which bucket a request draws from: (connector, workspace), the workspace empty for a
-/// per-application bucket. The maps own it as a [`crate::fastmap::PairKey`] and are probed
+/// per-application bucket. The maps own it as a [`PairKey`] and are probed
 /// with this borrowed pair ([`Pair`]): nothing is allocated per request.
 pub fn bucket_key<'a>(
     rl: &RateLimit,
@@ -69,20 +69,11 @@ pub(crate) fn first_bucket(
 
 /// Every bucket in the process, and the Redis store for shared budgets.
 pub struct Limiter {
-    buckets: moka::sync::Cache<
-        crate::fastmap::PairKey,
-        Arc<Mutex<Option<Bucket>>>,
-        crate::fastmap::CacheHasher,
-    >,
+    buckets: moka::sync::Cache<PairKey, Arc<Mutex<Option<Bucket>>>, crate::fastmap::CacheHasher>,
     /// Per-application buckets: workspaces waiting take turns.
-    fair: moka::sync::Cache<
-        crate::fastmap::PairKey,
-        Arc<fair::FairBucket>,
-        crate::fastmap::CacheHasher,
-    >,
+    fair: moka::sync::Cache<PairKey, Arc<fair::FairBucket>, crate::fastmap::CacheHasher>,
     /// Waiters per shared bucket in this replica (the queue bound is per replica).
-    queues:
-        moka::sync::Cache<crate::fastmap::PairKey, Arc<AtomicUsize>, crate::fastmap::CacheHasher>,
+    queues: moka::sync::Cache<PairKey, Arc<AtomicUsize>, crate::fastmap::CacheHasher>,
     shared: Option<SharedBudget>,
     /// Connectors without a configured limit whose API has taught a bucket (`observe`).
     /// Until a connector is here its requests skip the bucket lookup: one read of this small
@@ -489,11 +480,7 @@ impl Limiter {
 
 /// Every circuit breaker in the process, per (connector, upstream host).
 pub struct Breakers {
-    map: moka::sync::Cache<
-        crate::fastmap::PairKey,
-        Arc<Mutex<breaker::Breaker>>,
-        crate::fastmap::CacheHasher,
-    >,
+    map: moka::sync::Cache<PairKey, Arc<Mutex<breaker::Breaker>>, crate::fastmap::CacheHasher>,
 }
 
 impl Default for Breakers {
