@@ -64,7 +64,31 @@ pub struct ActionCall {
     pub body: Option<bytes::Bytes>,
 }
 
-pub struct RequestCtx {
+/// pingora's `CTX`: a handle on the request's [`RequestState`], which lives on the heap.
+///
+/// pingora keeps the `CTX` by value inside its per-request future, and that future is built on
+/// the stack and then moved into a box: every byte of it is copied once per request. Held by
+/// value, the state made the future about 1.7 KB larger (callgrind: 15.2k against the floor's
+/// 13.4k bytes of that copy); behind a box it costs one small allocation instead. Fields are
+/// reached through `Deref`, so `ctx.snapshot` reads as before.
+pub struct RequestCtx(Box<RequestState>);
+
+impl std::ops::Deref for RequestCtx {
+    type Target = RequestState;
+
+    fn deref(&self) -> &RequestState {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for RequestCtx {
+    fn deref_mut(&mut self) -> &mut RequestState {
+        &mut self.0
+    }
+}
+
+/// Everything one request accumulates on its way through the phases (see [`RequestCtx`]).
+pub struct RequestState {
     /// The config this request was admitted under, for its whole life (a reload does not
     /// change a request in flight).
     pub snapshot: Arc<Snapshot>,
@@ -83,7 +107,7 @@ pub struct RequestCtx {
     /// The vetted connector, resolved once at admission; every later step reads it here.
     pub connector: Option<Arc<Connector>>,
     /// What to inject upstream, rendered from the workspace's credential before connecting
-    /// ([`RequestCtx::injected`] reads it).
+    /// ([`RequestState::injected`] reads it).
     pub injecting: Option<Injecting>,
     /// Upstream attempts made so far.
     pub attempts: u32,
@@ -106,14 +130,16 @@ pub struct RequestCtx {
     pub action: Option<ActionCall>,
 }
 
-impl RequestCtx {
+impl RequestState {
     /// What to inject upstream, if the credential step set anything.
     pub fn injected(&self) -> Option<&Injected> {
         self.injecting.as_ref().and_then(Injecting::get)
     }
+}
 
+impl RequestCtx {
     pub fn new(snapshot: Arc<Snapshot>) -> Self {
-        Self {
+        Self(Box::new(RequestState {
             snapshot,
             request_id: String::new(),
             started: Instant::now(),
@@ -134,6 +160,6 @@ impl RequestCtx {
             refusal: None,
             tunnel: None,
             action: None,
-        }
+        }))
     }
 }

@@ -192,7 +192,7 @@ pub struct Snapshot {
     pub upstream: Upstream,
     /// Operator exceptions to the special-purpose address policy.
     pub exception_cidrs: Vec<IpNetwork>,
-    /// Shared: a request keeps its connector (`RequestCtx::connector`) without a lookup.
+    /// Shared: a request keeps its connector (`RequestState::connector`) without a lookup.
     pub connectors: HashMap<String, Arc<Connector>>,
     pub orgs: HashMap<String, Org>,
     pub workspaces: HashMap<CompactString, Workspace>,

@@ -13,7 +13,7 @@ use pingora::proxy::Session;
 use super::Sluice;
 use super::admit::check_head;
 use crate::action::{self, MAX_INPUT_BYTES};
-use crate::ctx::{ActionCall, RequestCtx};
+use crate::ctx::{ActionCall, RequestState};
 use crate::error::{ErrorCode, Refusal};
 use crate::policy;
 use crate::request::{X_CONNECTOR, X_WORKSPACE, single_identifier};
@@ -34,7 +34,7 @@ const DRAIN_LIMIT: u64 = 1024 * 1024;
 /// Whether this request is an action call: origin-form on the action path, outside any
 /// tunnel, and without `X-Connector` (a proxied request names its connector in that header;
 /// an action call names it in the path).
-pub(super) fn is_call(session: &Session, ctx: &RequestCtx) -> bool {
+pub(super) fn is_call(session: &Session, ctx: &RequestState) -> bool {
     let req = session.req_header();
     ctx.tunnel.is_none()
         && req.raw_path().starts_with(action::PATH_PREFIX.as_bytes())
@@ -47,7 +47,7 @@ impl Sluice {
     pub(super) async fn admit_action(
         &self,
         session: &mut Session,
-        ctx: &mut RequestCtx,
+        ctx: &mut RequestState,
     ) -> Result<Result<(), Refusal>> {
         let (connector_id, action) = match route(session, ctx) {
             Ok(routed) => routed,
@@ -66,7 +66,7 @@ impl Sluice {
     async fn vet_action(
         &self,
         session: &Session,
-        ctx: &mut RequestCtx,
+        ctx: &mut RequestState,
         connector_id: &str,
         action: &action::Action,
         input: &[u8],
@@ -98,7 +98,7 @@ impl Sluice {
 
 /// The head checked, the caller authenticated and allowed this workspace, the connector and
 /// its action found; all before the body is read.
-fn route(session: &Session, ctx: &mut RequestCtx) -> Result<(String, action::Action), Refusal> {
+fn route(session: &Session, ctx: &mut RequestState) -> Result<(String, action::Action), Refusal> {
     check_head(session, ctx)?;
     let req = session.req_header();
     // An action call is an API call to sluice itself, so `Authorization` works as well as
@@ -212,7 +212,7 @@ async fn read_input(session: &mut Session) -> Result<Result<Bytes, Refusal>> {
 }
 
 /// `request_body_filter`: an action call sends its own body (or none), on every attempt.
-pub(super) fn body_filter(ctx: &RequestCtx, body: &mut Option<Bytes>, end_of_stream: bool) {
+pub(super) fn body_filter(ctx: &RequestState, body: &mut Option<Bytes>, end_of_stream: bool) {
     if let Some(call) = &ctx.action {
         *body = if end_of_stream {
             call.body.clone()
@@ -245,13 +245,13 @@ pub(super) fn rewrite_head(upstream_request: &mut RequestHeader, call: &ActionCa
 }
 
 /// The action's call, shared with the retry logic: the method the upstream sees.
-pub(super) fn method<'a>(session: &'a Session, ctx: &'a RequestCtx) -> &'a http::Method {
+pub(super) fn method<'a>(session: &'a Session, ctx: &'a RequestState) -> &'a http::Method {
     ctx.action
         .as_ref()
         .map_or(&session.req_header().method, |call| &call.method)
 }
 
 /// The action id of the call, if it is one (the audit line names it).
-pub(super) fn action_id(ctx: &RequestCtx) -> Option<&str> {
+pub(super) fn action_id(ctx: &RequestState) -> Option<&str> {
     ctx.action.as_ref().map(|c| c.action_id.as_str())
 }

@@ -8,7 +8,7 @@ use pingora::proxy::Session;
 
 use super::{REQUEST_ID_NAME, Sluice};
 use crate::caller::Caller;
-use crate::ctx::RequestCtx;
+use crate::ctx::RequestState;
 use crate::error::{ErrorCode, Refusal};
 use crate::names::is_identifier;
 use crate::policy::{self, Vetted};
@@ -19,7 +19,7 @@ use crate::tunnel::{self, Tunnel};
 
 /// The request's first moment: its id, and whether requests pipelined behind it are kept.
 /// Returns whether it is a CONNECT.
-pub(super) fn start(session: &mut Session, ctx: &mut RequestCtx) -> bool {
+pub(super) fn start(session: &mut Session, ctx: &mut RequestState) -> bool {
     // Requests pipelined behind this one (RFC 9112 §9.3.2) are kept and served in order on
     // this connection, each through its own pass (caller, policy, credential). Without this
     // pingora drops them and closes the connection after the first response, which still
@@ -59,7 +59,7 @@ impl Sluice {
     pub(super) async fn admit(
         &self,
         session: &Session,
-        ctx: &mut RequestCtx,
+        ctx: &mut RequestState,
     ) -> Result<(), Refusal> {
         check_head(session, ctx)?;
         let req = session.req_header();
@@ -110,7 +110,7 @@ impl Sluice {
 
 /// The verdict kept: the vetted destination, and its connector resolved by name, once; every
 /// later step reads the connector from the context.
-pub(super) fn admitted(ctx: &mut RequestCtx, vetted: Vetted) -> Result<(), Refusal> {
+pub(super) fn admitted(ctx: &mut RequestState, vetted: Vetted) -> Result<(), Refusal> {
     let connector = ctx.snapshot.connectors.get(vetted.connector()).cloned();
     ctx.connector = Some(connector.ok_or_else(|| {
         Refusal::new(ErrorCode::Internal, "connector vanished from the snapshot")
@@ -120,7 +120,7 @@ pub(super) fn admitted(ctx: &mut RequestCtx, vetted: Vetted) -> Result<(), Refus
 }
 
 /// Step 1: limits, header values and framing, before anything reads the head.
-pub(super) fn check_head(session: &Session, ctx: &RequestCtx) -> Result<(), Refusal> {
+pub(super) fn check_head(session: &Session, ctx: &RequestState) -> Result<(), Refusal> {
     let req = session.req_header();
     if req.method == http::Method::CONNECT && ctx.tunnel.is_some() {
         return Err(Refusal::new(
@@ -158,7 +158,7 @@ pub(super) fn check_head(session: &Session, ctx: &RequestCtx) -> Result<(), Refu
 /// may repeat them, not change them. And it goes where the CONNECT said.
 async fn inside_tunnel(
     session: &Session,
-    ctx: &mut RequestCtx,
+    ctx: &mut RequestState,
     t: &Tunnel,
     caller: &Caller,
 ) -> Result<Vetted, Refusal> {

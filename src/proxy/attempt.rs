@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::Sluice;
 use crate::credential::inject::with_query_param;
-use crate::ctx::{NextAttempt, RequestCtx};
+use crate::ctx::{NextAttempt, RequestState};
 use crate::error::{ErrorCode, Refusal};
 use crate::label::Label;
 use crate::ratelimit::breaker::{BreakerState, Outcome, Pass};
@@ -29,7 +29,7 @@ fn refused(what: &'static str, refusal: Refusal) -> Box<Error> {
 
 impl Sluice {
     /// `upstream_peer`: the next attempt's peer, after what the retry decision asked for.
-    pub(super) async fn next_peer(&self, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+    pub(super) async fn next_peer(&self, ctx: &mut RequestState) -> Result<Box<HttpPeer>> {
         ctx.attempts += 1;
         match std::mem::take(&mut ctx.next) {
             NextAttempt::None => {}
@@ -71,7 +71,7 @@ impl Sluice {
     }
 
     /// The retry after a 401: one forced refresh, then the request again.
-    async fn refresh_token(&self, ctx: &mut RequestCtx) -> Result<()> {
+    async fn refresh_token(&self, ctx: &mut RequestState) -> Result<()> {
         let Some(current) = ctx.oauth.clone() else {
             return Error::e_explain(ErrorType::InternalError, "forced refresh without a token");
         };
@@ -86,7 +86,7 @@ impl Sluice {
     }
 
     /// Tell the upstream host's breaker how an attempt went.
-    fn record(&self, ctx: &RequestCtx, outcome: Outcome) {
+    fn record(&self, ctx: &RequestState, outcome: Outcome) {
         let (Some(vetted), Some(connector), Some(breaker)) =
             (&ctx.vetted, &ctx.connector, &ctx.breaker)
         else {
@@ -120,7 +120,7 @@ impl Sluice {
 
     /// The breaker learns from every answered attempt: transient statuses fail, 429 is the
     /// bucket's business.
-    pub(super) fn record_status(&self, ctx: &RequestCtx, status: http::StatusCode) {
+    pub(super) fn record_status(&self, ctx: &RequestState, status: http::StatusCode) {
         let outcome = match status.as_u16() {
             502..=504 => Outcome::Failure,
             429 => Outcome::Neutral,
@@ -133,7 +133,7 @@ impl Sluice {
     /// when it does, the wait is kept for the next `upstream_peer` and the retry is counted.
     fn decide_retry(
         &self,
-        ctx: &mut RequestCtx,
+        ctx: &mut RequestState,
         retry_after: Option<std::time::Duration>,
         reason: RetryReason,
     ) -> bool {
@@ -163,7 +163,7 @@ impl Sluice {
         &self,
         session: &Session,
         response: &ResponseHeader,
-        ctx: &mut RequestCtx,
+        ctx: &mut RequestState,
     ) -> Result<()> {
         let replay_truncated = session.as_downstream().retry_buffer_truncated();
         if retryable_status(response.status) {
@@ -211,7 +211,7 @@ impl Sluice {
         &self,
         session: &Session,
         mut e: Box<Error>,
-        ctx: &mut RequestCtx,
+        ctx: &mut RequestState,
     ) -> Box<Error> {
         if e.root_cause().downcast_ref::<Refusal>().is_some() {
             // sluice refused the attempt itself (a TLS version below the connector's
@@ -257,7 +257,7 @@ impl Sluice {
     /// within the policy.
     pub(super) fn retry_on_connect_failure(
         &self,
-        ctx: &mut RequestCtx,
+        ctx: &mut RequestState,
         mut e: Box<Error>,
     ) -> Box<Error> {
         self.record(ctx, Outcome::Failure);
@@ -271,7 +271,7 @@ impl Sluice {
 /// `Host`, hop-by-hop and internal headers stripped, the injected headers last.
 pub(super) fn rewrite_request(
     upstream_request: &mut RequestHeader,
-    ctx: &RequestCtx,
+    ctx: &RequestState,
 ) -> Result<()> {
     let (Some(vetted), Some(target)) = (&ctx.vetted, &ctx.target) else {
         return Error::e_explain(
@@ -304,7 +304,7 @@ pub(super) fn rewrite_request(
 /// connection that negotiated less (pingora's rustls connector offers 1.2 and 1.3 to every
 /// peer; the version is checked here, after the handshake and before the request).
 pub(super) fn check_tls_version(
-    ctx: &RequestCtx,
+    ctx: &RequestState,
     digest: Option<&pingora::protocols::Digest>,
 ) -> Result<()> {
     let Some(connector) = &ctx.connector else {
@@ -339,7 +339,7 @@ pub(super) fn check_tls_version(
 }
 
 /// `connected_to_upstream`: `sluice_upstream_connections_total`, opened or reused.
-pub(super) fn count_connection(ctx: &RequestCtx, reused: bool) {
+pub(super) fn count_connection(ctx: &RequestState, reused: bool) {
     let how = if reused {
         ConnectionUse::Reused
     } else {

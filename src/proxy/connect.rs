@@ -9,7 +9,7 @@ use pingora::prelude::*;
 use pingora::proxy::Session;
 
 use super::{REQUEST_ID, Sluice, respond};
-use crate::ctx::RequestCtx;
+use crate::ctx::RequestState;
 use crate::error::Refusal;
 use crate::tunnel;
 
@@ -18,7 +18,7 @@ impl Sluice {
     pub(super) async fn answer_connect(
         &self,
         session: &mut Session,
-        ctx: &mut RequestCtx,
+        ctx: &mut RequestState,
         admitted: Result<(), Refusal>,
     ) -> Result<bool> {
         let now = Some(std::time::Instant::now());
@@ -50,7 +50,7 @@ impl Sluice {
 /// The connection's context after a request: the tunnel, if this connection is one.
 pub(super) fn persist(
     session: &Session,
-    ctx: &RequestCtx,
+    ctx: &RequestState,
 ) -> Option<Box<dyn std::any::Any + Send + Sync>> {
     let tunnel = ctx.tunnel.clone()?;
     // The CONNECT's own answer: what comes next decides the tunnel's kind (server.rs).
@@ -61,7 +61,7 @@ pub(super) fn persist(
 }
 
 /// The next request on a tunnel's connection belongs to the tunnel.
-pub(super) fn resume(ctx: &mut RequestCtx, prev: Box<dyn std::any::Any + Send + Sync>) {
+pub(super) fn resume(ctx: &mut RequestState, prev: Box<dyn std::any::Any + Send + Sync>) {
     match prev.downcast::<Arc<tunnel::Tunnel>>() {
         Ok(tunnel) => ctx.tunnel = Some(*tunnel),
         Err(other) => {

@@ -7,12 +7,12 @@ use std::sync::Arc;
 use super::Sluice;
 use crate::credential::oauth::Scope;
 use crate::credential::{Connected, Rendering, TenantState};
-use crate::ctx::{Injecting, RequestCtx};
+use crate::ctx::{Injecting, RequestState};
 use crate::error::{ErrorCode, Refusal};
 
 impl Sluice {
     /// Step 5: sets `ctx.injected` (and `ctx.oauth`, the token state it came from).
-    pub(super) async fn credential(&self, ctx: &mut RequestCtx) -> Result<(), Refusal> {
+    pub(super) async fn credential(&self, ctx: &mut RequestState) -> Result<(), Refusal> {
         let (Some(vetted), Some(connector)) = (&ctx.vetted, &ctx.connector) else {
             return Err(Refusal::new(
                 ErrorCode::Internal,
@@ -57,7 +57,7 @@ impl Sluice {
     /// injection.
     pub(super) async fn oauth_token(
         &self,
-        ctx: &RequestCtx,
+        ctx: &RequestState,
         current: &Connected,
         force: bool,
     ) -> Result<(Arc<Connected>, Injecting), Refusal> {

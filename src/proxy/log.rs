@@ -5,7 +5,7 @@
 use http::header::HeaderName;
 use pingora::proxy::Session;
 
-use crate::ctx::RequestCtx;
+use crate::ctx::RequestState;
 use crate::label::Label;
 use crate::logline::{self, Line, Value, name};
 use crate::names::{Host, is_identifier};
@@ -14,7 +14,7 @@ use crate::telemetry::OutcomeClass;
 
 /// What pingora's own error log lines say about a request: never the query string (it may
 /// carry credentials or personal data), never a header value.
-pub(super) fn summary(session: &Session, ctx: &RequestCtx) -> String {
+pub(super) fn summary(session: &Session, ctx: &RequestState) -> String {
     let method = &session.req_header().method;
     match &ctx.target {
         Some(t) => format!(
@@ -36,7 +36,7 @@ fn phase_ms(from: Option<std::time::Instant>, to: Option<std::time::Instant>) ->
 }
 
 /// How the request ended, for the `outcome_class` field and label.
-fn outcome_class(ctx: &RequestCtx) -> OutcomeClass {
+fn outcome_class(ctx: &RequestState) -> OutcomeClass {
     match &ctx.refusal {
         None => OutcomeClass::Forwarded,
         Some(r) if r.code.is_skip() => OutcomeClass::Skipped,
@@ -56,7 +56,7 @@ fn status_class(status: u16) -> &'static str {
 }
 
 /// `logging`: the lines and the metrics.
-pub(super) fn request_done(session: &Session, ctx: &RequestCtx) {
+pub(super) fn request_done(session: &Session, ctx: &RequestState) {
     let req = session.req_header();
     let status = session.response_written().map_or(0, |r| r.status.as_u16());
     let code = ctx.refusal.as_ref().map_or("ok", |r| r.code.as_str());
@@ -175,7 +175,7 @@ pub(super) fn request_done(session: &Session, ctx: &RequestCtx) {
 /// The audit line: the decision, why a refusal, where an allowed request went (and the action
 /// an action call ran).
 fn audit(
-    ctx: &RequestCtx,
+    ctx: &RequestState,
     wall: std::time::SystemTime,
     outcome_class: &str,
     host: Value<'_>,

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::Sluice;
 use crate::config::Connector;
-use crate::ctx::RequestCtx;
+use crate::ctx::RequestState;
 use crate::error::{ErrorCode, Refusal};
 use crate::label::Label;
 use crate::ratelimit::headers::learn;
@@ -24,7 +24,7 @@ impl Sluice {
     pub(super) async fn pace(
         &self,
         session: &mut Session,
-        ctx: &mut RequestCtx,
+        ctx: &mut RequestState,
     ) -> Result<bool, Refusal> {
         let (Some(vetted), Some(connector)) = (&ctx.vetted, &ctx.connector) else {
             return Ok(true);
@@ -49,7 +49,7 @@ impl Sluice {
     }
 
     /// Step 8: the response's rate-limit headers (and a 429) adjust the bucket it drew from.
-    pub(super) async fn learn(&self, ctx: &RequestCtx, response: &ResponseHeader) {
+    pub(super) async fn learn(&self, ctx: &RequestState, response: &ResponseHeader) {
         let (true, Some(vetted), Some(connector)) = (ctx.paced, &ctx.vetted, &ctx.connector) else {
             return;
         };

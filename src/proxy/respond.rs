@@ -10,13 +10,13 @@ use pingora::{ErrorSource, ErrorType};
 use tracing::warn;
 
 use super::{ERROR_HEADER_NAME, REQUEST_ID, REQUEST_ID_NAME};
-use crate::ctx::RequestCtx;
+use crate::ctx::RequestState;
 use crate::error::{ERROR_HEADER, ErrorCode, Refusal};
 
 /// Answer with `refusal` from `request_filter`: the request ends here (`Ok(true)`).
 pub(super) async fn refuse(
     session: &mut Session,
-    ctx: &mut RequestCtx,
+    ctx: &mut RequestState,
     refusal: Refusal,
 ) -> Result<bool> {
     let sent = respond(session, ctx, &refusal).await;
@@ -28,7 +28,7 @@ pub(super) async fn refuse(
 /// ask for proxy credentials; the app gets its request id back.
 pub(super) fn strip_upstream_headers(
     upstream_response: &mut ResponseHeader,
-    ctx: &RequestCtx,
+    ctx: &RequestState,
 ) -> Result<()> {
     // One pass over the response's few names (standard ones compare by tag) instead of a
     // hashed probe into pingora's two header maps per name, present or not.
@@ -59,7 +59,7 @@ pub(super) fn strip_upstream_headers(
 
 /// `fail_to_proxy`: the refusal a later phase decided (carried as the error's cause), or
 /// the failure mapped; written unless the upstream's response already started.
-pub(super) async fn fail(session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+pub(super) async fn fail(session: &mut Session, e: &Error, ctx: &mut RequestState) -> FailToProxy {
     let refusal = match e.root_cause().downcast_ref::<Refusal>() {
         Some(decided) => decided.clone(),
         None => refusal_for(e, ctx),
@@ -90,7 +90,7 @@ pub(super) async fn fail(session: &mut Session, e: &Error, ctx: &mut RequestCtx)
 /// Write sluice's own JSON error response.
 pub(super) async fn respond(
     session: &mut Session,
-    ctx: &RequestCtx,
+    ctx: &RequestState,
     refusal: &Refusal,
 ) -> Result<()> {
     let body: Bytes = refusal.body(&ctx.request_id);
@@ -176,7 +176,7 @@ fn tls_handshake_stalled(e: &Error) -> bool {
 }
 
 /// Map a pingora failure to sluice's error model.
-fn refusal_for(e: &Error, ctx: &RequestCtx) -> Refusal {
+fn refusal_for(e: &Error, ctx: &RequestState) -> Refusal {
     use ErrorType::*;
     let host = ctx.vetted.as_ref().map_or("upstream", |v| v.sni());
     if e.esource() == &ErrorSource::Downstream {
