@@ -74,17 +74,18 @@ impl LocalReads {
         }))
     }
 
-    /// `GET key` on this thread's connection. `None` when there is none to use, or it failed
-    /// (it is dropped, and the thread waits [`BACKOFF`] before connecting again): the caller
-    /// then reads through the shared connection.
-    pub(super) async fn get(&self, key: &str) -> Option<Option<Vec<u8>>> {
+    /// `GET key` on this thread's connection, given until `start` plus half the store's
+    /// deadline. `None` when there is none to use, or it failed (it is dropped, and the thread
+    /// waits [`BACKOFF`] before connecting again): the caller then reads through the shared
+    /// connection.
+    pub(super) async fn get(&self, key: &str, start: Instant) -> Option<Option<Vec<u8>>> {
         let conn = match self.lookup() {
             Some(State::Ready(conn)) => Some(conn),
             // The clock is read only by a thread that is waiting out its back-off.
-            Some(State::Waiting(until)) if Instant::now() < until => return None,
+            Some(State::Waiting(until)) if start < until => return None,
             _ => None,
         };
-        let read = tokio::time::timeout(self.budget, async {
+        let read = tokio::time::timeout_at(start + self.budget, async {
             let mut conn = match conn {
                 Some(conn) => conn,
                 None => {
