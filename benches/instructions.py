@@ -17,9 +17,11 @@ Each proxy runs under `valgrind --tool=callgrind` with the load bench's own conf
 as a single process, `master_process off`); a Python client sends the requests one at a
 time on one keep-alive connection, absolute-form, through the proxy to a native nginx TLS
 upstream. sluice authenticates the caller, cycles through 100 workspaces with stored
-credentials, injects, paces and logs, exactly as in the load bench's warm set-up. Every proxy
-gets the same request head (X-Connector, X-Workspace, Proxy-Authorization); the others drop
-those headers, as in the load bench.
+credentials, injects, paces and logs, exactly as in the load bench's warm set-up. A second
+sluice row is the load bench's cold set-up: the store on a real redis-server (pinned with the
+upstream) and a cache of one entry, so every request reads its record from Redis and opens
+it (`--no-cold` skips it). Every proxy gets the same request head (X-Connector, X-Workspace,
+Proxy-Authorization); the others drop those headers, as in the load bench.
 """
 
 from __future__ import annotations
@@ -91,6 +93,9 @@ def main() -> None:
     ap.add_argument("--floor", help="pingora floor binary (default: build the example)")
     ap.add_argument("--log-format", choices=["text", "json"], default="text",
                     help="sluice's SLUICE_LOG_FORMAT (the container image uses json)")
+    ap.add_argument("--no-cold", dest="cold", action="store_false",
+                    help="skip the cold-cache row (sluice on a real redis-server, a cache of "
+                    "one entry, so every request reads and opens its record)")
     ap.add_argument("--keep", action="store_true",
                     help="keep the working directory (configs, callgrind dumps)")
     args = ap.parse_args()
@@ -157,6 +162,31 @@ def main() -> None:
                             count(p.pid, d / "cg-sluice.out",
                                   lambda: drive(s.port, n, load.WORKSPACES, s.caller_token))))
             b.stop(p, load.signal.SIGKILL)
+
+            # sluice, cold cache on Redis: the load bench's cold set-up (a cache of one entry,
+            # so every request reads and opens its record).
+            if args.cold:
+                rport = load.free_port()
+                b.spawn(["redis-server", "--port", rport, "--bind", "127.0.0.1", "--save", "",
+                         "--appendonly", "no"], b.gen_cpus, "redis.out")
+                load.wait_for("redis", lambda: load.port_open(rport))
+                s = load.Sluice(load.free_port(), load.free_port(), "c" * 64, "d" * 64)
+                conf = d / "sluice-cold.toml"
+                store = f'store = "redis"\nredis_url = "redis://127.0.0.1:{rport}/"'
+                conf.write_text(load.sluice_conf(d, s, b.up_port, store, "", 1))
+                p = b.spawn(callgrind([args.sluice, "run", "--config", conf],
+                                      d / "cg-sluice-cold.out"),
+                            b.proxy_cpu, "sluice-cold-cg.log", env=env)
+                load.wait_for("sluice (cold) under callgrind", lambda: load.port_open(s.port),
+                              300)
+                load.wait_for("sluice's admin API", lambda: load.port_open(s.admin_port), 300)
+                load.put_credentials(s, load.WORKSPACES)
+                drive(s.port, w, load.WORKSPACES, s.caller_token)
+                results.append(("sluice, cold cache on Redis",
+                                count(p.pid, d / "cg-sluice-cold.out",
+                                      lambda: drive(s.port, n, load.WORKSPACES,
+                                                    s.caller_token))))
+                b.stop(p, load.signal.SIGKILL)
             b.stop(up, load.signal.SIGKILL)
         finally:
             b.stop_all()
