@@ -4,7 +4,7 @@
 //! live) and two moka caches:
 //!
 //! * `fresh`, bounded by capacity and `cache_ttl`: what requests read. Concurrent misses for
-//!   one key share a single store read (`try_get_with`).
+//!   one key share a single store read ([`flight`]).
 //! * `last_good`, bounded by `max_staleness`: the last answer that loaded successfully. Used
 //!   only when the store is unavailable, so a Redis outage does not fail requests whose
 //!   credentials were seen recently. Written on every load and read only in an outage, it is
@@ -22,6 +22,7 @@
 
 pub mod crypto;
 pub mod embedded;
+mod flight;
 pub mod inject;
 pub mod oauth;
 pub mod redis;
@@ -34,7 +35,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::Duration;
 
-use moka::future::Cache;
+use moka::sync::Cache;
 use tracing::{error, warn};
 
 pub use setup::{
@@ -200,11 +201,16 @@ pub struct VaultSettings {
 
 type Key = crate::fastmap::PairKey;
 
+/// What a load gives every request that waited for it.
+type Loaded = Result<Arc<TenantState>, Arc<VaultError>>;
+
 pub struct Vault {
     store: Arc<dyn CredentialStore>,
     keyring: Keyring,
     fresh: Cache<Key, Arc<TenantState>, crate::fastmap::CacheHasher>,
-    last_good: moka::sync::Cache<Key, Arc<TenantState>, crate::fastmap::CacheHasher>,
+    last_good: Cache<Key, Arc<TenantState>, crate::fastmap::CacheHasher>,
+    /// Store reads in flight: concurrent misses for one key share one.
+    loads: flight::Flights<Key, Loaded, crate::fastmap::CacheHasher>,
     read_timeout: Duration,
     outage: Outage,
 }
@@ -262,10 +268,11 @@ impl Vault {
                 .max_capacity(settings.cache_capacity)
                 .time_to_live(settings.cache_ttl)
                 .build_with_hasher(Default::default()),
-            last_good: moka::sync::Cache::builder()
+            last_good: Cache::builder()
                 .max_capacity(settings.cache_capacity)
                 .time_to_live(settings.max_staleness)
                 .build_with_hasher(Default::default()),
+            loads: flight::Flights::new(),
             read_timeout: settings.read_timeout,
             outage: Outage::new(settings.outage_backoff),
         }
@@ -306,9 +313,9 @@ impl Vault {
         connector: &str,
     ) -> Result<Arc<TenantState>, VaultError> {
         // The warm path: one cache read, by the borrowed names (no key is built). Misses go
-        // through `try_get_with`, which lets one caller load while the others for the same
-        // key wait for its result.
-        if let Some(state) = self.fresh.get(&(workspace, connector) as &dyn Pair).await {
+        // through `loads`, which lets one caller load while the others for the same key wait
+        // for its result.
+        if let Some(state) = self.fresh.get(&(workspace, connector) as &dyn Pair) {
             static HITS: LazyLock<prometheus::IntCounter> = LazyLock::new(|| {
                 crate::telemetry::METRICS
                     .credential_cache
@@ -339,15 +346,22 @@ impl Vault {
                 .with_label_values(&[CacheResult::Miss.as_label()])
         });
         MISSES.inc();
-        match self
-            .fresh
-            .try_get_with_by_ref(&key, self.load(workspace, connector))
-            .await
-        {
-            Ok(state) => {
-                // Only successful loads refresh the fallback; a cache hit costs nothing here.
-                Ok(state)
-            }
+        let loaded = self
+            .loads
+            .run(&key, || async {
+                let loaded = self.load(workspace, connector).await;
+                match loaded {
+                    // Cached before the waiters are answered, so the next miss finds it.
+                    Ok(state) => {
+                        self.fresh.insert(key.clone(), state.clone());
+                        Ok(state)
+                    }
+                    Err(e) => Err(Arc::new(e)),
+                }
+            })
+            .await;
+        match loaded {
+            Ok(state) => Ok(state),
             Err(e) => match &*e {
                 VaultError::Store(StoreError::Unavailable(reason)) => {
                     match self.last_good.get(&key) {
@@ -456,7 +470,7 @@ impl Vault {
     /// Drop a cached entry here (and nowhere else).
     pub async fn invalidate_local(&self, workspace: &str, connector: &str) {
         let key = pair_key(workspace, connector);
-        self.fresh.invalidate(&key).await;
+        self.fresh.invalidate(&key);
         self.last_good.invalidate(&key);
     }
 
