@@ -136,7 +136,9 @@ mod tests {
         let slow = flights.run(&1, std::future::pending);
         let fast = flights.run(&2, || async { Ok(2) });
         tokio::pin!(slow);
+        // Biased: the slow load starts (and enters the map) before the fast one is polled.
         tokio::select! {
+            biased;
             _ = &mut slow => unreachable!("never finishes"),
             v = fast => assert_eq!(v, Ok(2)),
         }

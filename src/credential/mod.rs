@@ -1,21 +1,23 @@
 //! Step 5 of the request path: the workspace's credential for the connector.
 //!
 //! [`Vault`] joins the keyring (sealing), a [`store::CredentialStore`] (where sealed records
-//! live) and two moka caches:
+//! live) and one moka cache (the synchronous one: nothing in it waits on I/O). Each entry is
+//! the last answer that loaded successfully for its (workspace, connector), and is
 //!
-//! * `fresh`, bounded by capacity and `cache_ttl`: what requests read. Concurrent misses for
-//!   one key share a single store read ([`flight`]).
-//! * `last_good`, bounded by `max_staleness`: the last answer that loaded successfully. Used
-//!   only when the store is unavailable, so a Redis outage does not fail requests whose
-//!   credentials were seen recently. Written on every load and read only in an outage, it is
-//!   moka's synchronous cache: its insert costs about 60 % of the async cache's (no future to
-//!   build and drive; ~2.5k instructions less per cold request, BENCHMARKS.md), and nothing
-//!   in it waits on I/O.
+//! * *fresh* for `cache_ttl` after it loaded (and until [`Vault::invalidate_all_fresh`]):
+//!   requests are answered from it;
+//! * then *stale* until `max_staleness`, when moka drops it: a request reloads it from the
+//!   store, and is answered from the stale copy only when the store is unavailable, so a Redis
+//!   outage does not fail requests whose credentials were seen recently.
+//!
+//! (Until issue 14's tenth round these were two caches, `fresh` and `last_good`, and every
+//! cold request paid a second insert, ~3.5k instructions; BENCHMARKS.md.) Concurrent misses
+//! for one key share a single store read ([`flight`]).
 //!
 //! After a store read fails, the vault counts the store as down for `outage_backoff`: a miss
-//! with a `last_good` entry is answered from it at once instead of paying the read timeout
-//! again on every request. Misses without one still try the store (nothing else could answer
-//! them), and any successful read ends the back-off.
+//! with a stale entry is answered from it at once instead of paying the read timeout again on
+//! every request. Misses without one still try the store (nothing else could answer them), and
+//! any successful read ends the back-off.
 //!
 //! A write or delete through this process (the write side is in `write.rs`) invalidates both
 //! locally and, on Redis, tells every other replica through pub/sub.
@@ -33,7 +35,7 @@ mod write;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use moka::sync::Cache;
 use tracing::{error, warn};
@@ -204,11 +206,23 @@ type Key = crate::fastmap::PairKey;
 /// What a load gives every request that waited for it.
 type Loaded = Result<Arc<TenantState>, Arc<VaultError>>;
 
+/// A cache entry: the answer, and until when it is fresh.
+#[derive(Clone)]
+struct Cached {
+    state: Arc<TenantState>,
+    /// `cache_ttl` after the loading request started (on the clock the requests pass in).
+    fresh_until: Instant,
+    generation: u64,
+}
+
 pub struct Vault {
     store: Arc<dyn CredentialStore>,
     keyring: Keyring,
-    fresh: Cache<Key, Arc<TenantState>, crate::fastmap::CacheHasher>,
-    last_good: Cache<Key, Arc<TenantState>, crate::fastmap::CacheHasher>,
+    /// Entries live `max_staleness`; fresh for `cache_ttl` of it.
+    cache: Cache<Key, Cached, crate::fastmap::CacheHasher>,
+    cache_ttl: Duration,
+    /// Entries cached under an older generation are stale ([`Vault::invalidate_all_fresh`]).
+    generation: AtomicU64,
     /// Store reads in flight: concurrent misses for one key share one.
     loads: flight::Flights<Key, Loaded, crate::fastmap::CacheHasher>,
     read_timeout: Duration,
@@ -264,14 +278,13 @@ impl Vault {
         Self {
             store,
             keyring,
-            fresh: Cache::builder()
+            // Validation keeps max_staleness >= cache_ttl; the max is for callers that skip it.
+            cache: Cache::builder()
                 .max_capacity(settings.cache_capacity)
-                .time_to_live(settings.cache_ttl)
+                .time_to_live(settings.max_staleness.max(settings.cache_ttl))
                 .build_with_hasher(Default::default()),
-            last_good: Cache::builder()
-                .max_capacity(settings.cache_capacity)
-                .time_to_live(settings.max_staleness)
-                .build_with_hasher(Default::default()),
+            cache_ttl: settings.cache_ttl,
+            generation: AtomicU64::new(0),
             loads: flight::Flights::new(),
             read_timeout: settings.read_timeout,
             outage: Outage::new(settings.outage_backoff),
@@ -293,8 +306,8 @@ impl Vault {
         if matches!(probe, Ok(Ok(_))) {
             return StoreHealth::Reachable;
         }
-        self.last_good.run_pending_tasks();
-        if self.last_good.entry_count() > 0 {
+        self.cache.run_pending_tasks();
+        if self.cache.entry_count() > 0 {
             StoreHealth::ServingFromCache
         } else {
             StoreHealth::Unreachable
@@ -312,27 +325,51 @@ impl Vault {
         workspace: &str,
         connector: &str,
     ) -> Result<Arc<TenantState>, VaultError> {
+        self.lookup_at(workspace, connector, Instant::now()).await
+    }
+
+    /// [`Self::lookup`], at `now` (the request path passes the instant its request started,
+    /// and reads no clock here).
+    pub async fn lookup_at(
+        &self,
+        workspace: &str,
+        connector: &str,
+        now: Instant,
+    ) -> Result<Arc<TenantState>, VaultError> {
         // The warm path: one cache read, by the borrowed names (no key is built). Misses go
         // through `loads`, which lets one caller load while the others for the same key wait
         // for its result.
-        if let Some(state) = self.fresh.get(&(workspace, connector) as &dyn Pair) {
-            static HITS: LazyLock<prometheus::IntCounter> = LazyLock::new(|| {
-                crate::telemetry::METRICS
-                    .credential_cache
-                    .with_label_values(&[CacheResult::Hit.as_label()])
-            });
-            HITS.inc();
-            return Ok(state);
-        }
+        let stale = match self.cache.get(&(workspace, connector) as &dyn Pair) {
+            Some(c) if self.is_fresh(&c, now) => {
+                static HITS: LazyLock<prometheus::IntCounter> = LazyLock::new(|| {
+                    crate::telemetry::METRICS
+                        .credential_cache
+                        .with_label_values(&[CacheResult::Hit.as_label()])
+                });
+                HITS.inc();
+                return Ok(c.state);
+            }
+            other => other.map(|c| c.state),
+        };
         // Boxed: the store read's future is large, and a future is moved whole wherever it
         // goes, so carried inline every warm request would copy it (BENCHMARKS.md).
-        Box::pin(self.lookup_miss(pair_key(workspace, connector))).await
+        Box::pin(self.lookup_miss(pair_key(workspace, connector), stale, now)).await
     }
 
-    async fn lookup_miss(&self, key: Key) -> Result<Arc<TenantState>, VaultError> {
+    fn is_fresh(&self, cached: &Cached, now: Instant) -> bool {
+        now < cached.fresh_until && cached.generation == self.generation.load(Ordering::Relaxed)
+    }
+
+    /// A miss: reload from the store; `stale` is the entry that is no longer fresh, if any.
+    async fn lookup_miss(
+        &self,
+        key: Key,
+        stale: Option<Arc<TenantState>>,
+        now: Instant,
+    ) -> Result<Arc<TenantState>, VaultError> {
         let (workspace, connector) = (key.0.as_str(), key.1.as_str());
         if self.outage.active() {
-            if let Some(state) = self.last_good.get(&key) {
+            if let Some(state) = stale {
                 crate::telemetry::METRICS
                     .credential_cache
                     .with_label_values(&[CacheResult::Stale.as_label()])
@@ -346,14 +383,26 @@ impl Vault {
                 .with_label_values(&[CacheResult::Miss.as_label()])
         });
         MISSES.inc();
+        // An invalidation of every entry while the load runs leaves what it loads stale.
+        let generation = self.generation.load(Ordering::Relaxed);
         let loaded = self
             .loads
             .run(&key, || async {
+                // A load that finished between this request's cache read and now has cached
+                // its answer and left the map: read the cache again rather than the store.
+                if let Some(c) = self.cache.get(&key).filter(|c| self.is_fresh(c, now)) {
+                    return Ok(c.state);
+                }
                 let loaded = self.load(workspace, connector).await;
                 match loaded {
                     // Cached before the waiters are answered, so the next miss finds it.
                     Ok(state) => {
-                        self.fresh.insert(key.clone(), state.clone());
+                        let cached = Cached {
+                            state: state.clone(),
+                            fresh_until: now + self.cache_ttl,
+                            generation,
+                        };
+                        self.cache.insert(key.clone(), cached);
                         Ok(state)
                     }
                     Err(e) => Err(Arc::new(e)),
@@ -363,19 +412,17 @@ impl Vault {
         match loaded {
             Ok(state) => Ok(state),
             Err(e) => match &*e {
-                VaultError::Store(StoreError::Unavailable(reason)) => {
-                    match self.last_good.get(&key) {
-                        Some(state) => {
-                            warn!(workspace, connector, reason = %reason, backoff_ms = self.outage.backoff.as_millis() as u64, "credential store unavailable; serving cached credentials without asking it for the back-off");
-                            crate::telemetry::METRICS
-                                .credential_cache
-                                .with_label_values(&[CacheResult::Stale.as_label()])
-                                .inc();
-                            Ok(state)
-                        }
-                        None => Err((*e).clone()),
+                VaultError::Store(StoreError::Unavailable(reason)) => match stale {
+                    Some(state) => {
+                        warn!(workspace, connector, reason = %reason, backoff_ms = self.outage.backoff.as_millis() as u64, "credential store unavailable; serving cached credentials without asking it for the back-off");
+                        crate::telemetry::METRICS
+                            .credential_cache
+                            .with_label_values(&[CacheResult::Stale.as_label()])
+                            .inc();
+                        Ok(state)
                     }
-                }
+                    None => Err((*e).clone()),
+                },
                 other => Err(other.clone()),
             },
         }
@@ -437,10 +484,7 @@ impl Vault {
                 r.oauth,
             )),
         };
-        let state = Arc::new(state);
-        self.last_good
-            .insert(pair_key(workspace, connector), state.clone());
-        Ok(state)
+        Ok(Arc::new(state))
     }
 
     /// Open a record stored under (workspace, connector): its ciphertext is bound to those
@@ -470,13 +514,13 @@ impl Vault {
     /// Drop a cached entry here (and nowhere else).
     pub async fn invalidate_local(&self, workspace: &str, connector: &str) {
         let key = pair_key(workspace, connector);
-        self.fresh.invalidate(&key);
-        self.last_good.invalidate(&key);
+        self.cache.invalidate(&key);
     }
 
-    /// Drop every fresh entry (after missing invalidations). The stale fallback stays.
+    /// Make every entry stale (after missing invalidations): each is reloaded on its next
+    /// request, and kept as the fallback for an outage.
     pub fn invalidate_all_fresh(&self) {
-        self.fresh.invalidate_all();
+        self.generation.fetch_add(1, Ordering::Relaxed);
     }
 }
 

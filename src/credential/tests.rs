@@ -290,3 +290,26 @@ fn the_read_path_view_reads_what_the_full_record_wrote() {
         Err(StoreError::Corrupt(_))
     ));
 }
+
+#[tokio::test]
+async fn an_entry_past_its_ttl_or_invalidated_is_read_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vault, store) = vault(dir.path());
+    vault.put("ws", "c", true, &fields("k")).await.unwrap();
+    let reads = || store.reads.load(Ordering::SeqCst);
+    let start = reads();
+    let now = std::time::Instant::now();
+    vault.lookup_at("ws", "c", now).await.unwrap();
+    vault.lookup_at("ws", "c", now).await.unwrap();
+    assert_eq!(reads() - start, 1, "the second lookup is a cache hit");
+    // Past cache_ttl (60 s) the entry is stale: the next lookup reads the store, once.
+    let later = now + Duration::from_secs(61);
+    vault.lookup_at("ws", "c", later).await.unwrap();
+    vault.lookup_at("ws", "c", later).await.unwrap();
+    assert_eq!(reads() - start, 2);
+    // Missed invalidations make every entry stale at once.
+    vault.invalidate_all_fresh();
+    vault.lookup_at("ws", "c", later).await.unwrap();
+    vault.lookup_at("ws", "c", later).await.unwrap();
+    assert_eq!(reads() - start, 3);
+}

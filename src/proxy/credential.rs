@@ -26,7 +26,10 @@ impl Sluice {
             Refusal::new(ErrorCode::Internal, "no credential store is configured")
         })?;
         let (ws, conn) = (vetted.workspace(), vetted.connector());
-        let state = vault.lookup(ws, conn).await.map_err(Refusal::from)?;
+        let state = vault
+            .lookup_at(ws, conn, ctx.started)
+            .await
+            .map_err(Refusal::from)?;
         match &*state {
             TenantState::Unconfigured => Err(Refusal::new(
                 ErrorCode::CredentialNotConfigured,
