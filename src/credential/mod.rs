@@ -206,6 +206,12 @@ type Key = crate::fastmap::PairKey;
 /// What a load gives every request that waited for it.
 type Loaded = Result<Arc<TenantState>, Arc<VaultError>>;
 
+/// A lookup the cache could not answer fresh: [`Vault::reload`] it.
+pub struct Miss {
+    /// The entry that is no longer fresh, if any: the answer while the store is unavailable.
+    stale: Option<Arc<TenantState>>,
+}
+
 /// A cache entry: the answer, and until when it is fresh.
 #[derive(Clone)]
 struct Cached {
@@ -328,18 +334,29 @@ impl Vault {
         self.lookup_at(workspace, connector, Instant::now()).await
     }
 
-    /// [`Self::lookup`], at `now` (the request path passes the instant its request started,
-    /// and reads no clock here).
+    /// [`Self::lookup`], at `now`.
     pub async fn lookup_at(
         &self,
         workspace: &str,
         connector: &str,
         now: Instant,
     ) -> Result<Arc<TenantState>, VaultError> {
-        // The warm path: one cache read, by the borrowed names (no key is built). Misses go
-        // through `loads`, which lets one caller load while the others for the same key wait
-        // for its result.
-        let stale = match self.cache.get(&(workspace, connector) as &dyn Pair) {
+        match self.lookup_cached(workspace, connector, now) {
+            Ok(state) => Ok(state),
+            Err(miss) => Box::pin(self.reload(workspace, connector, miss, now)).await,
+        }
+    }
+
+    /// The warm path, with no future to build: the fresh entry for (workspace, connector), or
+    /// the [`Miss`] to [`Self::reload`] with. One cache read, by the borrowed names (no key is
+    /// built). The request path passes the instant its request started, and reads no clock.
+    pub fn lookup_cached(
+        &self,
+        workspace: &str,
+        connector: &str,
+        now: Instant,
+    ) -> Result<Arc<TenantState>, Miss> {
+        match self.cache.get(&(workspace, connector) as &dyn Pair) {
             Some(c) if self.is_fresh(&c, now) => {
                 static HITS: LazyLock<prometheus::IntCounter> = LazyLock::new(|| {
                     crate::telemetry::METRICS
@@ -347,13 +364,27 @@ impl Vault {
                         .with_label_values(&[CacheResult::Hit.as_label()])
                 });
                 HITS.inc();
-                return Ok(c.state);
+                Ok(c.state)
             }
-            other => other.map(|c| c.state),
-        };
-        // Boxed: the store read's future is large, and a future is moved whole wherever it
-        // goes, so carried inline every warm request would copy it (BENCHMARKS.md).
-        Box::pin(self.lookup_miss(pair_key(workspace, connector), stale, now)).await
+            other => Err(Miss {
+                stale: other.map(|c| c.state),
+            }),
+        }
+    }
+
+    /// A miss: reload from the store. Concurrent misses for one key share one read
+    /// ([`flight`]). Callers box this future: it holds the store read's, which is large, and
+    /// a future is moved whole wherever it goes, so carried inline in the request's future
+    /// every warm request would copy it (BENCHMARKS.md).
+    pub async fn reload(
+        &self,
+        workspace: &str,
+        connector: &str,
+        miss: Miss,
+        now: Instant,
+    ) -> Result<Arc<TenantState>, VaultError> {
+        self.lookup_miss(pair_key(workspace, connector), miss.stale, now)
+            .await
     }
 
     fn is_fresh(&self, cached: &Cached, now: Instant) -> bool {

@@ -26,10 +26,13 @@ impl Sluice {
             Refusal::new(ErrorCode::Internal, "no credential store is configured")
         })?;
         let (ws, conn) = (vetted.workspace(), vetted.connector());
-        let state = vault
-            .lookup_at(ws, conn, ctx.started)
-            .await
-            .map_err(Refusal::from)?;
+        let state = match vault.lookup_cached(ws, conn, ctx.started) {
+            Ok(state) => state,
+            // Boxed, so a warm request's future does not carry the store read's (Vault::reload).
+            Err(miss) => Box::pin(vault.reload(ws, conn, miss, ctx.started))
+                .await
+                .map_err(Refusal::from)?,
+        };
         match &*state {
             TenantState::Unconfigured => Err(Refusal::new(
                 ErrorCode::CredentialNotConfigured,
