@@ -187,7 +187,8 @@ def main() -> None:
                                       lambda: drive(s.port, n, load.WORKSPACES,
                                                     s.caller_token))))
                 b.stop(p, load.signal.SIGKILL)
-            b.stop(up, load.signal.SIGKILL)
+            # SIGTERM: nginx's master then stops its workers (SIGKILL would orphan them).
+            b.stop(up)
         finally:
             b.stop_all()
     nginx = results[0][1]
