@@ -372,6 +372,10 @@ impl Vault {
         }
     }
 
+    fn is_fresh(&self, cached: &Cached, now: Instant) -> bool {
+        now < cached.fresh_until && cached.generation == self.generation.load(Ordering::Relaxed)
+    }
+
     /// A miss: reload from the store. Concurrent misses for one key share one read
     /// ([`flight`]). Callers box this future: it holds the store read's, which is large, and
     /// a future is moved whole wherever it goes, so carried inline in the request's future
@@ -380,25 +384,9 @@ impl Vault {
         &self,
         workspace: &str,
         connector: &str,
-        miss: Miss,
+        Miss { stale }: Miss,
         now: Instant,
     ) -> Result<Arc<TenantState>, VaultError> {
-        self.lookup_miss(pair_key(workspace, connector), miss.stale, now)
-            .await
-    }
-
-    fn is_fresh(&self, cached: &Cached, now: Instant) -> bool {
-        now < cached.fresh_until && cached.generation == self.generation.load(Ordering::Relaxed)
-    }
-
-    /// A miss: reload from the store; `stale` is the entry that is no longer fresh, if any.
-    async fn lookup_miss(
-        &self,
-        key: Key,
-        stale: Option<Arc<TenantState>>,
-        now: Instant,
-    ) -> Result<Arc<TenantState>, VaultError> {
-        let (workspace, connector) = (key.0.as_str(), key.1.as_str());
         if self.outage.active() {
             if let Some(state) = stale {
                 crate::telemetry::METRICS
@@ -414,6 +402,7 @@ impl Vault {
                 .with_label_values(&[CacheResult::Miss.as_label()])
         });
         MISSES.inc();
+        let key = pair_key(workspace, connector);
         // An invalidation of every entry while the load runs leaves what it loads stale.
         let generation = self.generation.load(Ordering::Relaxed);
         let loaded = self
