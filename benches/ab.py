@@ -72,16 +72,10 @@ def main() -> None:
             for i in range(args.rounds):
                 k = i % len(runs)
                 for name, p, url, ws, token in runs[k:] + runs[:k]:
-                    pids = load.proc_tree(p.pid)
-                    c0 = sum(load.cpu_seconds(pids))
-                    st = b.wrk(url, target, ws, token, duration=args.slice,
-                               conns=args.connections)
-                    if st["errors"]:
-                        raise SystemExit(f"errors ({name}): {st}")
-                    used = sum(load.cpu_seconds(pids)) - c0
+                    used, requests = b.max_slice(name, p, url, target, ws, token, args.slice)
                     totals[name][0] += used
-                    totals[name][1] += st["requests"]
-                    per_round[name].append(used / max(st["requests"], 1) * 10_000)
+                    totals[name][1] += requests
+                    per_round[name].append(used / max(requests, 1) * 10_000)
         finally:
             if up is not None:
                 b.stop(up, load.signal.SIGQUIT)  # graceful: the master stops its workers

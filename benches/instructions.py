@@ -146,47 +146,36 @@ def main() -> None:
                   lambda port: [args.floor, f"127.0.0.1:{port}", f"127.0.0.1:{b.up_port}",
                                 load.HOST, d / "ca.pem", load.CANARY])
 
-            # sluice, warm cache, embedded store.
-            s = load.Sluice(load.free_port(), load.free_port(), "a" * 64, "b" * 64)
-            conf = d / "sluice.toml"
-            store = f'store = "embedded"\npath = "{d}/sluice.redb"'
-            conf.write_text(load.sluice_conf(d, s, b.up_port, store, "", 10_000))
             env = dict(os.environ, SLUICE_LOG="info", SLUICE_LOG_FORMAT=args.log_format)
-            p = b.spawn(callgrind([args.sluice, "run", "--config", conf], d / "cg-sluice.out"),
-                        b.proxy_cpu, "sluice-cg.log", env=env)
-            load.wait_for("sluice under callgrind", lambda: load.port_open(s.port), 300)
-            load.wait_for("sluice's admin API", lambda: load.port_open(s.admin_port), 300)
-            load.put_credentials(s, load.WORKSPACES)
-            drive(s.port, w, load.WORKSPACES, s.caller_token)
-            results.append((f"sluice, warm cache ({args.log_format} logs)",
-                            count(p.pid, d / "cg-sluice.out",
-                                  lambda: drive(s.port, n, load.WORKSPACES, s.caller_token))))
-            b.stop(p, load.signal.SIGKILL)
 
-            # sluice, cold cache on Redis: the load bench's cold set-up (a cache of one entry,
-            # so every request reads and opens its record).
+            def sluice(name: str, key: str, store: str, cache_capacity: int) -> None:
+                """Count sluice with this store and cache; the rest is the load bench's."""
+                s = load.Sluice(load.free_port(), load.free_port(), "a" * 64, "b" * 64)
+                conf = d / f"{key}.toml"
+                conf.write_text(load.sluice_conf(d, s, b.up_port, store, "", cache_capacity))
+                p = b.spawn(callgrind([args.sluice, "run", "--config", conf],
+                                      d / f"cg-{key}.out"),
+                            b.proxy_cpu, f"{key}-cg.log", env=env)
+                load.wait_for(f"{name} under callgrind", lambda: load.port_open(s.port), 300)
+                load.wait_for("sluice's admin API", lambda: load.port_open(s.admin_port), 300)
+                load.put_credentials(s, load.WORKSPACES)
+                drive(s.port, w, load.WORKSPACES, s.caller_token)
+                results.append((name, count(p.pid, d / f"cg-{key}.out",
+                                            lambda: drive(s.port, n, load.WORKSPACES,
+                                                          s.caller_token))))
+                b.stop(p, load.signal.SIGKILL)
+
+            sluice(f"sluice, warm cache ({args.log_format} logs)", "sluice",
+                   f'store = "embedded"\npath = "{d}/sluice.redb"', 10_000)
+            # The load bench's cold set-up: a cache of one entry, so every request reads and
+            # opens its record.
             if args.cold:
                 rport = load.free_port()
                 b.spawn(["redis-server", "--port", rport, "--bind", "127.0.0.1", "--save", "",
                          "--appendonly", "no"], b.gen_cpus, "redis.out")
                 load.wait_for("redis", lambda: load.port_open(rport))
-                s = load.Sluice(load.free_port(), load.free_port(), "c" * 64, "d" * 64)
-                conf = d / "sluice-cold.toml"
-                store = f'store = "redis"\nredis_url = "redis://127.0.0.1:{rport}/"'
-                conf.write_text(load.sluice_conf(d, s, b.up_port, store, "", 1))
-                p = b.spawn(callgrind([args.sluice, "run", "--config", conf],
-                                      d / "cg-sluice-cold.out"),
-                            b.proxy_cpu, "sluice-cold-cg.log", env=env)
-                load.wait_for("sluice (cold) under callgrind", lambda: load.port_open(s.port),
-                              300)
-                load.wait_for("sluice's admin API", lambda: load.port_open(s.admin_port), 300)
-                load.put_credentials(s, load.WORKSPACES)
-                drive(s.port, w, load.WORKSPACES, s.caller_token)
-                results.append(("sluice, cold cache on Redis",
-                                count(p.pid, d / "cg-sluice-cold.out",
-                                      lambda: drive(s.port, n, load.WORKSPACES,
-                                                    s.caller_token))))
-                b.stop(p, load.signal.SIGKILL)
+                sluice("sluice, cold cache on Redis", "sluice-cold",
+                       f'store = "redis"\nredis_url = "redis://127.0.0.1:{rport}/"', 1)
             # SIGTERM: nginx's master then stops its workers (SIGKILL would orphan them).
             b.stop(up)
         finally:

@@ -864,6 +864,16 @@ class Bench:
             raise SystemExit(f"the injected credential appeared in sluice's log ({scenario})")
         return r
 
+    def max_slice(self, name: str, p: subprocess.Popen, url: str, target: str, ws: int,
+                  token: str, slice_s: int) -> tuple[float, int]:
+        """One interleaved max-load slice: (CPU-seconds the proxy used, requests)."""
+        pids = proc_tree(p.pid)
+        c0 = sum(cpu_seconds(pids))
+        st = self.wrk(url, target, ws, token, duration=slice_s, conns=self.args.connections)
+        if st["errors"]:
+            raise SystemExit(f"errors in the interleaved run ({name}): {st}")
+        return sum(cpu_seconds(pids)) - c0, st["requests"]
+
     def paired(self, rounds: int, slice_s: int,
                envoy: bool = True) -> dict[str, tuple[float, int, list, list]]:
         """Max-load CPU-s/10k of the floor (also without upstream timeouts, for reference),
@@ -917,16 +927,10 @@ class Bench:
             for i in range(rounds):
                 k = i % len(runs)
                 for name, p, url, ws, token in runs[k:] + runs[:k]:
-                    pids = proc_tree(p.pid)
-                    c0 = sum(cpu_seconds(pids))
-                    st = self.wrk(url, target, ws, token, duration=slice_s,
-                                  conns=self.args.connections)
-                    if st["errors"]:
-                        raise SystemExit(f"errors in the interleaved run ({name}): {st}")
-                    used = sum(cpu_seconds(pids)) - c0
+                    used, requests = self.max_slice(name, p, url, target, ws, token, slice_s)
                     totals[name][0] += used
-                    totals[name][1] += st["requests"]
-                    per_round[name].append(used / max(st["requests"], 1) * 10_000)
+                    totals[name][1] += requests
+                    per_round[name].append(used / max(requests, 1) * 10_000)
                     st = self.wrk(url, target, ws, token, duration=slice_s, conns=1,
                                   delay_ms=5)
                     if st["errors"]:
