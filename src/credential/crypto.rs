@@ -20,10 +20,11 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::aead::{Aead, AeadInPlace, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Key, Nonce};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
+use smallvec::SmallVec;
 use zeroize::Zeroizing;
 
 use crate::names::is_identifier;
@@ -57,9 +58,9 @@ impl fmt::Debug for Keyring {
     }
 }
 
-fn aad(workspace: &str, connector: &str, key_id: &str) -> Vec<u8> {
-    let mut aad =
-        Vec::with_capacity(AAD_PREFIX.len() + workspace.len() + connector.len() + key_id.len() + 3);
+/// The associated data, built on the stack (a record's names fit; longer ones spill).
+fn aad(workspace: &str, connector: &str, key_id: &str) -> SmallVec<[u8; 128]> {
+    let mut aad = SmallVec::new();
     for part in [
         AAD_PREFIX,
         workspace.as_bytes(),
@@ -158,22 +159,53 @@ impl Keyring {
             .ciphers
             .get(key_id)
             .ok_or_else(|| OpenError::UnknownKey(key_id.to_string()))?;
-        let blob = STANDARD.decode(blob_b64).map_err(|_| OpenError::Invalid)?;
+        // Decoded into the buffer the plaintext ends up in: one allocation for the record,
+        // opened in place (the nonce stays in front, out of the way).
+        let mut blob = Zeroizing::new(STANDARD.decode(blob_b64).map_err(|_| OpenError::Invalid)?);
         if blob.len() < NONCE_LEN + 16 {
             return Err(OpenError::Invalid);
         }
-        let (nonce, ciphertext) = blob.split_at(NONCE_LEN);
+        let nonce = *Nonce::from_slice(&blob[..NONCE_LEN]);
         let aad = aad(workspace, connector, key_id);
+        let mut sealed = InPlace {
+            buf: &mut blob,
+            start: NONCE_LEN,
+        };
         cipher
-            .decrypt(
-                Nonce::from_slice(nonce),
-                Payload {
-                    msg: ciphertext,
-                    aad: &aad,
-                },
-            )
-            .map(Zeroizing::new)
-            .map_err(|_| OpenError::Invalid)
+            .decrypt_in_place(&nonce, &aad, &mut sealed)
+            .map_err(|_| OpenError::Invalid)?;
+        blob.drain(..NONCE_LEN);
+        Ok(blob)
+    }
+}
+
+/// The part of a buffer after the nonce, as the `aead` crate's in-place buffer: decryption
+/// drops the tag by truncating it.
+struct InPlace<'a> {
+    buf: &'a mut Vec<u8>,
+    start: usize,
+}
+
+impl AsRef<[u8]> for InPlace<'_> {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+}
+
+impl AsMut<[u8]> for InPlace<'_> {
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[self.start..]
+    }
+}
+
+impl aes_gcm::aead::Buffer for InPlace<'_> {
+    fn extend_from_slice(&mut self, other: &[u8]) -> aes_gcm::aead::Result<()> {
+        self.buf.extend_from_slice(other);
+        Ok(())
+    }
+
+    fn truncate(&mut self, len: usize) {
+        self.buf.truncate(self.start + len);
     }
 }
 
@@ -197,6 +229,24 @@ mod tests {
         assert_eq!(id, "k1");
         assert_ne!(a, b, "a fresh nonce per write");
         assert_eq!(&*k.open("ws_42", "hubspot", "k1", &a).unwrap(), b"secret");
+    }
+
+    #[test]
+    fn opens_in_place_whatever_the_lengths() {
+        let k = ring(&[&line("k1")]);
+        // Names past the associated data's inline room, an empty and a long plaintext.
+        let long_ws = "w".repeat(200);
+        for (ws, plain) in [("ws_42", &b""[..]), (long_ws.as_str(), &[7u8; 5000][..])] {
+            let (id, blob) = k.seal(ws, "hubspot", plain);
+            assert_eq!(&*k.open(ws, "hubspot", &id, &blob).unwrap(), plain);
+        }
+        // Shorter than a nonce and a tag, or not base64: refused, not a panic.
+        for blob in ["", "AAAA", &STANDARD.encode([0u8; 27]), "not base64!"] {
+            assert_eq!(
+                k.open("ws_42", "hubspot", "k1", blob),
+                Err(OpenError::Invalid)
+            );
+        }
     }
 
     #[test]

@@ -91,7 +91,16 @@ impl Template {
 
     /// Fill the template. `Err(field)` names a field the credential lacks.
     pub fn render(&self, fields: &SecretFields) -> Result<Zeroizing<String>, String> {
-        let mut out = Zeroizing::new(String::new());
+        // Sized first: a buffer that grew would leave a copy of the secret behind, unwiped,
+        // in the block it moved out of.
+        let mut len = 0;
+        for part in &self.parts {
+            len += match part {
+                Part::Literal(l) => l.len(),
+                Part::Field(name) => fields.get(name).ok_or_else(|| name.clone())?.expose().len(),
+            };
+        }
+        let mut out = Zeroizing::new(String::with_capacity(len));
         for part in &self.parts {
             match part {
                 Part::Literal(l) => out.push_str(l),

@@ -64,7 +64,21 @@ const CHANNEL: &str = "sluice:cred:invalidate";
 const WORKSPACES: &str = "sluice:cred:workspaces";
 
 fn record_key(workspace: &str, connector: &str) -> String {
-    format!("sluice:cred:{{{workspace}}}:{connector}")
+    // Built by hand: every cold read makes one, and `format!` costs more than the copies.
+    const PREFIX: &str = "sluice:cred:{";
+    let mut key = String::with_capacity(PREFIX.len() + workspace.len() + connector.len() + 2);
+    key.push_str(PREFIX);
+    key.push_str(workspace);
+    key.push_str("}:");
+    key.push_str(connector);
+    key
+}
+
+/// `GET key`, its buffers sized up front (`redis::cmd` grows them argument by argument).
+pub(crate) fn get_cmd(key: &str) -> redis::Cmd {
+    let mut cmd = redis::Cmd::with_capacity(2, 3 + key.len());
+    cmd.arg("GET").arg(key);
+    cmd
 }
 
 fn lock_key(workspace: &str, connector: &str) -> String {
@@ -294,7 +308,8 @@ impl CredentialStore for RedisStore {
         {
             return Ok(bytes);
         }
-        self.bounded_from(start, conn.get(&key)).await
+        self.bounded_from(start, get_cmd(&key).query_async(&mut conn))
+            .await
     }
 
     async fn put(&self, record: &CredentialRecord) -> Result<(), StoreError> {
@@ -466,5 +481,22 @@ impl CredentialStore for RedisStore {
         if let Err(e) = sent {
             warn!(workspace, connector, error = %e, "cannot publish a cache invalidation");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_and_the_get_command() {
+        assert_eq!(
+            record_key("ws_42", "hubspot"),
+            "sluice:cred:{ws_42}:hubspot"
+        );
+        assert_eq!(
+            get_cmd("sluice:cred:{ws_42}:hubspot").get_packed_command(),
+            b"*2\r\n$3\r\nGET\r\n$27\r\nsluice:cred:{ws_42}:hubspot\r\n"
+        );
     }
 }

@@ -24,6 +24,13 @@ impl Secret {
     }
 }
 
+/// A secret read straight into its zeroizing wrapper (a credential record's fields).
+impl<'de> serde::Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Self::new)
+    }
+}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("[redacted]")
@@ -85,11 +92,9 @@ impl SecretFields {
 
     /// Parse what [`Self::to_plaintext`] produced.
     pub fn from_plaintext(plain: &[u8]) -> Result<Self, String> {
-        let map: BTreeMap<String, String> = serde_json::from_slice(plain)
-            .map_err(|_| "credential plaintext is not a JSON object of strings".to_string())?;
-        Ok(Self(
-            map.into_iter().map(|(k, v)| (k, Secret::new(v))).collect(),
-        ))
+        serde_json::from_slice(plain)
+            .map(Self)
+            .map_err(|_| "credential plaintext is not a JSON object of strings".to_string())
     }
 }
 
@@ -184,5 +189,18 @@ mod tests {
         f.insert("org_id", Secret::new("42"));
         let back = SecretFields::from_plaintext(&f.to_plaintext()).unwrap();
         assert_eq!(back, f);
+    }
+
+    #[test]
+    fn plaintext_must_be_an_object_of_strings() {
+        for bad in [
+            &b"[]"[..],
+            b"{\"a\": 1}",
+            b"{\"a\": null}",
+            b"not json",
+            b"",
+        ] {
+            assert!(SecretFields::from_plaintext(bad).is_err(), "{bad:?}");
+        }
     }
 }

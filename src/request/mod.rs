@@ -12,6 +12,7 @@
 
 use http::HeaderMap;
 use http::header::{self, HeaderName};
+use smallvec::SmallVec;
 
 use crate::error::{ErrorCode, Refusal};
 use crate::names::{Host, is_identifier};
@@ -304,9 +305,10 @@ const PROTECTED: &[HeaderName] = &[
 /// The headers to take off a request before it goes upstream: those of
 /// [`STRIPPED_REQUEST_HEADERS`] it carries and those it lists in `Connection`. One pass over
 /// the names the request has (a handful), instead of a removal per stripped name (each a
-/// hashed probe into pingora's two header maps, whether the header is there or not).
-pub fn stripped_names(headers: &HeaderMap) -> Vec<HeaderName> {
-    let mut out = Vec::new();
+/// hashed probe into pingora's two header maps, whether the header is there or not). Held
+/// inline: a request through the gateway carries three of them (its routing headers).
+pub fn stripped_names(headers: &HeaderMap) -> SmallVec<[HeaderName; 4]> {
+    let mut out = SmallVec::new();
     let mut connection = false;
     for name in headers.keys() {
         if STRIPPED_REQUEST_HEADERS.contains(name) {

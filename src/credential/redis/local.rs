@@ -18,7 +18,6 @@ use std::cell::RefCell;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
 use tokio::time::Instant;
 
@@ -97,7 +96,9 @@ impl LocalReads {
                     conn
                 }
             };
-            conn.get::<_, Option<Vec<u8>>>(key).await
+            super::get_cmd(key)
+                .query_async::<Option<Vec<u8>>>(&mut conn)
+                .await
         })
         .await;
         match read {
