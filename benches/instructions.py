@@ -3,6 +3,7 @@
 
     python3 benches/instructions.py              # 2,000 requests each, ~3 minutes
     python3 benches/instructions.py --requests 500
+    python3 benches/instructions.py --cache-sim  # also I1, D1 and LL misses per request
     python3 benches/instructions.py --keep     # keep the callgrind dumps, for
         # callgrind_annotate --inclusive=yes DIR/cg-sluice.out.1
 
@@ -61,28 +62,37 @@ def drive(port: int, n: int, workspaces: int, token: str) -> None:
 UP_PORT = [0]
 
 
-def callgrind(cmd: list, out: Path) -> list:
+# `--cache-sim`: callgrind's cache simulation, sized like the bench VM's caches (32 KiB I1,
+# 48 KiB D1, a 2 MiB last level standing in for its L2). No prefetcher is simulated, so the
+# counts compare proxies with each other; they are not what the CPU sees.
+CACHE_SIM = ["--cache-sim=yes", "--I1=32768,8,64", "--D1=49152,12,64", "--LL=2097152,16,64"]
+
+
+def callgrind(cmd: list, out: Path, cache_sim: bool = False) -> list:
     return ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no",
-            "--instr-atstart=no", *map(str, cmd)]
+            "--instr-atstart=no", *(CACHE_SIM if cache_sim else []), *map(str, cmd)]
 
 
-def count(pid: int, out_prefix: Path, run) -> int:
-    """Instructions the process executes while `run()` runs."""
+def count(pid: int, out_prefix: Path, run) -> dict[str, int]:
+    """Each event's total (instructions are `Ir`) while `run()` runs."""
     subprocess.run(["callgrind_control", "--instr=on", str(pid)], check=True,
                    capture_output=True)
     run()
     subprocess.run(["callgrind_control", "--dump", str(pid)], check=True, capture_output=True)
     subprocess.run(["callgrind_control", "--instr=off", str(pid)], check=True,
                    capture_output=True)
-    total = 0
+    totals: dict[str, int] = {}
     for dump in out_prefix.parent.glob(out_prefix.name + "*"):
+        if dump.name == out_prefix.name:
+            continue  # out_prefix itself stays empty; each dump is out_prefix.N
         text = dump.read_text(errors="replace")
-        m = re.search(r"^summary:\s+(\d+)", text, re.M) or re.search(r"^totals:\s+(\d+)",
-                                                                     text, re.M)
-        if m and dump.name != out_prefix.name:
-            # out_prefix itself stays empty; each dump is out_prefix.N
-            total += int(m.group(1))
-    return total
+        events = re.search(r"^events:\s+(.+)$", text, re.M)
+        m = re.search(r"^summary:\s+(.+)$", text, re.M) or re.search(r"^totals:\s+(.+)$",
+                                                                    text, re.M)
+        if events and m:
+            for name, value in zip(events.group(1).split(), m.group(1).split()):
+                totals[name] = totals.get(name, 0) + int(value)
+    return totals
 
 
 def main() -> None:
@@ -96,6 +106,9 @@ def main() -> None:
     ap.add_argument("--no-cold", dest="cold", action="store_false",
                     help="skip the cold-cache row (sluice on a real redis-server, a cache of "
                     "one entry, so every request reads and opens its record)")
+    ap.add_argument("--cache-sim", action="store_true",
+                    help="also simulate the caches: I1, D1-read and last-level misses per "
+                    "request (slower)")
     ap.add_argument("--keep", action="store_true",
                     help="keep the working directory (configs, callgrind dumps)")
     args = ap.parse_args()
@@ -124,8 +137,8 @@ def main() -> None:
             def plain(name: str, key: str, command) -> None:
                 """Count a proxy that takes no routing headers; `command(port)` starts it."""
                 port = load.free_port()
-                p = b.spawn(callgrind(command(port), d / f"cg-{key}.out"), b.proxy_cpu,
-                            f"{key}-cg.log")
+                p = b.spawn(callgrind(command(port), d / f"cg-{key}.out", args.cache_sim),
+                            b.proxy_cpu, f"{key}-cg.log")
                 load.wait_for(f"{name} under callgrind", lambda: load.port_open(port), 120)
                 # The request head sluice gets, whose routing headers these proxies drop.
                 ws, token = load.WORKSPACES, load.PEER_TOKEN
@@ -154,7 +167,7 @@ def main() -> None:
                 conf = d / f"{key}.toml"
                 conf.write_text(load.sluice_conf(d, s, b.up_port, store, "", cache_capacity))
                 p = b.spawn(callgrind([args.sluice, "run", "--config", conf],
-                                      d / f"cg-{key}.out"),
+                                      d / f"cg-{key}.out", args.cache_sim),
                             b.proxy_cpu, f"{key}-cg.log", env=env)
                 load.wait_for(f"{name} under callgrind", lambda: load.port_open(s.port), 300)
                 load.wait_for("sluice's admin API", lambda: load.port_open(s.admin_port), 300)
@@ -180,15 +193,20 @@ def main() -> None:
             b.stop(up)
         finally:
             b.stop_all()
-    nginx = results[0][1]
-    floor = results[1][1]
+    nginx = results[0][1]["Ir"]
+    floor = results[1][1]["Ir"]
     print(f"user-space instructions per request ({args.requests} requests, after "
           f"{args.warmup} of warm-up):\n")
-    print("| proxy | instructions/request | vs nginx | vs floor |")
-    print("|---|---:|---:|---:|")
-    for name, total in results:
+    misses = [("I1mr", "I1 misses"), ("D1mr", "D1 read misses"), ("DLmr", "LL read misses")]
+    extra = misses if args.cache_sim else []
+    print("| proxy | instructions/request | vs nginx | vs floor |"
+          + "".join(f" {label}/request |" for _, label in extra))
+    print("|---|---:|---:|---:|" + "---:|" * len(extra))
+    for name, totals in results:
+        total = totals["Ir"]
         per = total / args.requests
-        print(f"| {name} | {per:,.0f} | {total / nginx:.2f}× | {total / floor:.2f}× |")
+        print(f"| {name} | {per:,.0f} | {total / nginx:.2f}× | {total / floor:.2f}× |"
+              + "".join(f" {totals.get(e, 0) / args.requests:,.0f} |" for e, _ in extra))
 
 
 if __name__ == "__main__":
