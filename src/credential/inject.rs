@@ -21,7 +21,7 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_perc
 use smallvec::SmallVec;
 use zeroize::Zeroizing;
 
-use super::secret::{self, SecretFields};
+use super::secret::{self, Secret, SecretFields};
 use crate::label::Label;
 
 /// How a connector authenticates to its upstream (`auth_type`).
@@ -91,23 +91,22 @@ impl Template {
 
     /// Fill the template. `Err(field)` names a field the credential lacks.
     pub fn render(&self, fields: &SecretFields) -> Result<Zeroizing<String>, String> {
-        // Sized first: a buffer that grew would leave a copy of the secret behind, unwiped,
-        // in the block it moved out of.
-        let mut len = 0;
-        for part in &self.parts {
-            len += match part {
-                Part::Literal(l) => l.len(),
-                Part::Field(name) => fields.get(name).ok_or_else(|| name.clone())?.expose().len(),
-            };
-        }
-        let mut out = Zeroizing::new(String::with_capacity(len));
-        for part in &self.parts {
-            match part {
-                Part::Literal(l) => out.push_str(l),
-                Part::Field(name) => {
-                    out.push_str(fields.get(name).ok_or_else(|| name.clone())?.expose())
-                }
-            }
+        // Each piece found once, then the string sized before it is filled: a buffer that
+        // grew would leave a copy of the secret behind, unwiped, in the block it moved out of.
+        let pieces = self
+            .parts
+            .iter()
+            .map(|part| match part {
+                Part::Literal(l) => Ok(l.as_str()),
+                Part::Field(name) => fields
+                    .get(name)
+                    .map(Secret::expose)
+                    .ok_or_else(|| name.clone()),
+            })
+            .collect::<Result<SmallVec<[&str; 4]>, String>>()?;
+        let mut out = Zeroizing::new(String::with_capacity(pieces.iter().map(|p| p.len()).sum()));
+        for piece in pieces {
+            out.push_str(piece);
         }
         Ok(out)
     }
@@ -351,7 +350,6 @@ pub fn with_query_param(origin_form: &str, name: &str, value: &str) -> Zeroizing
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::credential::secret::Secret;
 
     fn fields(pairs: &[(&str, &str)]) -> SecretFields {
         let mut f = SecretFields::new();

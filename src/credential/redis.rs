@@ -75,7 +75,7 @@ fn record_key(workspace: &str, connector: &str) -> String {
 }
 
 /// `GET key`, its buffers sized up front (`redis::cmd` grows them argument by argument).
-pub(crate) fn get_cmd(key: &str) -> redis::Cmd {
+fn get_cmd(key: &str) -> redis::Cmd {
     let mut cmd = redis::Cmd::with_capacity(2, 3 + key.len());
     cmd.arg("GET").arg(key);
     cmd
