@@ -14,7 +14,7 @@ use crate::credential::inject::with_query_param;
 use crate::ctx::{NextAttempt, RequestState};
 use crate::error::{ErrorCode, Refusal};
 use crate::label::Label;
-use crate::ratelimit::breaker::{BreakerState, Outcome, Pass};
+use crate::ratelimit::breaker::{Outcome, Pass};
 use crate::ratelimit::headers::retry_after;
 use crate::ratelimit::retry::{replay_safe, retryable_status};
 use crate::request::stripped_names;
@@ -42,19 +42,22 @@ impl Sluice {
                 "no vetted destination for request",
             );
         };
-        let breaker = ctx
-            .breaker
-            .get_or_insert_with(|| self.breakers.handle(vetted.connector(), vetted.sni()));
-        // The first attempt follows the wait phase at once: its end is the breaker's "now"
-        // (one clock read fewer per request). Retries read the clock.
-        let now = match ctx.wait_done {
-            Some(done) if ctx.attempts == 1 => Instant::from_std(done),
-            _ => Instant::now(),
+        // While every breaker is at rest the attempt needs none (`Breakers` says why); once
+        // one is not, the request looks its own up and keeps it for its retries.
+        let pass = if ctx.breaker.is_none() && self.breakers.all_at_rest() {
+            Pass::Allow
+        } else {
+            let breaker = ctx
+                .breaker
+                .get_or_insert_with(|| self.breakers.handle(vetted.connector(), vetted.sni()));
+            // The first attempt follows the wait phase at once: its end is the breaker's
+            // "now" (one clock read fewer per request). Retries read the clock.
+            let now = match ctx.wait_done {
+                Some(done) if ctx.attempts == 1 => Instant::from_std(done),
+                _ => Instant::now(),
+            };
+            self.breakers.admit(breaker, now, &connector.breaker)
         };
-        let pass = breaker
-            .lock()
-            .expect("breaker lock")
-            .admit(now, &connector.breaker);
         if let Pass::Reject(wait) = pass {
             let refusal = Refusal::new(
                 ErrorCode::CircuitOpen,
@@ -87,35 +90,28 @@ impl Sluice {
 
     /// Tell the upstream host's breaker how an attempt went.
     fn record(&self, ctx: &RequestState, outcome: Outcome) {
-        let (Some(vetted), Some(connector), Some(breaker)) =
-            (&ctx.vetted, &ctx.connector, &ctx.breaker)
-        else {
+        let (Some(vetted), Some(connector)) = (&ctx.vetted, &ctx.connector) else {
             return;
+        };
+        let looked_up;
+        let breaker = match &ctx.breaker {
+            Some(breaker) => breaker,
+            // Admitted without one, while every breaker was at rest: a success or a 429 on a
+            // breaker at rest changes nothing. Anything else needs the breaker now.
+            None if outcome != Outcome::Failure && self.breakers.all_at_rest() => return,
+            None => {
+                looked_up = self.breakers.handle(vetted.connector(), vetted.sni());
+                &looked_up
+            }
         };
         // The clock is read only when a failure opens the breaker (not for the usual success).
-        let changed =
-            breaker
-                .lock()
-                .expect("breaker lock")
-                .record(Instant::now, outcome, &connector.breaker);
-        let Some((from, to)) = changed else {
-            return;
-        };
-        tracing::warn!(connector = %connector.id, host = %vetted.sni(), state = to.as_label(), "circuit breaker changed state");
-        let metrics = &crate::telemetry::METRICS;
-        metrics
-            .circuit_transitions
-            .with_label_values(&[connector.id.as_str(), to.as_label()])
-            .inc();
-        // "Open" in the gauge means not closed: open or probing.
-        let open = metrics
-            .circuits_open
-            .with_label_values(&[connector.id.as_str()]);
-        match (from, to) {
-            (BreakerState::Closed, _) => open.inc(),
-            (_, BreakerState::Closed) => open.dec(),
-            _ => {}
-        }
+        self.breakers.record(
+            breaker,
+            (vetted.connector(), vetted.sni()),
+            Instant::now,
+            outcome,
+            &connector.breaker,
+        );
     }
 
     /// The breaker learns from every answered attempt: transient statuses fail, 429 is the

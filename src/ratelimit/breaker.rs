@@ -118,6 +118,12 @@ impl Breaker {
         }
     }
 
+    /// Closed with no failure counted, as a new breaker starts: admission is `Allow` and a
+    /// success changes nothing, so an attempt may skip a breaker at rest altogether.
+    pub fn at_rest(&self) -> bool {
+        matches!(self.state, State::Closed { failures: 0 })
+    }
+
     pub fn admit(&mut self, now: Instant, policy: &BreakerPolicy) -> Pass {
         match self.state {
             State::Closed { .. } => Pass::Allow,

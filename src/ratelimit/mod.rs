@@ -479,32 +479,153 @@ impl Limiter {
 }
 
 /// Every circuit breaker in the process, per (connector, upstream host).
+///
+/// Nearly always every breaker is at rest ([`breaker::Breaker::at_rest`]: closed, no failure
+/// counted), and then an attempt needs none: admission is `Allow` and a success changes
+/// nothing. `unsettled` counts the breakers that are not at rest; while it is zero the request
+/// path skips the map, which was a cache read per request ([`Breakers::all_at_rest`]). A
+/// breaker is counted when an outcome takes it out of rest, and uncounted when one brings it
+/// back or when the map lets it go (idle for an hour, or over capacity).
 pub struct Breakers {
-    map: moka::sync::Cache<PairKey, Arc<Mutex<breaker::Breaker>>, crate::fastmap::CacheHasher>,
+    map: moka::sync::Cache<PairKey, BreakerHandle, crate::fastmap::CacheHasher>,
+    unsettled: Arc<AtomicUsize>,
+}
+
+/// One breaker in the map, with its part in [`Breakers`]' count.
+#[derive(Default)]
+pub struct Tracked {
+    breaker: breaker::Breaker,
+    /// Counted in `unsettled` (not at rest, and still in the map).
+    counted: bool,
+    /// Let go by the map: a request that still holds it is the last to use it, and what it
+    /// records there no longer counts, changes the open-circuits gauge or is reported.
+    dropped: bool,
+}
+
+/// One (connector, upstream host)'s breaker. A request that needs it looks it up once and
+/// keeps it for every later attempt's admission and outcome.
+pub type BreakerHandle = Arc<Mutex<Tracked>>;
+
+fn lock_tracked(handle: &BreakerHandle) -> std::sync::MutexGuard<'_, Tracked> {
+    // A breaker's state is a small enum replaced whole: a panic elsewhere cannot tear it.
+    handle
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Default for Breakers {
     fn default() -> Self {
-        Self {
-            map: moka::sync::Cache::builder()
-                .max_capacity(100_000)
-                .time_to_idle(Duration::from_secs(3600))
-                .build_with_hasher(Default::default()),
-        }
+        Self::with_capacity(100_000)
     }
 }
 
-/// One (connector, upstream host)'s breaker. A request looks it up once, before its first
-/// attempt, and keeps it for every attempt's admission and outcome.
-pub type BreakerHandle = Arc<Mutex<breaker::Breaker>>;
-
 impl Breakers {
-    /// The breaker for (connector, host), created closed on first use.
+    fn with_capacity(capacity: u64) -> Self {
+        let unsettled = Arc::new(AtomicUsize::new(0));
+        let count = unsettled.clone();
+        let map = moka::sync::Cache::builder()
+            .max_capacity(capacity)
+            .time_to_idle(Duration::from_secs(3600))
+            .eviction_listener(move |key: Arc<PairKey>, handle: BreakerHandle, _cause| {
+                let mut t = lock_tracked(&handle);
+                if t.counted {
+                    count.fetch_sub(1, Ordering::AcqRel);
+                    t.counted = false;
+                }
+                if t.breaker.state() != breaker::BreakerState::Closed {
+                    // It was counted open in the gauge; nothing will close it now.
+                    crate::telemetry::METRICS
+                        .circuits_open
+                        .with_label_values(&[key.0.as_str()])
+                        .dec();
+                }
+                t.dropped = true;
+            })
+            .build_with_hasher(Default::default());
+        Self { map, unsettled }
+    }
+
+    /// Every breaker is at rest: an attempt admitted now needs none, and its success needs
+    /// none either. A failure racing with this read is the same as the attempt having
+    /// started a moment earlier.
+    pub fn all_at_rest(&self) -> bool {
+        self.unsettled.load(Ordering::Acquire) == 0
+    }
+
+    /// How many breakers are not at rest (tests, diagnostics).
+    pub fn unsettled(&self) -> usize {
+        self.unsettled.load(Ordering::Acquire)
+    }
+
+    /// The breaker for (connector, host), created at rest on first use.
     pub fn handle(&self, connector: &str, host: &str) -> BreakerHandle {
         self.map
-            .get_with_by_ref(&(connector, host) as &dyn Pair, || {
-                Arc::new(Mutex::new(breaker::Breaker::default()))
-            })
+            .get_with_by_ref(&(connector, host) as &dyn Pair, BreakerHandle::default)
+    }
+
+    /// The breaker's say on an attempt starting at `now`.
+    pub fn admit(
+        &self,
+        handle: &BreakerHandle,
+        now: Instant,
+        policy: &breaker::BreakerPolicy,
+    ) -> breaker::Pass {
+        lock_tracked(handle).breaker.admit(now, policy)
+    }
+
+    /// Record an attempt's outcome on (connector, host)'s breaker; a change of state is
+    /// logged and counted in the metrics (not for a breaker the map has let go: it is no
+    /// longer the host's). `now` is asked for only when a failure opens it.
+    pub fn record(
+        &self,
+        handle: &BreakerHandle,
+        (connector, host): (&str, &str),
+        now: impl FnOnce() -> Instant,
+        outcome: breaker::Outcome,
+        policy: &breaker::BreakerPolicy,
+    ) {
+        let changed = {
+            let mut t = lock_tracked(handle);
+            let changed = t.breaker.record(now, outcome, policy);
+            if t.dropped {
+                return;
+            }
+            let at_rest = t.breaker.at_rest();
+            if t.counted == at_rest {
+                if at_rest {
+                    self.unsettled.fetch_sub(1, Ordering::AcqRel);
+                } else {
+                    self.unsettled.fetch_add(1, Ordering::AcqRel);
+                }
+                t.counted = !at_rest;
+            }
+            changed
+        };
+        let Some((from, to)) = changed else {
+            return;
+        };
+        use crate::label::Label;
+        use breaker::BreakerState::Closed;
+        warn!(connector = %connector, host = %host, state = to.as_label(), "circuit breaker changed state");
+        let metrics = &crate::telemetry::METRICS;
+        metrics
+            .circuit_transitions
+            .with_label_values(&[connector, to.as_label()])
+            .inc();
+        // "Open" in the gauge means not closed: open or probing.
+        let open = metrics.circuits_open.with_label_values(&[connector]);
+        match (from, to) {
+            (Closed, _) => open.inc(),
+            (_, Closed) => open.dec(),
+            _ => {}
+        }
+    }
+
+    /// Let every breaker go (tests: the map's removal path, as an idle expiry takes it).
+    #[cfg(test)]
+    fn drop_all(&self) {
+        self.map.invalidate_all();
+        self.map.run_pending_tasks();
     }
 }
 

@@ -201,3 +201,93 @@ fn config_validation() {
     .unwrap_err();
     assert_eq!(bad[0].0, "limit_header");
 }
+
+fn open_gauge(connector: &str) -> i64 {
+    crate::telemetry::METRICS
+        .circuits_open
+        .with_label_values(&[connector])
+        .get()
+}
+
+#[test]
+fn breakers_count_only_what_is_not_at_rest() {
+    use breaker::{BreakerPolicy, Outcome, Pass};
+    let breakers = Breakers::default();
+    let policy = BreakerPolicy {
+        failure_threshold: 2,
+        open_for: Duration::from_secs(30),
+    };
+    let t0 = Instant::now();
+    let at = |s: u64| move || t0 + Duration::from_secs(s);
+    let (a, b) = (("brk-count", "a.test"), ("brk-count", "b.test"));
+    assert!(breakers.all_at_rest());
+
+    // Successes and 429s on breakers at rest change nothing.
+    let ha = breakers.handle(a.0, a.1);
+    breakers.record(&ha, a, at(0), Outcome::Success, &policy);
+    breakers.record(&ha, a, at(0), Outcome::Neutral, &policy);
+    assert_eq!(breakers.unsettled(), 0);
+
+    // One failure takes a breaker out of rest, though it is still closed.
+    breakers.record(&ha, a, at(0), Outcome::Failure, &policy);
+    assert_eq!(breakers.unsettled(), 1);
+    assert!(!breakers.all_at_rest());
+    let hb = breakers.handle(b.0, b.1);
+    breakers.record(&hb, b, at(0), Outcome::Failure, &policy);
+    assert_eq!(breakers.unsettled(), 2);
+
+    // A second failure opens a: counted once, and in the gauge.
+    breakers.record(&ha, a, at(1), Outcome::Failure, &policy);
+    assert_eq!(breakers.unsettled(), 2);
+    assert_eq!(open_gauge("brk-count"), 1);
+    assert!(matches!(
+        breakers.admit(&ha, t0 + Duration::from_secs(2), &policy),
+        Pass::Reject(_)
+    ));
+    // The same breaker is found again by (connector, host).
+    assert!(Arc::ptr_eq(&ha, &breakers.handle(a.0, a.1)));
+
+    // b's success brings it back to rest; a's probe succeeding closes it.
+    breakers.record(&hb, b, at(2), Outcome::Success, &policy);
+    assert_eq!(breakers.unsettled(), 1);
+    assert_eq!(
+        breakers.admit(&ha, t0 + Duration::from_secs(40), &policy),
+        Pass::Probe
+    );
+    breakers.record(&ha, a, at(40), Outcome::Success, &policy);
+    assert_eq!(breakers.unsettled(), 0);
+    assert!(breakers.all_at_rest());
+    assert_eq!(open_gauge("brk-count"), 0);
+}
+
+#[test]
+fn a_breaker_the_map_lets_go_is_uncounted_and_leaves_the_gauge() {
+    use breaker::{BreakerPolicy, Outcome};
+    let breakers = Breakers::default();
+    let policy = BreakerPolicy {
+        failure_threshold: 1,
+        open_for: Duration::from_secs(30),
+    };
+    let t0 = Instant::now();
+    let key = ("brk-drop", "a.test");
+    let held = breakers.handle(key.0, key.1);
+    breakers.record(&held, key, || t0, Outcome::Failure, &policy);
+    assert_eq!(breakers.unsettled(), 1);
+    assert_eq!(open_gauge("brk-drop"), 1);
+
+    // Idle expiry or capacity takes it out of the map: it no longer holds anything back.
+    breakers.drop_all();
+    assert!(breakers.all_at_rest());
+    assert_eq!(open_gauge("brk-drop"), 0);
+
+    // A request still holding it records its outcome there, and nothing is counted twice.
+    breakers.record(&held, key, || t0, Outcome::Success, &policy);
+    breakers.record(&held, key, || t0, Outcome::Failure, &policy);
+    assert_eq!(breakers.unsettled(), 0);
+    assert_eq!(open_gauge("brk-drop"), 0);
+
+    // The host's next breaker starts at rest.
+    let fresh = breakers.handle(key.0, key.1);
+    assert!(!Arc::ptr_eq(&held, &fresh));
+    assert!(lock_tracked(&fresh).breaker.at_rest());
+}
