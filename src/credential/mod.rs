@@ -231,6 +231,10 @@ pub struct Vault {
     generation: AtomicU64,
     /// Store reads in flight: concurrent misses for one key share one.
     loads: flight::Flights<Key, Loaded, crate::fastmap::CacheHasher>,
+    /// Entries dropped one by one ([`Vault::invalidate_local`]) so far. A load that saw this
+    /// change while it ran may hold what the store had before the write that caused the
+    /// invalidation: it answers its waiters but leaves nothing in the cache.
+    invalidations: AtomicU64,
     read_timeout: Duration,
     outage: Outage,
 }
@@ -292,6 +296,7 @@ impl Vault {
             cache_ttl: settings.cache_ttl,
             generation: AtomicU64::new(0),
             loads: flight::Flights::new(),
+            invalidations: AtomicU64::new(0),
             read_timeout: settings.read_timeout,
             outage: Outage::new(settings.outage_backoff),
         }
@@ -413,6 +418,7 @@ impl Vault {
                 if let Some(c) = self.cache.get(&key).filter(|c| self.is_fresh(c, now)) {
                     return Ok(c.state);
                 }
+                let invalidations = self.invalidations.load(Ordering::SeqCst);
                 let loaded = self.load(workspace, connector).await;
                 match loaded {
                     // Cached before the waiters are answered, so the next miss finds it.
@@ -423,6 +429,14 @@ impl Vault {
                             generation,
                         };
                         self.cache.insert(key.clone(), cached);
+                        // An entry dropped while this load read the store (a write here, or
+                        // another instance's) may have been this one, and what was read may
+                        // predate that write: take it out again. Checked after the insert, so
+                        // an invalidation between the check and the insert cannot be missed
+                        // (it counts before it drops; see `invalidate_local`).
+                        if self.invalidations.load(Ordering::SeqCst) != invalidations {
+                            self.cache.invalidate(&key);
+                        }
                         Ok(state)
                     }
                     Err(e) => Err(Arc::new(e)),
@@ -534,6 +548,9 @@ impl Vault {
     /// Drop a cached entry here (and nowhere else).
     pub async fn invalidate_local(&self, workspace: &str, connector: &str) {
         let key = pair_key(workspace, connector);
+        // Counted first: a load in flight that checks after its insert sees the count or
+        // has its entry dropped here.
+        self.invalidations.fetch_add(1, Ordering::SeqCst);
         self.cache.invalidate(&key);
     }
 

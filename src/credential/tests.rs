@@ -8,13 +8,24 @@ use store::CredentialRecord;
 struct Counting {
     inner: embedded::EmbeddedStore,
     reads: AtomicUsize,
+    /// A read takes a permit after reading, before it answers: a test holding every permit
+    /// keeps reads in flight with what they read.
+    gate: tokio::sync::Semaphore,
 }
+
+const GATE_PERMITS: u32 = 1000;
 
 #[async_trait::async_trait]
 impl CredentialStore for Counting {
     async fn get_encoded(&self, w: &str, c: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let read = self.inner.get_encoded(w, c).await;
         self.reads.fetch_add(1, Ordering::SeqCst);
-        self.inner.get_encoded(w, c).await
+        drop(self.gate.acquire().await);
+        read
+    }
+    /// Writes read the record they replace: not a request's read, neither counted nor held.
+    async fn get(&self, w: &str, c: &str) -> Result<Option<CredentialRecord>, StoreError> {
+        self.inner.get(w, c).await
     }
     async fn put(&self, r: &CredentialRecord) -> Result<(), StoreError> {
         self.inner.put(r).await
@@ -51,6 +62,7 @@ fn vault(dir: &std::path::Path) -> (Arc<Vault>, Arc<Counting>) {
     let store = Arc::new(Counting {
         inner: embedded::EmbeddedStore::open(&dir.join("s.redb")).unwrap(),
         reads: AtomicUsize::new(0),
+        gate: tokio::sync::Semaphore::new(GATE_PERMITS as usize),
     });
     let keys = Keyring::parse(&Keyring::generate_line("k1").unwrap()).unwrap();
     let settings = VaultSettings {
@@ -312,4 +324,39 @@ async fn an_entry_past_its_ttl_or_invalidated_is_read_again() {
     vault.lookup_at("ws", "c", later).await.unwrap();
     vault.lookup_at("ws", "c", later).await.unwrap();
     assert_eq!(reads() - start, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_that_read_before_a_write_does_not_cache_the_old_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vault, store) = vault(dir.path());
+    vault
+        .put("ws", "c", true, &fields("old-key"))
+        .await
+        .unwrap();
+    let value = |state: &TenantState| match state {
+        TenantState::Connected(f) => f.fields.get("api_key").unwrap().expose().to_string(),
+        other => panic!("{other:?}"),
+    };
+
+    // A miss reads "old-key" and is held before it answers.
+    let closed = store.gate.acquire_many(GATE_PERMITS).await.unwrap();
+    let before = store.reads.load(Ordering::SeqCst);
+    let in_flight = tokio::spawn({
+        let vault = vault.clone();
+        async move { vault.lookup("ws", "c").await }
+    });
+    while store.reads.load(Ordering::SeqCst) == before {
+        tokio::task::yield_now().await;
+    }
+    // The key is replaced (and the entry invalidated) while that read is in flight.
+    vault
+        .put("ws", "c", true, &fields("new-key"))
+        .await
+        .unwrap();
+    drop(closed);
+    // The request that started before the write gets what it read...
+    assert_eq!(value(&in_flight.await.unwrap().unwrap()), "old-key");
+    // ...but the next one reads the new key, not a cached copy of the old.
+    assert_eq!(value(&vault.lookup("ws", "c").await.unwrap()), "new-key");
 }
