@@ -25,7 +25,7 @@ use crate::logwriter::{BatchWriter, LogGuard, plain_fields};
 
 /// Logs go to stderr in batches ([`crate::logwriter`]): a request only copies its lines into
 /// its thread's buffer; a flusher thread writes them every `SLUICE_LOG_FLUSH_MS` (default
-/// 100 ms) or when a buffer passes 64 KiB. Never lossy. `SLUICE_LOG` is the filter (default
+/// 100 ms) or when a buffer passes `SLUICE_LOG_BUFFER_KB` (default 64). Never lossy. `SLUICE_LOG` is the filter (default
 /// `info`), `SLUICE_LOG_FORMAT=json` switches to JSON lines; third-party records are held to
 /// the ceiling whatever the filter says. The returned guard writes out what is buffered when
 /// dropped.

@@ -7,7 +7,7 @@
 //! line is copied into its thread's buffer and nothing else happens: no syscall, no wake-up,
 //! no lock another request thread takes. The flusher thread writes every buffer out every
 //! `interval` (default 100 ms, `SLUICE_LOG_FLUSH_MS`), or as soon as one buffer passes
-//! `high_water`, the way nginx's `access_log … buffer=64k flush=1s` does.
+//! `high_water` (default 64 KiB, `SLUICE_LOG_BUFFER_KB`), the way nginx's `access_log … buffer=64k flush=1s` does.
 //!
 //! Guarantees:
 //! * a line is never split and never dropped: when the output stalls and a buffer reaches
@@ -199,14 +199,28 @@ impl BatchWriter {
         self.inner.append(line)
     }
 
-    /// Batching from `SLUICE_LOG_FLUSH_MS` (milliseconds; 0 writes every line at once).
+    /// Batching from `SLUICE_LOG_FLUSH_MS` (milliseconds; 0 writes every line at once) and
+    /// `SLUICE_LOG_BUFFER_KB` (the high-water mark in KiB, 4 to 2048: a buffer this full is
+    /// written before the interval is up).
     pub fn batching_from_env() -> Result<Batching, String> {
+        Self::batching_from(|name| std::env::var(name).ok())
+    }
+
+    fn batching_from(var: impl Fn(&str) -> Option<String>) -> Result<Batching, String> {
         let mut batching = Batching::default();
-        if let Ok(ms) = std::env::var("SLUICE_LOG_FLUSH_MS") {
+        if let Some(ms) = var("SLUICE_LOG_FLUSH_MS") {
             let ms: u64 = ms.parse().ok().filter(|ms| *ms <= 60_000).ok_or_else(|| {
                 format!("SLUICE_LOG_FLUSH_MS must be 0..=60000 milliseconds, not {ms:?}")
             })?;
             batching.interval = Duration::from_millis(ms);
+        }
+        if let Some(kb) = var("SLUICE_LOG_BUFFER_KB") {
+            let kb: usize = kb
+                .parse()
+                .ok()
+                .filter(|kb| (4..=2048).contains(kb))
+                .ok_or_else(|| format!("SLUICE_LOG_BUFFER_KB must be 4..=2048 KiB, not {kb:?}"))?;
+            batching.high_water = kb * 1024;
         }
         Ok(batching)
     }
@@ -561,5 +575,37 @@ mod tests {
         assert_eq!(lines.len(), 2, "{text}");
         assert!(lines[0].contains("sluice::access") && lines[0].contains("request_id=\"r1\""));
         assert!(lines[1].contains("sluice::audit"));
+    }
+
+    #[test]
+    fn batching_settings_are_checked() {
+        let from = |vars: &[(&str, &str)]| {
+            let vars: Vec<(String, String)> = vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            BatchWriter::batching_from(|name| {
+                vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+            })
+        };
+        let d = from(&[]).unwrap();
+        assert_eq!(
+            (d.interval, d.high_water),
+            (Duration::from_millis(100), 64 * 1024)
+        );
+        let b = from(&[
+            ("SLUICE_LOG_FLUSH_MS", "1000"),
+            ("SLUICE_LOG_BUFFER_KB", "1024"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (b.interval, b.high_water, b.max_buffered),
+            (Duration::from_secs(1), 1024 * 1024, 4 * 1024 * 1024)
+        );
+        for bad in ["0", "3", "2049", "64k", ""] {
+            let e = from(&[("SLUICE_LOG_BUFFER_KB", bad)]).unwrap_err();
+            assert!(e.contains("SLUICE_LOG_BUFFER_KB must be 4..=2048"), "{e}");
+        }
+        assert!(from(&[("SLUICE_LOG_FLUSH_MS", "60001")]).is_err());
     }
 }
