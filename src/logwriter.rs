@@ -7,7 +7,8 @@
 //! line is copied into its thread's buffer and nothing else happens: no syscall, no wake-up,
 //! no lock another request thread takes. The flusher thread writes every buffer out every
 //! `interval` (default 100 ms, `SLUICE_LOG_FLUSH_MS`), or as soon as one buffer passes
-//! `high_water` (default 64 KiB, `SLUICE_LOG_BUFFER_KB`), the way nginx's `access_log … buffer=64k flush=1s` does.
+//! `high_water` (default 64 KiB, `SLUICE_LOG_BUFFER_KB`), the way nginx's
+//! `access_log … buffer=64k flush=1s` does.
 //!
 //! Guarantees:
 //! * a line is never split and never dropped: when the output stalls and a buffer reaches
