@@ -31,7 +31,10 @@
 //! | [`server`]     | starting it: pingora `Server`, or a caller-bound listener             |
 //! | [`admin`]      | the admin API: credentials, key rotation, connectors, orgs, workspaces |
 //!
-//! `unsafe` is forbidden crate-wide (`[lints]` in `Cargo.toml`).
+//! `unsafe` is forbidden in the library; the package denies it (`[lints]` in `Cargo.toml`),
+//! and only the binary's global allocator (`src/allocator.rs`) is let off.
+
+#![forbid(unsafe_code)]
 
 pub mod action;
 pub mod admin;

@@ -1,10 +1,10 @@
 //! The `sluice` command line. Thin: every subcommand calls into the library.
 
-/// A request allocates and frees many small buffers (headers, pingora's tasks, log lines);
-/// glibc's malloc spent ~17% of sluice's user CPU on them in the load bench, mimalloc's
-/// thread-local free lists much less (BENCHMARKS.md).
+mod allocator;
+
+/// mimalloc, called the way its own `malloc` is (src/allocator.rs says why).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: allocator::MiMalloc = allocator::MiMalloc;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
