@@ -8,10 +8,15 @@
 //! caller's problem and count as successes (the upstream answered); 429s are the bucket's
 //! business and change nothing. Time is passed in.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
+use tracing::warn;
+
+use crate::fastmap::{Pair, PairKey};
 
 /// `[connector.circuit_breaker]` as written.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -176,6 +181,152 @@ impl Breaker {
     }
 }
 
+/// Every circuit breaker in the process, per (connector, upstream host).
+///
+/// Nearly always every breaker is at rest ([`Breaker::at_rest`]: closed, no failure
+/// counted), and then an attempt needs none: admission is `Allow` and a success changes
+/// nothing. `unsettled` counts the breakers that are not at rest; while it is zero the request
+/// path skips the map, which was a cache read per request ([`Breakers::all_at_rest`]). A
+/// breaker is counted when an outcome takes it out of rest, and uncounted when one brings it
+/// back or when the map lets it go (idle for an hour, or over capacity).
+pub struct Breakers {
+    map: moka::sync::Cache<PairKey, BreakerHandle, crate::fastmap::CacheHasher>,
+    unsettled: Arc<AtomicUsize>,
+}
+
+/// One breaker in the map, with its part in [`Breakers`]' count.
+#[derive(Default)]
+pub struct Tracked {
+    breaker: Breaker,
+    /// Counted in `unsettled` (not at rest, and still in the map).
+    counted: bool,
+    /// Let go by the map: a request that still holds it is the last to use it, and what it
+    /// records there no longer counts, changes the open-circuits gauge or is reported.
+    dropped: bool,
+}
+
+/// One (connector, upstream host)'s breaker. A request that needs it looks it up once and
+/// keeps it for every later attempt's admission and outcome.
+pub type BreakerHandle = Arc<Mutex<Tracked>>;
+
+fn lock_tracked(handle: &BreakerHandle) -> std::sync::MutexGuard<'_, Tracked> {
+    // A breaker's state is a small enum replaced whole: a panic elsewhere cannot tear it.
+    handle
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Default for Breakers {
+    fn default() -> Self {
+        Self::with_capacity(100_000)
+    }
+}
+
+impl Breakers {
+    fn with_capacity(capacity: u64) -> Self {
+        let unsettled = Arc::new(AtomicUsize::new(0));
+        let count = unsettled.clone();
+        let map = moka::sync::Cache::builder()
+            .max_capacity(capacity)
+            .time_to_idle(Duration::from_secs(3600))
+            .eviction_listener(move |key: Arc<PairKey>, handle: BreakerHandle, _cause| {
+                let mut t = lock_tracked(&handle);
+                if t.counted {
+                    count.fetch_sub(1, Ordering::AcqRel);
+                    t.counted = false;
+                }
+                if t.breaker.state() != BreakerState::Closed {
+                    // It was counted open in the gauge; nothing will close it now.
+                    crate::telemetry::METRICS
+                        .circuits_open
+                        .with_label_values(&[key.0.as_str()])
+                        .dec();
+                }
+                t.dropped = true;
+            })
+            .build_with_hasher(Default::default());
+        Self { map, unsettled }
+    }
+
+    /// Every breaker is at rest: an attempt admitted now needs none, and its success needs
+    /// none either. A failure racing with this read is the same as the attempt having
+    /// started a moment earlier.
+    pub fn all_at_rest(&self) -> bool {
+        self.unsettled.load(Ordering::Acquire) == 0
+    }
+
+    /// How many breakers are not at rest (tests, diagnostics).
+    pub fn unsettled(&self) -> usize {
+        self.unsettled.load(Ordering::Acquire)
+    }
+
+    /// The breaker for (connector, host), created at rest on first use.
+    pub fn handle(&self, connector: &str, host: &str) -> BreakerHandle {
+        self.map
+            .get_with_by_ref(&(connector, host) as &dyn Pair, BreakerHandle::default)
+    }
+
+    /// The breaker's say on an attempt starting at `now`.
+    pub fn admit(&self, handle: &BreakerHandle, now: Instant, policy: &BreakerPolicy) -> Pass {
+        lock_tracked(handle).breaker.admit(now, policy)
+    }
+
+    /// Record an attempt's outcome on (connector, host)'s breaker; a change of state is
+    /// logged and counted in the metrics (not for a breaker the map has let go: it is no
+    /// longer the host's). `now` is asked for only when a failure opens it.
+    pub fn record(
+        &self,
+        handle: &BreakerHandle,
+        (connector, host): (&str, &str),
+        now: impl FnOnce() -> Instant,
+        outcome: Outcome,
+        policy: &BreakerPolicy,
+    ) {
+        let changed = {
+            let mut t = lock_tracked(handle);
+            let changed = t.breaker.record(now, outcome, policy);
+            if t.dropped {
+                return;
+            }
+            let at_rest = t.breaker.at_rest();
+            if t.counted == at_rest {
+                if at_rest {
+                    self.unsettled.fetch_sub(1, Ordering::AcqRel);
+                } else {
+                    self.unsettled.fetch_add(1, Ordering::AcqRel);
+                }
+                t.counted = !at_rest;
+            }
+            changed
+        };
+        let Some((from, to)) = changed else {
+            return;
+        };
+        use crate::label::Label;
+        use BreakerState::Closed;
+        warn!(connector = %connector, host = %host, state = to.as_label(), "circuit breaker changed state");
+        let metrics = &crate::telemetry::METRICS;
+        metrics
+            .circuit_transitions
+            .with_label_values(&[connector, to.as_label()])
+            .inc();
+        // "Open" in the gauge means not closed: open or probing.
+        let open = metrics.circuits_open.with_label_values(&[connector]);
+        match (from, to) {
+            (Closed, _) => open.inc(),
+            (_, Closed) => open.dec(),
+            _ => {}
+        }
+    }
+
+    /// Let every breaker go (tests: the map's removal path, as an idle expiry takes it).
+    #[cfg(test)]
+    fn drop_all(&self) {
+        self.map.invalidate_all();
+        self.map.run_pending_tasks();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use strum::VariantNames;
@@ -297,5 +448,93 @@ mod tests {
             BreakerPolicy::build(&BreakerFile::default()).unwrap(),
             BreakerPolicy::default()
         );
+    }
+
+    fn open_gauge(connector: &str) -> i64 {
+        crate::telemetry::METRICS
+            .circuits_open
+            .with_label_values(&[connector])
+            .get()
+    }
+
+    #[test]
+    fn breakers_count_only_what_is_not_at_rest() {
+        let breakers = Breakers::default();
+        let policy = BreakerPolicy {
+            failure_threshold: 2,
+            open_for: Duration::from_secs(30),
+        };
+        let t0 = Instant::now();
+        let at = |s: u64| move || t0 + Duration::from_secs(s);
+        let (a, b) = (("brk-count", "a.test"), ("brk-count", "b.test"));
+        assert!(breakers.all_at_rest());
+
+        // Successes and 429s on breakers at rest change nothing.
+        let ha = breakers.handle(a.0, a.1);
+        breakers.record(&ha, a, at(0), Outcome::Success, &policy);
+        breakers.record(&ha, a, at(0), Outcome::Neutral, &policy);
+        assert_eq!(breakers.unsettled(), 0);
+
+        // One failure takes a breaker out of rest, though it is still closed.
+        breakers.record(&ha, a, at(0), Outcome::Failure, &policy);
+        assert_eq!(breakers.unsettled(), 1);
+        assert!(!breakers.all_at_rest());
+        let hb = breakers.handle(b.0, b.1);
+        breakers.record(&hb, b, at(0), Outcome::Failure, &policy);
+        assert_eq!(breakers.unsettled(), 2);
+
+        // A second failure opens a: counted once, and in the gauge.
+        breakers.record(&ha, a, at(1), Outcome::Failure, &policy);
+        assert_eq!(breakers.unsettled(), 2);
+        assert_eq!(open_gauge("brk-count"), 1);
+        assert!(matches!(
+            breakers.admit(&ha, t0 + Duration::from_secs(2), &policy),
+            Pass::Reject(_)
+        ));
+        // The same breaker is found again by (connector, host).
+        assert!(Arc::ptr_eq(&ha, &breakers.handle(a.0, a.1)));
+
+        // b's success brings it back to rest; a's probe succeeding closes it.
+        breakers.record(&hb, b, at(2), Outcome::Success, &policy);
+        assert_eq!(breakers.unsettled(), 1);
+        assert_eq!(
+            breakers.admit(&ha, t0 + Duration::from_secs(40), &policy),
+            Pass::Probe
+        );
+        breakers.record(&ha, a, at(40), Outcome::Success, &policy);
+        assert_eq!(breakers.unsettled(), 0);
+        assert!(breakers.all_at_rest());
+        assert_eq!(open_gauge("brk-count"), 0);
+    }
+
+    #[test]
+    fn a_breaker_the_map_lets_go_is_uncounted_and_leaves_the_gauge() {
+        let breakers = Breakers::default();
+        let policy = BreakerPolicy {
+            failure_threshold: 1,
+            open_for: Duration::from_secs(30),
+        };
+        let t0 = Instant::now();
+        let key = ("brk-drop", "a.test");
+        let held = breakers.handle(key.0, key.1);
+        breakers.record(&held, key, || t0, Outcome::Failure, &policy);
+        assert_eq!(breakers.unsettled(), 1);
+        assert_eq!(open_gauge("brk-drop"), 1);
+
+        // Idle expiry or capacity takes it out of the map: it no longer holds anything back.
+        breakers.drop_all();
+        assert!(breakers.all_at_rest());
+        assert_eq!(open_gauge("brk-drop"), 0);
+
+        // A request still holding it records its outcome there, and nothing is counted twice.
+        breakers.record(&held, key, || t0, Outcome::Success, &policy);
+        breakers.record(&held, key, || t0, Outcome::Failure, &policy);
+        assert_eq!(breakers.unsettled(), 0);
+        assert_eq!(open_gauge("brk-drop"), 0);
+
+        // The host's next breaker starts at rest.
+        let fresh = breakers.handle(key.0, key.1);
+        assert!(!Arc::ptr_eq(&held, &fresh));
+        assert!(lock_tracked(&fresh).breaker.at_rest());
     }
 }
