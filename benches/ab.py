@@ -10,8 +10,9 @@ and by ±0.05 in the ratios it reports (BENCHMARKS.md), so two builds measured i
 like `load.py`'s interleaved rounds: the floor and each build's warm set-up (and, with
 `--cold`, its cold set-up on its own redis-server) all run at once, pinned to the proxy core
 and idle unless loaded, and each round loads every one in turn for `--slice` seconds, the
-order rotating. It prints each set-up's CPU-s/10k over all its slices, its ratio to the
-floor, and the median of the per-round ratios. Configs, credentials, the request head and the
+order rotating and reversed every other block (`load.round_order`). It prints each set-up's
+CPU-s/10k over all its slices, its ratio to the floor, and the median of the per-round
+ratios. Configs, credentials, the request head and the
 placement are `load.py`'s own (it is imported).
 """
 
@@ -70,8 +71,7 @@ def main() -> None:
             for _, _, url, ws, token in runs:
                 b.wrk(url, target, ws, token, duration=2, conns=args.connections)
             for i in range(args.rounds):
-                k = i % len(runs)
-                for name, p, url, ws, token in runs[k:] + runs[:k]:
+                for name, p, url, ws, token in load.round_order(runs, i):
                     used, requests = b.max_slice(name, p, url, target, ws, token, args.slice)
                     totals[name][0] += used
                     totals[name][1] += requests

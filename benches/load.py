@@ -143,6 +143,18 @@ end
 """
 
 
+def round_order(runs: list, i: int) -> list:
+    """The order of round `i` of an interleaved run: rotated by one set-up a round, and in
+    every other block of len(runs) rounds reversed. A rotation alone keeps each set-up right
+    after the same one in every round (in load.py's run, warm always followed Envoy and the
+    floor always followed cold); reversing half the blocks has each follow both of its
+    neighbours in turn, so what one set-up leaves in the core's caches does not always fall on
+    the same other one."""
+    k = i % len(runs)
+    order = runs[k:] + runs[:k]
+    return order[::-1] if (i // len(runs)) % 2 else order
+
+
 def log(msg: str) -> None:
     print(f"[load] {msg}", file=sys.stderr, flush=True)
 
@@ -880,7 +892,8 @@ class Bench:
         of Envoy (when its wheel installed) and of sluice warm and cold, in interleaved
         slices: all run at once (pinned to the proxy core, idle unless loaded), and each
         round loads each in turn for
-        `slice_s` seconds, the order rotating. The VM's speed drifts by tens of percent over
+        `slice_s` seconds, the order rotating and reversed in every other block
+        (`round_order`). The VM's speed drifts by tens of percent over
         a minute (BENCHMARKS.md); set-ups measured one after the other take that drift into
         their ratio, slices side by side do not.
         Right after its max-load slice, each set-up also gets an unloaded slice (one
@@ -925,8 +938,7 @@ class Bench:
                 self.wrk(url, target, ws, token, duration=self.args.warmup,
                          conns=self.args.connections)
             for i in range(rounds):
-                k = i % len(runs)
-                for name, p, url, ws, token in runs[k:] + runs[:k]:
+                for name, p, url, ws, token in round_order(runs, i):
                     used, requests = self.max_slice(name, p, url, target, ws, token, slice_s)
                     totals[name][0] += used
                     totals[name][1] += requests
@@ -1043,8 +1055,9 @@ def report(results: list[Result], args, gen_cpus: str, proxy_cpu: str) -> str:
     if args.paired:
         lines.append("")
         lines.append(f"interleaved max load ({args.pair_rounds} rounds of {args.pair_slice}s "
-                     "per set-up, the order rotating, each followed by an unloaded slice; the CPU "
-                     "and unloaded-latency targets are judged on these):")
+                     "per set-up, the order rotating and reversed every other block, each followed "
+                     "by an unloaded slice; the CPU and unloaded-latency targets are judged on "
+                     "these):")
         lines.append("")
         lines.append("| set-up | requests | CPU-s/10k @max | to the floor | per-round ratio: "
                      "median (min–max) | unloaded p50 ms: median of rounds | over the "
