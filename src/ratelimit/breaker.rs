@@ -255,8 +255,9 @@ impl Breakers {
         self.unsettled.load(Ordering::Acquire) == 0
     }
 
-    /// How many breakers are not at rest (tests, diagnostics).
-    pub fn unsettled(&self) -> usize {
+    /// How many breakers are not at rest.
+    #[cfg(test)]
+    fn unsettled(&self) -> usize {
         self.unsettled.load(Ordering::Acquire)
     }
 
