@@ -87,13 +87,17 @@ impl std::ops::DerefMut for RequestCtx {
     }
 }
 
+/// A request id: sluice's 32 hex digits, or the app's identifier.
+pub type RequestId = arrayvec::ArrayString<128>;
+
 /// Everything one request accumulates on its way through the phases (see [`RequestCtx`]).
 pub struct RequestState {
     /// The config this request was admitted under, for its whole life (a reload does not
     /// change a request in flight).
     pub snapshot: Arc<Snapshot>,
-    /// Accepted from a well-formed `X-Request-Id`, or generated; returned to the app.
-    pub request_id: String,
+    /// Accepted from a well-formed `X-Request-Id`, or generated; returned to the app. Held
+    /// inline: an identifier is at most 128 bytes ([`crate::names::is_identifier`]).
+    pub request_id: RequestId,
     pub started: Instant,
     /// Phase boundaries, for the access line's timings.
     pub policy_done: Option<Instant>,
@@ -141,7 +145,7 @@ impl RequestCtx {
     pub fn new(snapshot: Arc<Snapshot>) -> Self {
         Self(Box::new(RequestState {
             snapshot,
-            request_id: String::new(),
+            request_id: RequestId::new(),
             started: Instant::now(),
             policy_done: None,
             credential_done: None,

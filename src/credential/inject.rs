@@ -13,10 +13,13 @@
 //! every `{field}` must be in `auth_schema.fields`. Injected headers replace anything the app
 //! sent under the same name and are marked sensitive; an injected query parameter replaces any
 //! the app sent under that name and lives only in the upstream request line, never in a log.
+//! Header names go upstream spelled as configured (`X-Organization-ID`), the defaults as
+//! `Authorization`.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use http::header::{AUTHORIZATION, HeaderName, HeaderValue};
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
 use smallvec::SmallVec;
 use zeroize::Zeroizing;
@@ -112,10 +115,18 @@ impl Template {
     }
 }
 
+/// A validated header name as it goes upstream: the operator's spelling, or `Authorization`.
+/// pingora keeps a `Bytes` name as the header's case without a copy, where a `HeaderName`
+/// outside its short list of titled names (`authorization` is not on it) is copied into a new
+/// buffer on every insert.
+pub type WireName = Bytes;
+
+const AUTHORIZATION: WireName = Bytes::from_static(b"Authorization");
+
 /// Where the primary credential goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Placement {
-    Header(HeaderName),
+    Header(WireName),
     Query(String),
 }
 
@@ -124,14 +135,14 @@ pub enum Placement {
 pub struct Injection {
     primary: Option<(Placement, Template)>,
     basic: bool,
-    headers: Vec<(HeaderName, Template)>,
+    headers: Vec<(WireName, Template)>,
 }
 
 /// What to add to one upstream request. Kept on the cached credential and read by every
 /// request for it: the usual single header is held inline (no separate heap block to reach).
 #[derive(Default)]
 pub struct Injected {
-    pub headers: SmallVec<[(HeaderName, HeaderValue); 1]>,
+    pub headers: SmallVec<[(WireName, HeaderValue); 1]>,
     pub query: Option<(String, Zeroizing<String>)>,
 }
 
@@ -180,7 +191,7 @@ impl Injection {
         let mut errors = Vec::new();
         let header_name =
             |name: &str, errors: &mut Vec<String>| match HeaderName::from_bytes(name.as_bytes()) {
-                Ok(h) => Some(h),
+                Ok(_) => Some(WireName::copy_from_slice(name.as_bytes())),
                 Err(_) => {
                     errors.push(format!("{name:?} is not a header name"));
                     None
@@ -220,8 +231,8 @@ impl Injection {
             AuthType::ApiKey | AuthType::Bearer | AuthType::OAuth2 => {
                 let (default_header, default_format) = match auth_type {
                     AuthType::ApiKey => (None, "{api_key}"),
-                    AuthType::Bearer => (Some("authorization"), "Bearer {token}"),
-                    _ => (Some("authorization"), "Bearer {access_token}"),
+                    AuthType::Bearer => (Some(AUTHORIZATION), "Bearer {token}"),
+                    _ => (Some(AUTHORIZATION), "Bearer {access_token}"),
                 };
                 let placement = match (&file.header, &file.query) {
                     (Some(_), Some(_)) => {
@@ -249,7 +260,7 @@ impl Injection {
                         None
                     }
                     (None, None) => match default_header {
-                        Some(h) => Some(Placement::Header(HeaderName::from_static(h))),
+                        Some(h) => Some(Placement::Header(h)),
                         None => {
                             errors.push(
                                 "auth_type \"api_key\" needs inject.header or inject.query".into(),
@@ -391,10 +402,10 @@ mod tests {
         let out = inj
             .render(&fields(&[("token", "t0k"), ("org_id", "42")]))
             .unwrap();
-        assert_eq!(out.headers[0].0, AUTHORIZATION);
+        assert_eq!(out.headers[0].0, "Authorization");
         assert_eq!(out.headers[0].1, "Bearer t0k");
         assert!(out.headers[0].1.is_sensitive());
-        assert_eq!(out.headers[1].0.as_str(), "x-organization-id");
+        assert_eq!(out.headers[1].0, "X-Organization-ID");
         assert_eq!(out.headers[1].1, "42");
     }
 

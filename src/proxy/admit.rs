@@ -8,7 +8,7 @@ use pingora::proxy::Session;
 
 use super::{REQUEST_ID_NAME, Sluice};
 use crate::caller::Caller;
-use crate::ctx::RequestState;
+use crate::ctx::{RequestId, RequestState};
 use crate::error::{ErrorCode, Refusal};
 use crate::names::is_identifier;
 use crate::policy::{self, Vetted};
@@ -32,25 +32,27 @@ pub(super) fn start(session: &mut Session, ctx: &mut RequestState) -> bool {
 }
 
 /// The request id: the app's `X-Request-Id` when it is a sane identifier, else a fresh one.
-fn request_id(session: &Session) -> String {
-    match session.req_header().headers.get(&REQUEST_ID_NAME) {
-        Some(v) if is_identifier(v.as_bytes()) => {
-            String::from_utf8_lossy(v.as_bytes()).into_owned()
-        }
-        _ => hex_id(rand::random::<u128>()),
-    }
+fn request_id(session: &Session) -> RequestId {
+    let app = session
+        .req_header()
+        .headers
+        .get(&REQUEST_ID_NAME)
+        .map(|v| v.as_bytes())
+        .filter(|v| is_identifier(v))
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| RequestId::from(v).ok());
+    app.unwrap_or_else(|| hex_id(rand::random::<u128>()))
 }
 
 /// `format!("{:032x}", n)` without the formatting machinery (every request without an id of
-/// its own makes one).
-fn hex_id(n: u128) -> String {
+/// its own makes one), and without a heap block.
+fn hex_id(n: u128) -> RequestId {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = [0u8; 32];
-    for (i, d) in out.iter_mut().enumerate() {
-        *d = HEX[((n >> (124 - 4 * i)) & 0xf) as usize];
+    let mut id = RequestId::new();
+    for i in 0..32 {
+        id.push(char::from(HEX[((n >> (124 - 4 * i)) & 0xf) as usize]));
     }
-    // Only ASCII hex digits were written.
-    String::from_utf8_lossy(&out).into_owned()
+    id
 }
 
 impl Sluice {
@@ -208,7 +210,7 @@ mod tests {
             u128::MAX,
             0x0123_4567_89ab_cdef_fedc_ba98_7654_3210,
         ] {
-            assert_eq!(hex_id(n), format!("{n:032x}"));
+            assert_eq!(hex_id(n).as_str(), format!("{n:032x}"));
         }
     }
 }
