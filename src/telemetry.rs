@@ -83,6 +83,9 @@ pub enum WaitResult {
     Released,
     /// The client went away while waiting.
     Left,
+    /// Refused after a stall: releasing the waiters one interval apart would have held this
+    /// one past `max_wait_ms`.
+    Expired,
 }
 
 /// `sluice_retries_total{reason}`: what failed on the attempt that gets a successor.

@@ -119,19 +119,26 @@ async fn wait_for_turn(
             let _leave = DepthGuard::enter();
             // Without a body to read, a closed connection is visible while waiting: the
             // waiter then leaves and its place and slot go to the next.
-            let left = if session.is_body_empty() {
+            let turn = if session.is_body_empty() {
                 tokio::select! {
-                    () = ticket.turn() => false,
-                    _ = session.read_body_or_idle(true) => true,
+                    turn = ticket.turn() => Some(turn),
+                    _ = session.read_body_or_idle(true) => None,
                 }
             } else {
-                ticket.turn().await;
-                false
+                Some(ticket.turn().await)
             };
-            if left {
-                drop(ticket);
-                count_wait(connector, WaitResult::Left);
-                return Ok(false);
+            match turn {
+                None => {
+                    drop(ticket);
+                    count_wait(connector, WaitResult::Left);
+                    return Ok(false);
+                }
+                Some(Err(wait)) => {
+                    drop(ticket);
+                    count_wait(connector, WaitResult::Expired);
+                    return Err(rate_limited(connector, wait));
+                }
+                Some(Ok(())) => {}
             }
             ticket.used();
             count_wait(connector, WaitResult::Released);

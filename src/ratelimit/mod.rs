@@ -7,7 +7,9 @@
 //! the server's view, zero remaining or a 429 holds requests until the reset or `Retry-After`.
 //! A request that must wait queues (FIFO, bounded by `queue_size`) up to `max_wait`; beyond
 //! that, or with a full queue, it gets 429 `rate_limited` with `Retry-After` at once. A turn
-//! due sooner than `min_wait` is not waited for ([`bucket::Bucket::admit_within`]).
+//! due sooner than `min_wait` is not waited for ([`bucket::Bucket::admit_within`]). A waiter
+//! that a stall re-spaced past its `max_wait` is refused the same way when that shows
+//! ([`Ticket::turn`]), not held longer than the operator allowed.
 //!
 //! Each bucket has its own lock, held only for the arithmetic (never across an await).
 
@@ -109,6 +111,8 @@ enum Place {
         bucket: Arc<Mutex<Option<Bucket>>>,
         /// `min_wait`: how early a release still counts as on time.
         early: Duration,
+        /// Admission plus `max_wait`: the longest this waiter may be held.
+        deadline: Instant,
     },
     Shared {
         redis: SharedBudget,
@@ -131,13 +135,20 @@ pub struct Ticket {
 impl Ticket {
     /// Wait for this place's turn. A local bucket may hold it longer: waiters whose turns
     /// passed while the thread stalled go one interval apart, not all at once
-    /// ([`Bucket::release`]).
-    pub async fn turn(&mut self) {
+    /// ([`Bucket::release`]). `Err(wait)`: that spacing would hold this waiter past its
+    /// `max_wait`, so it is refused now, as it would have been at admission (`wait`: when a
+    /// token is due; dropping the ticket gives its slot back).
+    pub async fn turn(&mut self) -> Result<(), Duration> {
         let mut at = self.turn;
         loop {
             tokio::time::sleep_until(at).await;
-            let Place::Local { bucket, early } = &self.place else {
-                return;
+            let Place::Local {
+                bucket,
+                early,
+                deadline,
+            } = &self.place
+            else {
+                return Ok(());
             };
             let now = Instant::now();
             let released = match bucket.lock().expect("bucket lock").as_mut() {
@@ -145,7 +156,8 @@ impl Ticket {
                 None => Ok(()),
             };
             match released {
-                Ok(()) => return,
+                Ok(()) => return Ok(()),
+                Err(wait) if now + wait > *deadline => return Err(wait),
                 Err(wait) => at = now + wait,
             }
         }
@@ -339,6 +351,7 @@ impl Limiter {
                 place: Place::Local {
                     bucket,
                     early: rl.min_wait,
+                    deadline: now + rl.max_wait,
                 },
                 used: false,
                 turn: now + wait,

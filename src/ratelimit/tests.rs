@@ -117,7 +117,7 @@ async fn waiters_whose_turns_passed_in_a_stall_go_one_interval_apart() {
         .into_iter()
         .map(|mut ticket| {
             tokio::spawn(async move {
-                ticket.turn().await;
+                ticket.turn().await.expect("within max_wait");
                 ticket.used();
                 Instant::now()
             })
@@ -132,6 +132,70 @@ async fn waiters_whose_turns_passed_in_a_stall_go_one_interval_apart() {
     // Two ticks of slack at the stall's end, then one every millisecond.
     assert_eq!(at, [30, 30, 30, 31, 32, 33, 34, 35].map(ms), "{at:?}");
     assert_eq!(limiter.queued(), 0);
+}
+
+/// Spacing the waiters out after a stall never holds one past its `max_wait`: the ones the
+/// spacing would hold longer are refused when that shows (and give their slots back), as they
+/// would have been at admission. Without the deadline the last three went at 53, 63 and 73 ms
+/// against a 50 ms `max_wait`.
+#[tokio::test(start_paused = true)]
+async fn a_waiter_spaced_past_its_max_wait_is_refused() {
+    let ms = Duration::from_millis;
+    let (limiter, rl, t0) = token_taken(100.0, ms(50), 64).await;
+    let key = bucket_key(&rl, "c", "w");
+    let mut tickets = Vec::new();
+    // Turns at 10, 20, 30, 40 and 50 ms: all within the 50 ms max_wait.
+    for _ in 0..5 {
+        let Decision::Wait(ticket) = limiter.admit(&key, &rl, "w", t0).await else {
+            panic!("queued")
+        };
+        tickets.push(ticket);
+    }
+    assert!(matches!(
+        limiter.admit(&key, &rl, "w", t0).await,
+        Decision::Refuse(_)
+    ));
+    // A 35 ms stall: three turns passed.
+    tokio::time::advance(ms(35)).await;
+    let outcomes: Vec<_> = tickets
+        .into_iter()
+        .map(|mut ticket| {
+            tokio::spawn(async move {
+                let turn = ticket.turn().await;
+                if turn.is_ok() {
+                    ticket.used();
+                }
+                (Instant::now() - t0, turn.is_ok())
+            })
+        })
+        .collect();
+    let mut at = Vec::new();
+    for o in outcomes {
+        at.push(o.await.unwrap());
+    }
+    at.sort();
+    // One goes at the stall's end and the next an interval later, at 43 ms; the two waiting
+    // with it would go at 53 and 63 ms, so they are refused at 43, and the last when its own
+    // turn (50 ms) shows it would go at 73.
+    assert_eq!(
+        at,
+        [
+            (ms(35), true),
+            (ms(43), false),
+            (ms(43), false),
+            (ms(43), true),
+            (ms(50), false)
+        ],
+        "{at:?}"
+    );
+    assert_eq!(limiter.queued(), 0);
+    // The refused waiters' slots came back: the next request goes one interval after the
+    // last one sent (43 ms), not behind the refused ones.
+    let Decision::Wait(mut next) = limiter.admit(&key, &rl, "w", t0 + ms(50)).await else {
+        panic!("queued")
+    };
+    next.turn().await.expect("within max_wait");
+    assert_eq!(Instant::now() - t0, ms(53));
 }
 
 /// A limiter whose ("c", "w") bucket holds one token at `per_second`, that token taken.
