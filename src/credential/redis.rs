@@ -297,17 +297,18 @@ impl CredentialStore for RedisStore {
         workspace: &str,
         connector: &str,
     ) -> Result<Option<Vec<u8>>, StoreError> {
-        let mut conn = self.conn()?;
         let key = record_key(workspace, connector);
         // The thread's own connection first, within half the deadline; the shared one if it
         // has none or it failed, within what is left. One clock read and one timer on the
-        // usual path: the local read's own timer bounds it (BENCHMARKS.md, ninth round).
+        // usual path: the local read's own timer bounds it (BENCHMARKS.md, ninth round). The
+        // shared handle is cloned only when it is used.
         let start = tokio::time::Instant::now();
         if let Some(local) = &self.local
             && let Some(bytes) = local.get(&key, start).await
         {
             return Ok(bytes);
         }
+        let mut conn = self.conn()?;
         self.bounded_from(start, get_cmd(&key).query_async(&mut conn))
             .await
     }

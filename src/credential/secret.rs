@@ -92,9 +92,12 @@ impl SecretFields {
 
     /// Parse what [`Self::to_plaintext`] produced.
     pub fn from_plaintext(plain: &[u8]) -> Result<Self, String> {
-        serde_json::from_slice(plain)
+        // UTF-8 checked once, not string by string (see `store::decode_view`).
+        std::str::from_utf8(plain)
+            .ok()
+            .and_then(|text| serde_json::from_str(text).ok())
             .map(Self)
-            .map_err(|_| "credential plaintext is not a JSON object of strings".to_string())
+            .ok_or_else(|| "credential plaintext is not a JSON object of strings".to_string())
     }
 }
 
