@@ -83,8 +83,8 @@ pub enum WaitResult {
     Released,
     /// The client went away while waiting.
     Left,
-    /// Refused after a stall: releasing the waiters one interval apart would have held this
-    /// one past `max_wait_ms`.
+    /// Refused: it would have been held past `max_wait_ms` (spaced out after a stall, or in a
+    /// per-application bucket a response held longer than the wait estimated at admission).
     Expired,
 }
 

@@ -99,18 +99,19 @@ async fn wait_for_turn(
             let _leave = DepthGuard::enter();
             let released = if session.is_body_empty() {
                 tokio::select! {
-                    r = &mut turn => r.is_ok(),
+                    r = turn.wait() => r,
                     _ = session.read_body_or_idle(true) => {
-                        // Dropping the receiver frees the place and the turn.
+                        // Dropping the turn frees the place and the token.
                         count_wait(connector, WaitResult::Left);
                         return Ok(false);
                     }
                 }
             } else {
-                turn.await.is_ok()
+                turn.wait().await
             };
-            if !released {
-                return Err(rate_limited(connector, Duration::from_secs(1)));
+            if let Err(retry_after) = released {
+                count_wait(connector, WaitResult::Expired);
+                return Err(rate_limited(connector, retry_after));
             }
             count_wait(connector, WaitResult::Released);
             Ok(true)

@@ -4,8 +4,11 @@
 //! its workspace's FIFO queue, and one dispatcher task per bucket hands each new token to the
 //! next workspace in round-robin order, so a workspace with a hundred waiting requests cannot
 //! starve one with a single request. The queue bound and the maximum wait apply to the
-//! bucket as a whole (estimated from the number of waiters ahead). A waiter whose client left
-//! is skipped and its place freed; the token goes to the next in turn.
+//! bucket as a whole (estimated from the number of waiters ahead), and a waiter is held no
+//! longer than `max_wait` after it was admitted: a response that holds the bucket (a 429, or
+//! nothing remaining until a reset) can keep the tokens away longer than the estimate said,
+//! and such a waiter is refused at its deadline ([`Turn::wait`]). A waiter whose client left
+//! (or that was refused) is skipped and its place freed; the token goes to the next in turn.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -59,6 +62,34 @@ impl Waiting {
     }
 }
 
+/// A place in a fair queue, until a token is handed to it or its `max_wait` is up.
+pub struct Turn {
+    rx: oneshot::Receiver<()>,
+    /// Admission plus `max_wait`.
+    deadline: Instant,
+    bucket: Arc<FairBucket>,
+}
+
+impl Turn {
+    /// Wait for a token. `Err(retry_after)`: none came by the deadline (the bucket is held
+    /// longer than the wait estimated at admission), or the queue went away; the place is
+    /// given up, and a token handed to it meanwhile goes to the next waiter.
+    pub async fn wait(&mut self) -> Result<(), Duration> {
+        match tokio::time::timeout_at(self.deadline, &mut self.rx).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Duration::from_secs(1)),
+            Err(_) => {
+                // No token can arrive after this; one that arrived just now is used.
+                self.rx.close();
+                if self.rx.try_recv().is_ok() {
+                    return Ok(());
+                }
+                Err(self.bucket.time_to_token(Instant::now()))
+            }
+        }
+    }
+}
+
 /// A per-application bucket with fair turns. `None`: unlimited (nothing configured or
 /// learned yet).
 pub struct FairBucket {
@@ -70,8 +101,8 @@ pub struct FairBucket {
 /// What a request must do.
 pub enum FairDecision {
     Go,
-    /// Wait until this resolves (dropping it gives the place up).
-    Wait(oneshot::Receiver<()>),
+    /// Wait for this turn (dropping it gives the place up).
+    Wait(Turn),
     /// 429 with this `Retry-After`.
     Refuse(Duration),
 }
@@ -101,6 +132,15 @@ impl FairBucket {
         if let Some(b) = bucket.as_mut() {
             b.observe(now, learned, too_many_requests);
         }
+    }
+
+    /// How long until the bucket has a token (zero without a bucket).
+    fn time_to_token(&self, now: Instant) -> Duration {
+        let guard = self.state.lock().expect("fair lock");
+        guard
+            .0
+            .as_ref()
+            .map_or(Duration::ZERO, |b| b.time_to_token(now))
     }
 
     pub fn queued(&self) -> usize {
@@ -148,7 +188,11 @@ impl FairBucket {
             let me = self.clone();
             tokio::spawn(async move { me.dispatch().await });
         }
-        FairDecision::Wait(rx)
+        FairDecision::Wait(Turn {
+            rx,
+            deadline: now + max_wait,
+            bucket: self.clone(),
+        })
     }
 
     /// Hand out tokens as they come, one workspace at a time, until nobody waits.
@@ -215,10 +259,10 @@ mod tests {
             FairDecision::Go
         ));
         // The one after is 1.4 ms away: it waits its turn, released by the dispatcher.
-        let FairDecision::Wait(rx) = fair.admit("c", soon, max_wait, 8) else {
+        let FairDecision::Wait(mut turn) = fair.admit("c", soon, max_wait, 8) else {
             panic!("a real wait");
         };
-        rx.await.unwrap();
+        turn.wait().await.unwrap();
         assert!(
             Instant::now() >= t0 + Duration::from_millis(2),
             "released at its turn"
@@ -237,12 +281,13 @@ mod tests {
         let order = Arc::new(Mutex::new(Vec::new()));
         let mut tasks = Vec::new();
         for ws in ["a", "a", "a", "a", "a", "b"] {
-            let FairDecision::Wait(rx) = fair.admit(ws, now, Duration::from_secs(10), 100) else {
+            let FairDecision::Wait(mut turn) = fair.admit(ws, now, Duration::from_secs(10), 100)
+            else {
                 panic!("queued");
             };
             let order = order.clone();
             tasks.push(tokio::spawn(async move {
-                rx.await.unwrap();
+                turn.wait().await.unwrap();
                 order.lock().unwrap().push(ws);
             }));
         }
@@ -265,10 +310,12 @@ mod tests {
             fair.admit("a", t0, Duration::from_millis(250), 2),
             FairDecision::Go
         ));
-        let FairDecision::Wait(first) = fair.admit("a", t0, Duration::from_millis(250), 2) else {
+        let FairDecision::Wait(mut first) = fair.admit("a", t0, Duration::from_millis(250), 2)
+        else {
             panic!()
         };
-        let FairDecision::Wait(second) = fair.admit("b", t0, Duration::from_millis(250), 2) else {
+        let FairDecision::Wait(mut second) = fair.admit("b", t0, Duration::from_millis(250), 2)
+        else {
             panic!()
         };
         assert!(
@@ -278,9 +325,9 @@ mod tests {
             ),
             "queue full"
         );
-        first.await.unwrap();
+        first.wait().await.unwrap();
         assert_eq!(t0.elapsed(), Duration::from_millis(100), "one interval");
-        second.await.unwrap();
+        second.wait().await.unwrap();
         assert_eq!(t0.elapsed(), Duration::from_millis(200), "two intervals");
         // Beyond the maximum wait: refused at once.
         let now = Instant::now();
@@ -309,14 +356,42 @@ mod tests {
             FairDecision::Refuse(_)
         ));
         drop(gone);
-        let FairDecision::Wait(b) = fair.admit("b", t0, Duration::from_secs(1), 1) else {
+        let FairDecision::Wait(mut b) = fair.admit("b", t0, Duration::from_secs(1), 1) else {
             panic!("the place was freed");
         };
-        b.await.unwrap();
+        b.wait().await.unwrap();
         assert_eq!(
             t0.elapsed(),
             Duration::from_millis(100),
             "b got the next token"
         );
+    }
+
+    /// A 429 that holds the bucket for a minute does not hold the waiters for a minute: each is
+    /// refused when its `max_wait` is up, told when a token is due, and its place is freed.
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_is_refused_when_a_hold_outlasts_its_max_wait() {
+        let ms = Duration::from_millis;
+        let fair = FairBucket::new(Some(Bucket::new(1, 10.0, Instant::now())), Duration::ZERO);
+        let t0 = Instant::now();
+        assert!(matches!(fair.admit("a", t0, ms(500), 8), FairDecision::Go));
+        let FairDecision::Wait(mut turn) = fair.admit("b", t0, ms(500), 8) else {
+            panic!("queued: one interval is within max_wait");
+        };
+        // The API answers the first request 429, Retry-After 60 s.
+        let held = super::super::headers::Learned {
+            retry_after: Some(Duration::from_secs(60)),
+            ..Default::default()
+        };
+        fair.observe(t0, &held, true);
+        let retry_after = turn.wait().await.expect_err("refused at its deadline");
+        assert_eq!(t0.elapsed(), ms(500), "held exactly max_wait");
+        assert_eq!(retry_after, Duration::from_secs(60) - ms(500));
+        drop(turn);
+        // Its place was freed: a queue of one takes the next waiter.
+        assert!(matches!(
+            fair.admit("c", Instant::now(), Duration::from_secs(120), 1),
+            FairDecision::Wait(_)
+        ));
     }
 }

@@ -216,7 +216,7 @@ pub enum Decision {
     Wait(Ticket),
     /// Wait for this workspace's turn (per-application buckets); dropping it gives the
     /// place up.
-    Turn(tokio::sync::oneshot::Receiver<()>),
+    Turn(fair::Turn),
     /// 429 with this `Retry-After`.
     Refuse(Duration),
 }
@@ -324,7 +324,7 @@ impl Limiter {
                 rl.queue_size,
             ) {
                 fair::FairDecision::Go => Decision::Go,
-                fair::FairDecision::Wait(rx) => Decision::Turn(rx),
+                fair::FairDecision::Wait(turn) => Decision::Turn(turn),
                 fair::FairDecision::Refuse(wait) => Decision::Refuse(wait),
             };
         }
