@@ -14,6 +14,9 @@
 //! ([`Bucket::release`]): a waiter released later than timer jitter explains counts from
 //! the moment it goes, not from its turn, and the next one waits its interval after it.
 //!
+//! A hold the API asked for (a 429, or nothing remaining until a reset) keeps back the waiters
+//! already queued too, not only new requests: none is released into it ([`Bucket::release`]).
+//!
 //! Time is passed in: the bucket never reads a clock, so tests are exact.
 
 use std::time::Duration;
@@ -44,6 +47,9 @@ pub struct Bucket {
     /// The theoretical arrival time of what was actually sent: `tat` for requests that went
     /// (or were released), never for reservations still waiting.
     sent: Instant,
+    /// The end of the last hold the API asked for ([`Self::observe`]); nothing is released
+    /// before it.
+    held: Instant,
     queued: usize,
 }
 
@@ -65,6 +71,7 @@ impl Bucket {
             tolerance: interval * (capacity - 1),
             tat: now,
             sent: now,
+            held: now,
             queued: 0,
         }
     }
@@ -136,21 +143,26 @@ impl Bucket {
 
     /// A waiter whose turn was `turn` asks to go at `now` (less than `early` ahead of the
     /// sending order is on time, as in [`Self::admit_within`]). `Err(wait)`: not yet; ask
-    /// again after `wait`. Waiters on time always go; ones released together after a stall
-    /// go one interval apart (beyond `capacity`).
+    /// again after `wait`. Waiters on time go unless the API asked for a hold meanwhile;
+    /// ones released together after a stall go one interval apart (beyond `capacity`).
     pub fn release(
         &mut self,
         turn: Instant,
         now: Instant,
         early: Duration,
     ) -> Result<(), Duration> {
-        let allow_at = self.sent.checked_sub(self.tolerance).unwrap_or(now);
+        let allow_at = self
+            .sent
+            .checked_sub(self.tolerance)
+            .unwrap_or(now)
+            .max(self.held);
         let wait = allow_at.saturating_duration_since(now);
         if !wait.is_zero() && wait >= early {
             return Err(wait);
         }
         let late_beyond_slack = now.checked_sub(SLACK).unwrap_or(now);
-        self.sent = self.sent.max(turn).max(late_beyond_slack) + self.interval;
+        // A hold's end is the turn of the first waiter it kept back.
+        self.sent = self.sent.max(turn).max(self.held).max(late_beyond_slack) + self.interval;
         Ok(())
     }
 
@@ -179,6 +191,7 @@ impl Bucket {
     /// Hold every request until `until` (a 429, or no requests remaining until a reset).
     fn hold_until(&mut self, until: Instant) {
         self.tat = self.tat.max(until + self.tolerance);
+        self.held = self.held.max(until);
     }
 
     /// Bring the bucket to the server's view after a response.
@@ -195,6 +208,8 @@ impl Bucket {
                 let remaining = remaining.min(self.capacity as u64) as u32;
                 let queued = self.queued as u32;
                 self.tat = now + self.interval * (self.capacity - remaining).saturating_add(queued);
+                // The server has room again: a hold it asked for earlier is over.
+                self.held = self.held.min(now);
             }
             _ if too_many_requests => {
                 let wait = learned.reset_after.unwrap_or(self.interval);

@@ -198,6 +198,47 @@ async fn a_waiter_spaced_past_its_max_wait_is_refused() {
     assert_eq!(Instant::now() - t0, ms(53));
 }
 
+/// A 429 that holds the bucket holds the waiters already queued too: none is sent into the
+/// hold. One the hold outlasts its `max_wait` is refused (Retry-After: the rest of the hold);
+/// after a short hold they go, one interval apart. Before, both went at their turns (100 and
+/// 200 ms), into the hold.
+#[tokio::test(start_paused = true)]
+async fn queued_waiters_are_not_sent_into_a_hold() {
+    let ms = Duration::from_millis;
+    let hold = |after: Duration| Learned {
+        retry_after: Some(after),
+        ..Learned::default()
+    };
+    let (limiter, rl, t0) = token_taken(10.0, ms(1000), 64).await;
+    let key = bucket_key(&rl, "c", "w");
+    let Decision::Wait(mut first) = limiter.admit(&key, &rl, "w", t0).await else {
+        panic!("queued")
+    };
+    // The first request's answer: 429, Retry-After 2 s (past the waiter's 1 s max_wait).
+    limiter.observe(&key, &rl, &hold(ms(2000)), true, t0).await;
+    assert_eq!(first.turn().await, Err(ms(1900)), "refused at its turn");
+    assert_eq!(Instant::now() - t0, ms(100));
+    drop(first);
+
+    // A short hold: waiters wait it out, then go one interval apart.
+    let (limiter, rl, t0) = token_taken(10.0, ms(1000), 64).await;
+    let mut waiters = Vec::new();
+    for _ in 0..2 {
+        let Decision::Wait(ticket) = limiter.admit(&key, &rl, "w", t0).await else {
+            panic!("queued")
+        };
+        waiters.push(ticket);
+    }
+    limiter.observe(&key, &rl, &hold(ms(300)), true, t0).await;
+    let mut at = Vec::new();
+    for mut ticket in waiters {
+        ticket.turn().await.expect("the hold ends within max_wait");
+        ticket.used();
+        at.push(Instant::now() - t0);
+    }
+    assert_eq!(at, [ms(300), ms(400)]);
+}
+
 /// A limiter whose ("c", "w") bucket holds one token at `per_second`, that token taken.
 async fn token_taken(
     per_second: f64,
