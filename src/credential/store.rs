@@ -195,7 +195,8 @@ pub(crate) struct RecordValueView<'a> {
 pub(crate) fn decode_view(bytes: &[u8]) -> Result<RecordView<'_>, StoreError> {
     // UTF-8 checked once for the whole record: `from_slice` checks every string it meets
     // with a call of its own (~17 per record, ~1,400 instructions per cold read).
-    let text = std::str::from_utf8(bytes)
-        .map_err(|e| StoreError::Corrupt(format!("undecodable record: {e}")))?;
-    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("undecodable record: {e}")))
+    let corrupt =
+        |e: &dyn std::fmt::Display| StoreError::Corrupt(format!("undecodable record: {e}"));
+    let text = std::str::from_utf8(bytes).map_err(|e| corrupt(&e))?;
+    serde_json::from_str(text).map_err(|e| corrupt(&e))
 }

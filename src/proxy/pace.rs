@@ -92,63 +92,57 @@ async fn wait_for_turn(
     connector: &Connector,
     decision: Decision,
 ) -> Result<bool, Refusal> {
-    match decision {
-        Decision::Go => Ok(true),
-        Decision::Refuse(wait) => Err(rate_limited(connector, wait)),
+    // Dropping the turn or the ticket (the client left, or its max_wait was up) gives its
+    // place and its slot to the next waiter.
+    let waited = match decision {
+        Decision::Go => return Ok(true),
+        Decision::Refuse(wait) => return Err(rate_limited(connector, wait)),
         Decision::Turn(mut turn) => {
             let _leave = DepthGuard::enter();
-            let released = if session.is_body_empty() {
-                tokio::select! {
-                    r = turn.wait() => r,
-                    _ = session.read_body_or_idle(true) => {
-                        // Dropping the turn frees the place and the token.
-                        count_wait(connector, WaitResult::Left);
-                        return Ok(false);
-                    }
-                }
-            } else {
-                turn.wait().await
-            };
-            if let Err(retry_after) = released {
-                count_wait(connector, WaitResult::Expired);
-                return Err(rate_limited(connector, retry_after));
-            }
-            count_wait(connector, WaitResult::Released);
-            Ok(true)
+            until_turn(session, turn.wait()).await
         }
         Decision::Wait(mut ticket) => {
             let _leave = DepthGuard::enter();
-            // Without a body to read, a closed connection is visible while waiting: the
-            // waiter then leaves and its place and slot go to the next.
-            let turn = if session.is_body_empty() {
-                tokio::select! {
-                    turn = ticket.turn() => Some(turn),
-                    _ = session.read_body_or_idle(true) => None,
-                }
-            } else {
-                Some(ticket.turn().await)
-            };
-            match turn {
-                None => {
-                    drop(ticket);
-                    count_wait(connector, WaitResult::Left);
-                    return Ok(false);
-                }
-                Some(Err(wait)) => {
-                    drop(ticket);
-                    count_wait(connector, WaitResult::Expired);
-                    return Err(rate_limited(connector, wait));
-                }
-                Some(Ok(())) => {}
+            let waited = until_turn(session, ticket.turn()).await;
+            if let Some(Ok(())) = waited {
+                ticket.used();
             }
-            ticket.used();
+            waited
+        }
+    };
+    match waited {
+        None => {
+            count_wait(connector, WaitResult::Left);
+            Ok(false)
+        }
+        Some(Err(retry_after)) => {
+            count_wait(connector, WaitResult::Expired);
+            Err(rate_limited(connector, retry_after))
+        }
+        Some(Ok(())) => {
             count_wait(connector, WaitResult::Released);
             Ok(true)
         }
     }
 }
 
-/// A waited request's end in `sluice_rate_limit_waits_total`: `left` or `released`.
+/// Wait for `turn`, or until the client leaves. Without a body to read, a closed connection
+/// is visible while waiting. `None`: the client left.
+async fn until_turn(
+    session: &mut Session,
+    turn: impl std::future::Future<Output = Result<(), Duration>>,
+) -> Option<Result<(), Duration>> {
+    if session.is_body_empty() {
+        tokio::select! {
+            waited = turn => Some(waited),
+            _ = session.read_body_or_idle(true) => None,
+        }
+    } else {
+        Some(turn.await)
+    }
+}
+
+/// A waited request's end in `sluice_rate_limit_waits_total`: `left`, `expired` or `released`.
 fn count_wait(connector: &Connector, how: WaitResult) {
     crate::telemetry::METRICS
         .rate_limit_waits
