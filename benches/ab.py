@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("--a", required=True, help="sluice binary A (e.g. the last round's)")
     ap.add_argument("--b", required=True, help="sluice binary B (e.g. this change's)")
     ap.add_argument("--floor", required=True, help="pingora floor binary")
+    ap.add_argument("--floor-b", help="a second floor build (e.g. built like B) in the same rounds;"
+                    " B is also given against it")
     ap.add_argument("--cold", action="store_true",
                     help="also each build's cold set-up (a cache of one entry, on Redis)")
     ap.add_argument("--rounds", type=int, default=12)
@@ -57,6 +59,13 @@ def main() -> None:
                           load.HOST, d / "ca.pem", load.CANARY], b.proxy_cpu, "floor.out")
             load.wait_for("floor", lambda: load.port_open(fport))
             runs = [("floor", fp, f"http://127.0.0.1:{fport}", *b.peer_routing())]
+            if args.floor_b:
+                fbport = load.free_port()
+                fbp = b.spawn([args.floor_b, f"127.0.0.1:{fbport}", f"127.0.0.1:{b.up_port}",
+                               load.HOST, d / "ca.pem", load.CANARY], b.proxy_cpu,
+                              "floor-b.out")
+                load.wait_for("floor B", lambda: load.port_open(fbport))
+                runs.append(("floor B", fbp, f"http://127.0.0.1:{fbport}", *b.peer_routing()))
             setups = [("warm", False, 10_000)] + ([("cold", True, 1)] if args.cold else [])
             for tag, binary in (("A", args.a), ("B", args.b)):
                 for kind, redis, capacity in setups:
@@ -81,7 +90,8 @@ def main() -> None:
                 b.stop(up, load.signal.SIGQUIT)  # graceful: the master stops its workers
             b.stop_all()
     floor = totals["floor"][0] / totals["floor"][1] * 10_000
-    print(f"A = {args.a}\nB = {args.b}\n{args.rounds} rounds of {args.slice}s per set-up\n")
+    print(f"A = {args.a}\nB = {args.b}\n" + (f"floor B = {args.floor_b}\n" if args.floor_b else "")
+          + f"{args.rounds} rounds of {args.slice}s per set-up\n")
     print("| set-up | CPU-s/10k @max | to the floor | per-round ratio: median (min–max) |")
     print("|---|---:|---:|---:|")
     for name, (cpu, n) in totals.items():
@@ -89,6 +99,14 @@ def main() -> None:
         rr = [x / f for x, f in zip(per_round[name], per_round["floor"])]
         print(f"| {name} | {v:.3f} | {v / floor:.2f}× | {statistics.median(rr):.2f}× "
               f"({min(rr):.2f}–{max(rr):.2f}×) |")
+    if args.floor_b:
+        fb = totals["floor B"][0] / totals["floor B"][1] * 10_000
+        print("\nAgainst floor B:")
+        for name, (cpu, n) in totals.items():
+            if name.endswith(" B") and name != "floor B":
+                rr = [x / f for x, f in zip(per_round[name], per_round["floor B"])]
+                print(f"| {name} | {cpu / n * 10_000:.3f} | {cpu / n * 10_000 / fb:.2f}× | "
+                      f"{statistics.median(rr):.2f}× ({min(rr):.2f}–{max(rr):.2f}×) |")
 
 
 if __name__ == "__main__":
