@@ -5,7 +5,9 @@
 #   SLUICE_MASTER_KEYS        master keys (credentials.key_env), or a mounted key file
 #   /var/lib/sluice           the embedded store, when used (a volume)
 
-FROM rust:1-bookworm AS build
+# The toolchain that trained benches/pgo/sluice.profdata.xz: another rustc changes every symbol
+# hash, and the profile would then silently match nothing (benches/pgo.py).
+FROM rust:1.95.0-bookworm AS build
 RUN apt-get update \
  && apt-get install -y --no-install-recommends cmake=3.25.* \
  && rm -rf /var/lib/apt/lists/*
@@ -13,7 +15,10 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src src
 COPY benches benches
-RUN cargo build --profile production --locked --bin sluice
+# Profile-guided: trained on the load bench's traffic (benches/pgo.py, BENCHMARKS.md).
+RUN xz -dc benches/pgo/sluice.profdata.xz > /tmp/sluice.profdata \
+ && RUSTFLAGS="-Cprofile-use=/tmp/sluice.profdata" \
+    cargo build --profile production --locked --bin sluice
 
 FROM debian:bookworm-slim
 RUN apt-get update \

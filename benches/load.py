@@ -21,7 +21,9 @@ What it starts (Python standard library and Debian packages only; installed when
   sluice's own (sluice vs floor). Like nginx, HAProxy, Envoy and sluice, it enforces upstream
   read, write and idle timeouts (since issue 14's seventh round); the interleaved run also
   loads it without them (`--no-timeouts`), for comparison with earlier rounds;
-* sluice, release build, with one connector whose credentials sit in the store, in four
+* sluice, the production build with the committed PGO profile (`benches/pgo.py`; the floor is
+  built the same way, and `--no-pgo` builds both without it), with one connector whose
+  credentials sit in the store, in four
   set-ups: warm cache (embedded store), cold cache on Redis (a real redis-server; the cache
   holds one entry and the load cycles through 1,000 workspaces, so nearly every request reads
   and decrypts from Redis), and a rate limit that makes requests wait for their turn;
@@ -63,6 +65,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import lzma
 import os
 import secrets
 import shutil
@@ -189,6 +192,36 @@ def ensure_tools() -> None:
     # Debian starts the packaged nginx and redis on their default ports; the bench runs its own.
     for svc in ("nginx", "redis-server", "haproxy"):
         subprocess.run(["systemctl", "stop", svc], stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+
+
+PGO_PROFILE = ROOT / "benches" / "pgo" / "sluice.profdata.xz"
+
+
+def pgo_profile() -> Path:
+    """The committed profile (benches/pgo.py), decompressed to target/sluice.profdata."""
+    out = ROOT / "target" / "sluice.profdata"
+    data = lzma.decompress(PGO_PROFILE.read_bytes())
+    if not out.exists() or out.read_bytes() != data:
+        out.parent.mkdir(exist_ok=True)
+        out.write_bytes(data)
+    return out
+
+
+def build_production(pgo: bool = True) -> tuple[str, str]:
+    """sluice and the floor, production profile; with `pgo`, with the committed profile, into
+    target/pgo-use (as the Dockerfile builds sluice). Two cargo runs: building the example
+    enables its dev-dependencies' features in the whole graph, which changes what sluice is
+    built from and so which functions its profile matches."""
+    env, target = dict(os.environ), ROOT / "target"
+    if pgo:
+        target = target / "pgo-use"
+        env.update(CARGO_TARGET_DIR=str(target), RUSTFLAGS=f"-Cprofile-use={pgo_profile()}")
+    log(f"building sluice and the pingora floor (production profile{', PGO' if pgo else ''},"
+        " ~10 min cold)")
+    for what in (["--bin", "sluice"], ["--example", "pingora_floor"]):
+        run(["cargo", "build", "--profile", "production", "--locked", *what], cwd=ROOT, env=env)
+    return (str(target / "production" / "sluice"),
+            str(target / "production" / "examples" / "pingora_floor"))
 
 
 def free_port() -> int:
@@ -1224,9 +1257,9 @@ def main() -> None:
     ap.add_argument("--sluice-log", default="info",
                     help="SLUICE_LOG for sluice (default info: access and audit lines, as in "
                          "production; 'warn' measures without them)")
-    ap.add_argument("--sluice", help="sluice binary (default: build target/release/sluice)")
-    ap.add_argument("--floor", help="pingora floor binary (default: build "
-                    "target/release/examples/pingora_floor)")
+    ap.add_argument("--sluice", help="sluice binary (default: build it, production profile "
+                    "with PGO, into target/pgo-use)")
+    ap.add_argument("--floor", help="pingora floor binary (default: build it, as sluice)")
     ap.add_argument("--only", help="comma-separated set-ups: direct,nginx,haproxy,envoy,"
                     "floor,warm,cold,"
                     "limited,tunnel (direct and nginx always run: the ratios need them)")
@@ -1248,6 +1281,9 @@ def main() -> None:
                     "between a response and its next request (the bench before issue 14's "
                     "sixth round): the connections then fire together, in bunches of 10, "
                     "instead of a random wait of the same mean that spreads them out")
+    ap.add_argument("--no-pgo", action="store_true",
+                    help="build sluice and the floor without the committed PGO profile "
+                    "(benches/pgo.py), as before issue 14's fourteenth round")
     ap.add_argument("--min-wait-ms", type=int,
                     help="the rate-limited set-up's rate_limit.min_wait_ms (default: sluice's "
                     "own, 1): how soon a turn must be due to go without a timer")
@@ -1257,14 +1293,11 @@ def main() -> None:
 
     ensure_tools()
     if not args.sluice or not args.floor:
-        # The profile that ships (Cargo.toml's `production`: fat LTO), for both: the floor is
-        # pingora built the way sluice is.
-        log("building sluice and the pingora floor (production profile, ~10 min cold)")
-        run(["cargo", "build", "--profile", "production", "--locked", "--bin", "sluice",
-             "--example", "pingora_floor"], cwd=ROOT)
-        args.sluice = args.sluice or str(ROOT / "target" / "production" / "sluice")
-        args.floor = args.floor or str(ROOT / "target" / "production" / "examples" /
-                                       "pingora_floor")
+        # The build that ships (Cargo.toml's `production`: fat LTO, and the Dockerfile's
+        # profile-guided optimisation), for both: the floor is pingora built the way sluice is.
+        sluice, floor = build_production(pgo=not args.no_pgo)
+        args.sluice = args.sluice or sluice
+        args.floor = args.floor or floor
     only = set(args.only.split(",")) if args.only else None
     with tempfile.TemporaryDirectory(prefix="sluice-load-") as tmp:
         d = Path(tmp)

@@ -13,7 +13,8 @@
 //!
 //! It separates what sluice's own code costs (sluice minus this) from what pingora's HTTP/1
 //! proxy path costs (this minus nginx). Not a product: a measuring stick, built by the load
-//! bench with `cargo build --release --example pingora_floor`.
+//! bench as sluice is built (`cargo build --profile production --example pingora_floor`,
+//! with the PGO profile: `benches/load.py`'s `build_production`).
 //!
 //! ```text
 //! pingora_floor LISTEN UPSTREAM_ADDR SNI CA_FILE TOKEN [--no-timeouts]
