@@ -14,12 +14,12 @@ out of line and inlines by measured call counts (BENCHMARKS.md, fourteenth round
 
 This builds sluice and the floor with `-Cprofile-generate` (target/pgo-generate, so the warm
 target directory is not rebuilt), then runs each through the load bench's own set-ups
-(`load.py`'s configs, certificates, credentials and wrk script): the warm cache at max load
+(`load.py`'s configs, certificates, credentials and clients): the warm cache at max load
 and unloaded, the cold cache on a real redis-server, the rate-limited connector at a fixed
-rate. Each process exits through its normal shutdown, which writes its counters;
-`llvm-profdata merge` (LLVM 19 or newer: Debian's `llvm-19`; older ones cannot read this
-rustc's raw profiles) merges them into one profile, committed xz-compressed. The Dockerfile
-and `load.py` build with it:
+rate, and intercepted TLS tunnels. Each process exits through its normal shutdown, which
+writes its counters; `llvm-profdata merge` (LLVM 19 or newer: Debian's `llvm-19`; older
+ones cannot read this rustc's raw profiles) merges them into one profile, committed
+xz-compressed. The Dockerfile and `load.py` build with it:
 
     xz -dc benches/pgo/sluice.profdata.xz > target/sluice.profdata
     RUSTFLAGS="-Cprofile-use=$PWD/target/sluice.profdata" \
@@ -71,12 +71,14 @@ def profdata_tool() -> str:
     return tool
 
 
-def build_instrumented(raw: Path) -> tuple[str, str]:
+def build_instrumented() -> tuple[str, str]:
     """Instrumented sluice and floor. Two builds, as they are built for use: a build with the
     example enables its dev-dependencies' features in the whole graph, which changes every
     dependent crate's symbol hashes, and a profile only matches functions by symbol."""
+    # A fixed path in the flags (the runs write where LLVM_PROFILE_FILE says), so the next run
+    # reuses this target directory instead of rebuilding it.
     env = dict(os.environ, CARGO_TARGET_DIR=str(GEN_TARGET),
-               RUSTFLAGS=f"-Cprofile-generate={raw}")
+               RUSTFLAGS=f"-Cprofile-generate={GEN_TARGET / 'raw'}")
     load.log("building instrumented sluice and floor (production profile, ~15 min cold)")
     for what in (["--bin", "sluice"], ["--example", "pingora_floor"]):
         load.run(["cargo", "build", "--profile", "production", "--locked", *what], cwd=ROOT,
@@ -134,16 +136,20 @@ def train_sluice(b: load.Bench, raw: Path, target: str, seconds: int) -> None:
     limited = ("\n[connector.rate_limit]\ncapacity = 1\nper_second = 1000\nmax_wait_ms = 1000\n"
                "queue_size = 64\n")
     os.environ["LLVM_PROFILE_FILE"] = str(raw / "sluice" / "%p-%m.profraw")
+    tls_target = f"https://{load.HOST}:{b.up_port}{load.PATH}"
     for scenario, kw, conns, delay in (
             ("warm", {}, 32, 0),
             ("unloaded", {}, 1, 5),
             ("cold", {"redis": True, "cache_capacity": 1}, 32, 0),
-            ("limited", {"workspaces": 1, "extra_connector": limited}, 10, 10)):
+            ("limited", {"workspaces": 1, "extra_connector": limited}, 10, 10),
+            # HTTPS_PROXY clients: CONNECT, then requests inside intercepted tunnels.
+            ("tunnel", {"intercept": True}, 32, 0)):
         load.log(f"training sluice: {scenario}, {seconds} s")
         s, p, redis_proc = b.start_sluice(f"pgo-{scenario}", **kw)
-        st = b.wrk(f"http://127.0.0.1:{s.port}", target, kw.get("workspaces", load.WORKSPACES),
-                   s.caller_token, duration=seconds, conns=conns, delay_ms=delay,
-                   jitter=bool(delay))
+        client = b.tunnel_client if kw.get("intercept") else b.wrk
+        st = client(f"http://127.0.0.1:{s.port}", tls_target if kw.get("intercept") else target,
+                    kw.get("workspaces", load.WORKSPACES), s.caller_token, duration=seconds,
+                    conns=conns, delay_ms=delay, jitter=bool(delay))
         if st["errors"]:
             raise SystemExit(f"errors while training ({scenario}): {st}")
         b.stop(p)  # SIGTERM: sluice drains and exits 0, which writes the profile
@@ -187,7 +193,7 @@ def main() -> None:
                 raise SystemExit("--train-only needs --sluice, --floor or both")
             sluice, floor = args.sluice, args.floor
         else:
-            sluice, floor = build_instrumented(raw)
+            sluice, floor = build_instrumented()
         train(sluice, floor, raw, args.seconds)
         merge(raw, Path(args.out))
 
