@@ -198,11 +198,13 @@ PGO_PROFILE = ROOT / "benches" / "pgo" / "sluice.profdata.xz"
 
 
 def pgo_profile() -> Path:
-    """The committed profile (benches/pgo.py), decompressed to target/sluice.profdata."""
-    out = ROOT / "target" / "sluice.profdata"
+    """The committed profile (benches/pgo.py), decompressed under target/pgo/. Its name
+    carries a hash of its contents: cargo rebuilds when RUSTFLAGS change, not when the file
+    a flag names does, so a new profile must change the flag."""
     data = lzma.decompress(PGO_PROFILE.read_bytes())
-    if not out.exists() or out.read_bytes() != data:
-        out.parent.mkdir(exist_ok=True)
+    out = ROOT / "target" / "pgo" / f"sluice-{hashlib.sha256(data).hexdigest()[:16]}.profdata"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(data)
     return out
 

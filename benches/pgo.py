@@ -25,6 +25,10 @@ xz-compressed. The Dockerfile and `load.py` build with it:
     RUSTFLAGS="-Cprofile-use=$PWD/target/sluice.profdata" \
         cargo build --profile production --locked --bin sluice
 
+cargo rebuilds when RUSTFLAGS change, not when only the named file does: give a new profile
+a new name (`load.py` names it by a hash of its contents) or build in a fresh target
+directory (as the Dockerfile does).
+
 A profile matches functions by their symbols and the shape of their code. A function changed
 since the profile was trained, a changed dependency (Cargo.lock) or another rustc (its
 version is in every crate's symbol hash: the Dockerfile pins the one that trained it) falls
