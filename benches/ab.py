@@ -54,18 +54,11 @@ def main() -> None:
         up = None
         try:
             up, _ = b.start_upstream("ab")
-            fport = load.free_port()
-            fp = b.spawn([args.floor, f"127.0.0.1:{fport}", f"127.0.0.1:{b.up_port}",
-                          load.HOST, d / "ca.pem", load.CANARY], b.proxy_cpu, "floor.out")
-            load.wait_for("floor", lambda: load.port_open(fport))
-            runs = [("floor", fp, f"http://127.0.0.1:{fport}", *b.peer_routing())]
-            if args.floor_b:
-                fbport = load.free_port()
-                fbp = b.spawn([args.floor_b, f"127.0.0.1:{fbport}", f"127.0.0.1:{b.up_port}",
-                               load.HOST, d / "ca.pem", load.CANARY], b.proxy_cpu,
-                              "floor-b.out")
-                load.wait_for("floor B", lambda: load.port_open(fbport))
-                runs.append(("floor B", fbp, f"http://127.0.0.1:{fbport}", *b.peer_routing()))
+            runs = []
+            for name, binary in (("floor", args.floor), ("floor B", args.floor_b)):
+                if binary:
+                    fp, fport = b.start_floor(binary, name, f"{name.replace(' ', '-')}.out")
+                    runs.append((name, fp, f"http://127.0.0.1:{fport}", *b.peer_routing()))
             setups = [("warm", False, 10_000)] + ([("cold", True, 1)] if args.cold else [])
             for tag, binary in (("A", args.a), ("B", args.b)):
                 for kind, redis, capacity in setups:
@@ -89,25 +82,24 @@ def main() -> None:
             if up is not None:
                 b.stop(up, load.signal.SIGQUIT)  # graceful: the master stops its workers
             b.stop_all()
-    floor = totals["floor"][0] / totals["floor"][1] * 10_000
+    def table(base: str, names) -> None:
+        """CPU-s/10k of each set-up, its ratio to `base` and the median of per-round ratios."""
+        b = totals[base][0] / totals[base][1] * 10_000
+        print("| set-up | CPU-s/10k @max | to the floor | per-round ratio: median (min–max) |")
+        print("|---|---:|---:|---:|")
+        for name in names:
+            cpu, n = totals[name]
+            v = cpu / n * 10_000
+            rr = [x / f for x, f in zip(per_round[name], per_round[base])]
+            print(f"| {name} | {v:.3f} | {v / b:.2f}× | {statistics.median(rr):.2f}× "
+                  f"({min(rr):.2f}–{max(rr):.2f}×) |")
+
     print(f"A = {args.a}\nB = {args.b}\n" + (f"floor B = {args.floor_b}\n" if args.floor_b else "")
           + f"{args.rounds} rounds of {args.slice}s per set-up\n")
-    print("| set-up | CPU-s/10k @max | to the floor | per-round ratio: median (min–max) |")
-    print("|---|---:|---:|---:|")
-    for name, (cpu, n) in totals.items():
-        v = cpu / n * 10_000
-        rr = [x / f for x, f in zip(per_round[name], per_round["floor"])]
-        print(f"| {name} | {v:.3f} | {v / floor:.2f}× | {statistics.median(rr):.2f}× "
-              f"({min(rr):.2f}–{max(rr):.2f}×) |")
+    table("floor", totals)
     if args.floor_b:
-        fb = totals["floor B"][0] / totals["floor B"][1] * 10_000
         print("\nAgainst floor B:")
-        for name, (cpu, n) in totals.items():
-            if name.endswith(" B") and name != "floor B":
-                rr = [x / f for x, f in zip(per_round[name], per_round["floor B"])]
-                print(f"| {name} | {cpu / n * 10_000:.3f} | {cpu / n * 10_000 / fb:.2f}× | "
-                      f"{statistics.median(rr):.2f}× ({min(rr):.2f}–{max(rr):.2f}×) |")
-
+        table("floor B", [n for n in totals if n.endswith(" B") and n != "floor B"])
 
 if __name__ == "__main__":
     main()

@@ -209,17 +209,16 @@ def pgo_profile() -> Path:
     return out
 
 
-def build_production(pgo: bool = True) -> tuple[str, str]:
-    """sluice and the floor, production profile; with `pgo`, with the committed profile, into
-    target/pgo-use (as the Dockerfile builds sluice). Two cargo runs: building the example
-    enables its dev-dependencies' features in the whole graph, which changes what sluice is
-    built from and so which functions its profile matches."""
-    env, target = dict(os.environ), ROOT / "target"
-    if pgo:
-        target = target / "pgo-use"
-        env.update(CARGO_TARGET_DIR=str(target), RUSTFLAGS=f"-Cprofile-use={pgo_profile()}")
-    log(f"building sluice and the pingora floor (production profile{', PGO' if pgo else ''},"
-        " ~10 min cold)")
+def build_production(target: Path, rustflags: str | None = None) -> tuple[str, str]:
+    """sluice and the floor, production profile, into `target` (with `rustflags`: e.g. a PGO
+    profile to use or to generate). Two cargo runs, as each is built for use: building the
+    example enables its dev-dependencies' features in the whole graph, which changes what
+    sluice is built from and so which functions a profile matches."""
+    env = dict(os.environ, CARGO_TARGET_DIR=str(target))
+    if rustflags:
+        env["RUSTFLAGS"] = rustflags
+    log(f"building sluice and the pingora floor into {target} (production profile, "
+        f"RUSTFLAGS={rustflags or '(none)'}; ~10 min cold)")
     for what in (["--bin", "sluice"], ["--example", "pingora_floor"]):
         run(["cargo", "build", "--profile", "production", "--locked", *what], cwd=ROOT, env=env)
     return (str(target / "production" / "sluice"),
@@ -681,6 +680,16 @@ class Bench:
         for p in list(self.procs):
             self.stop(p, signal.SIGKILL)
 
+    def start_floor(self, binary: str, what: str, log_name: str, *extra: str,
+                    env=None) -> tuple[subprocess.Popen, int]:
+        """A pingora floor (`benches/pingora_floor.rs`) on the proxy core, in front of this
+        bench's upstream; waits until it listens: (process, port)."""
+        port = free_port()
+        p = self.spawn([binary, f"127.0.0.1:{port}", f"127.0.0.1:{self.up_port}", HOST,
+                        self.d / "ca.pem", CANARY, *extra], self.proxy_cpu, log_name, env=env)
+        wait_for(what, lambda: port_open(port))
+        return p, port
+
     def start_upstream(self, scenario: str) -> tuple[subprocess.Popen, Path]:
         log_path = self.d / f"upstream-{scenario}.log"
         conf = self.d / f"upstream-{scenario}.conf"
@@ -936,15 +945,9 @@ class Bench:
         set-ups measured side by side too. Returns {name: (CPU-s/10k over all its slices,
         requests, CPU-s/10k of each round's slice, unloaded p50 ms of each round's slice)}."""
         up, _ = self.start_upstream("paired")
-        fport = free_port()
-        fp = self.spawn([self.args.floor, f"127.0.0.1:{fport}", f"127.0.0.1:{self.up_port}",
-                         HOST, self.d / "ca.pem", CANARY], self.proxy_cpu, "paired-floor.out")
-        wait_for("floor", lambda: port_open(fport))
-        ntport = free_port()
-        ntp = self.spawn([self.args.floor, f"127.0.0.1:{ntport}", f"127.0.0.1:{self.up_port}",
-                          HOST, self.d / "ca.pem", CANARY, "--no-timeouts"], self.proxy_cpu,
-                         "paired-floor-nt.out")
-        wait_for("floor without timeouts", lambda: port_open(ntport))
+        fp, fport = self.start_floor(self.args.floor, "floor", "paired-floor.out")
+        ntp, ntport = self.start_floor(self.args.floor, "floor without timeouts",
+                                       "paired-floor-nt.out", "--no-timeouts")
         target = f"http://{HOST}:{self.up_port}{PATH}"
         runs = [(FLOOR_ROW, fp, f"http://127.0.0.1:{fport}", *self.peer_routing()),
                 (FLOOR_NT_ROW, ntp, f"http://127.0.0.1:{ntport}", *self.peer_routing())]
@@ -1297,7 +1300,10 @@ def main() -> None:
     if not args.sluice or not args.floor:
         # The build that ships (Cargo.toml's `production`: fat LTO, and the Dockerfile's
         # profile-guided optimisation), for both: the floor is pingora built the way sluice is.
-        sluice, floor = build_production(pgo=not args.no_pgo)
+        # target/pgo-use: as the Dockerfile builds sluice; --no-pgo: target/production.
+        sluice, floor = (build_production(ROOT / "target") if args.no_pgo else
+                         build_production(ROOT / "target" / "pgo-use",
+                                          f"-Cprofile-use={pgo_profile()}"))
         args.sluice = args.sluice or sluice
         args.floor = args.floor or floor
     only = set(args.only.split(",")) if args.only else None

@@ -76,19 +76,10 @@ def profdata_tool() -> str:
 
 
 def build_instrumented() -> tuple[str, str]:
-    """Instrumented sluice and floor. Two builds, as they are built for use: a build with the
-    example enables its dev-dependencies' features in the whole graph, which changes every
-    dependent crate's symbol hashes, and a profile only matches functions by symbol."""
-    # A fixed path in the flags (the runs write where LLVM_PROFILE_FILE says), so the next run
-    # reuses this target directory instead of rebuilding it.
-    env = dict(os.environ, CARGO_TARGET_DIR=str(GEN_TARGET),
-               RUSTFLAGS=f"-Cprofile-generate={GEN_TARGET / 'raw'}")
-    load.log("building instrumented sluice and floor (production profile, ~15 min cold)")
-    for what in (["--bin", "sluice"], ["--example", "pingora_floor"]):
-        load.run(["cargo", "build", "--profile", "production", "--locked", *what], cwd=ROOT,
-                 env=env)
-    out = GEN_TARGET / "production"
-    return str(out / "sluice"), str(out / "examples" / "pingora_floor")
+    """Instrumented sluice and floor, built as `load.py` builds them for use. A fixed path in
+    the flags (the runs write where LLVM_PROFILE_FILE says), so the next run reuses
+    target/pgo-generate instead of rebuilding it."""
+    return load.build_production(GEN_TARGET, f"-Cprofile-generate={GEN_TARGET / 'raw'}")
 
 
 def train(sluice: str | None, floor: str | None, raw: Path, seconds: int) -> None:
@@ -120,10 +111,7 @@ def train(sluice: str | None, floor: str | None, raw: Path, seconds: int) -> Non
 
 def train_floor(b: load.Bench, floor: str, raw: Path, target: str, seconds: int) -> None:
     os.environ["LLVM_PROFILE_FILE"] = str(raw / "floor" / "%p-%m.profraw")
-    fport = load.free_port()
-    fp = b.spawn([floor, f"127.0.0.1:{fport}", f"127.0.0.1:{b.up_port}", load.HOST,
-                  b.d / "ca.pem", load.CANARY], b.proxy_cpu, "floor.out", env=dict(os.environ))
-    load.wait_for("floor", lambda: load.port_open(fport))
+    fp, fport = b.start_floor(floor, "floor", "floor.out", env=dict(os.environ))
     ws, token = b.peer_routing()
     load.log(f"training the floor: {seconds} s at max load, {seconds // 4} s unloaded")
     b.wrk(f"http://127.0.0.1:{fport}", target, ws, token, duration=seconds, conns=32)
